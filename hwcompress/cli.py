@@ -1,0 +1,175 @@
+"""The ``hwc`` command line: argument parsing, progress on stderr, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import HwcError
+
+
+class Progress:
+    """Per-step lines on stderr (``[hwc] step ... 1.2 s``), silent with --quiet."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._start = time.monotonic()
+
+    def step(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[hwc {time.monotonic() - self._start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+# --------------------------------------------------------------------- commands
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .config import list_targets
+
+    targets = list_targets(args.targets_dir)
+    data = [{"name": t.name, "description": t.description, "latency": t.latency["method"],
+             "channel_multiple": t.channel_multiple, "dtypes": list(t.dtypes), "source": str(t.source)}
+            for t in targets]
+    width = max(len(t.name) for t in targets)
+    _emit(args, data, "\n".join(f"{t.name:{width}}  {t.description}" for t in targets))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import onnx
+
+    from .loading import read_model, unsupported_nodes
+    from .summary import format_summary, summarize
+
+    model = read_model(Path(args.model))
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    info = summarize(model)
+    bad = sorted({(f"{n.domain}." if n.domain else "") + n.op_type for n in unsupported_nodes(model)})
+    info["unsupported_ops"] = bad
+    text = format_summary(info, args.model)
+    if bad:
+        text += "\n  not supported by hwc (TVM's ONNX importer): " + ", ".join(bad)
+    _emit(args, info, text)
+    return 0
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from .fileio import save_model
+    from .loading import load_model, parse_input_shapes, read_model
+    from .ort import random_inputs, relative_error, run
+    from .passes import run_canonical
+
+    progress = Progress(args.quiet)
+    shapes = parse_input_shapes(args.input_shape)
+    progress.step(f"loading {args.model}")
+    model = load_model(args.model, shapes)
+    folded, logs = run_canonical(model)
+    for log in logs:
+        progress.step(f"{log.name}: {len(log.applied)} rewrite(s), {len(log.skipped)} left alone")
+    progress.step("checking the result against the original with ONNX Runtime")
+    feeds = random_inputs(model)
+    original = load_model(args.model, shapes, require_supported=False, simplify=False)
+    error = relative_error(run(original, feeds), run(folded, feeds))
+    if error > args.tolerance:
+        raise HwcError(f"the folded model differs from the original by {error:.2e} (relative), "
+                       f"above the tolerance {args.tolerance:g}; nothing was written")
+    save_model(folded, args.output)
+    progress.step(f"wrote {args.output}")
+    data = {"input": args.model, "output": args.output, "max_relative_error": error,
+            "nodes_before": len(model.graph.node), "nodes_after": len(folded.graph.node),
+            "passes": [log.to_dict() for log in logs]}
+    text = (f"{args.output}: {len(model.graph.node)} -> {len(folded.graph.node)} nodes, "
+            f"max relative error {error:.1e} vs the original")
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from .examples import EXAMPLES
+    from .fileio import save_model
+
+    model = EXAMPLES[args.name](input_size=args.input_size, classes=args.classes, width=args.width, seed=args.seed)
+    save_model(model, args.output)
+    data = {"output": args.output, "model": args.name, "input_size": args.input_size, "seed": args.seed}
+    _emit(args, data, f"wrote {args.output}: {args.name} with random weights, input 1x3x{args.input_size}x{args.input_size}")
+    return 0
+
+
+# ----------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hwc", description="Hardware-aware compression and compilation of ONNX models with Apache TVM.")
+    parser.add_argument("--version", action="version", version=f"hwc {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    common.add_argument("--targets-dir", action="append", metavar="DIR",
+                        help="extra directory of target YAML files (also: HWC_TARGETS_PATH)")
+    common.add_argument("--profiles-dir", action="append", metavar="DIR",
+                        help="extra directory of profile YAML files (also: HWC_PROFILES_PATH)")
+    shapes = argparse.ArgumentParser(add_help=False)
+    shapes.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
+                        help="static shape for a dynamic model input (repeatable)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable, help_text: str, parents=(common,)) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=list(parents), help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        return p
+
+    add("targets", cmd_targets, "list the known targets")
+
+    p = add("inspect", cmd_inspect, "show inputs, outputs, op census, parameters and MACs per layer")
+    p.add_argument("model", help="ONNX file (or a model-zoo folder holding model.onnx)")
+
+    p = add("fold", cmd_fold, "run the canonical clean-up passes (BatchNorm folding, ...) alone",
+            parents=(common, shapes))
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="where to write the folded ONNX model")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest accepted output difference relative to the output scale (default 1e-4)")
+
+    from .examples import EXAMPLES
+
+    p = add("example", cmd_example, "write an example model (real structure, random weights)")
+    p.add_argument("name", choices=sorted(EXAMPLES))
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HwcError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hwc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hwc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"hwc: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Load a user's ONNX file into the canonical form every pass expects, or refuse it clearly.
+
+Canonical form: one opset (``CANONICAL_OPSET``), static input shapes, checked by ``onnx.checker``,
+constants folded by onnxsim (its graph fusions are off: this project's passes own every rewrite so
+that each is tested and reported), initializers not listed as graph inputs, shapes inferred.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import version_converter
+
+from .errors import HwcError
+
+CANONICAL_OPSET = 17
+# onnx.ModelProto in memory, a deep copy per pass and onnxsim's own copy: several times the file.
+_MEMORY_FACTOR = 4
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """Parse ``name=1x3x224x224`` options (the name may contain '='; the last one splits)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition("=")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+            raise HwcError(f"--input-shape {spec!r}: expected NAME=D1xD2x..., e.g. input=1x3x224x224")
+        shapes[name] = [int(d) for d in dims.split("x")]
+        if 0 in shapes[name]:
+            raise HwcError(f"--input-shape {spec!r}: dimensions must be positive")
+    return shapes
+
+
+def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None,
+               require_supported: bool = True, simplify: bool = True) -> onnx.ModelProto:
+    """Read, check and canonicalize an ONNX model; raise HwcError with one clear line on bad input."""
+    path = Path(path)
+    model = read_model(path)
+    model = _fix_input_shapes(model, input_shapes or {}, path)
+    model = _convert_opset(model, path)
+    _check(model, path)
+    if require_supported:
+        check_supported_ops(model, path)
+    if simplify:
+        model = _simplify(model, path)
+    return model
+
+
+def read_model(path: Path) -> onnx.ModelProto:
+    """Parse the file (and its external data) without changing it."""
+    if not path.exists():
+        raise HwcError(f"{path}: no such file")
+    if path.is_dir():
+        candidate = path / "model.onnx"
+        if not candidate.exists():
+            raise HwcError(f"{path}: is a directory without model.onnx")
+        path = candidate
+    _require_memory(path, path.stat().st_size)
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise HwcError(f"{path}: not a valid ONNX file (corrupt or truncated: {_first_line(exc)})") from exc
+    if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
+        raise HwcError(f"{path}: not an ONNX model (no IR version or no graph nodes)")
+    external = _external_files(model, path.parent)
+    if external:
+        _require_memory(path, path.stat().st_size + sum(f.stat().st_size for f in external if f.is_file()))
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise HwcError(f"{path}: cannot read its external weight data: {_first_line(exc)}") from exc
+    return model
+
+
+def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Graph inputs whose shape has a symbolic or unknown dimension, with their dims."""
+    weights = {t.name for t in model.graph.initializer}
+    found = {}
+    for v in model.graph.input:
+        if v.name in weights:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                for d in v.type.tensor_type.shape.dim]
+        if not v.type.tensor_type.HasField("shape") or any(isinstance(d, str) for d in dims):
+            found[v.name] = dims
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def supported_ops() -> frozenset[str]:
+    """Ops of the default ONNX domain that TVM's Relax ONNX importer converts."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return frozenset(onnx_frontend._get_convert_map())
+
+
+def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    ops = supported_ops()
+    return [n for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in ops]
+
+
+def check_supported_ops(model: onnx.ModelProto, path: Path) -> None:
+    bad = unsupported_nodes(model)
+    if not bad:
+        return
+    first = bad[0]
+    op = f"{first.domain}.{first.op_type}" if first.domain else first.op_type
+    kinds = sorted({(f"{n.domain}." if n.domain else "") + n.op_type for n in bad})
+    hint = ""
+    if any(k.split(".")[-1].startswith(("QLinear", "ConvInteger", "MatMulInteger")) for k in kinds):
+        hint = " (the model is already quantized in QOperator form; give hwc the fp32 model)"
+    raise HwcError(f"{path}: unsupported op {op} at node {first.name or '(unnamed)'}; "
+                   f"{len(bad)} node(s) of {len(kinds)} unsupported kind(s): {', '.join(kinds)}{hint}")
+
+
+def _fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], path: Path) -> onnx.ModelProto:
+    weights = {t.name for t in model.graph.initializer}
+    inputs = {v.name: v for v in model.graph.input if v.name not in weights}
+    for name in shapes:
+        if name not in inputs:
+            raise HwcError(f"--input-shape names {name!r}, but the model's inputs are: {', '.join(inputs)}")
+    for name, dims in shapes.items():
+        tensor_type = inputs[name].type.tensor_type
+        old = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor_type.shape.dim]
+        if tensor_type.HasField("shape") and len(old) != len(dims):
+            raise HwcError(f"--input-shape {name}: model input has rank {len(old)} {old}, got {len(dims)} dims")
+        for want, have in zip(dims, old):
+            if isinstance(have, int) and have > 0 and have != want:
+                raise HwcError(f"--input-shape {name}: {dims} contradicts the model's fixed shape {old}")
+        tensor_type.shape.Clear()
+        for d in dims:
+            tensor_type.shape.dim.add().dim_value = d
+    dynamic = dynamic_inputs(model)
+    if dynamic:
+        name, dims = next(iter(dynamic.items()))
+        example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims) or "1x3x224x224"
+        raise HwcError(f"{path}: input {name!r} has a dynamic shape {dims}; "
+                       f"give it a static one with --input-shape {name}={example}")
+    return model
+
+
+def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    # Old models list initializers as graph inputs; newer IR versions need not, and passes assume not.
+    weights = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None:
+        raise HwcError(f"{path}: the model imports no version of the default ONNX op set")
+    if version != CANONICAL_OPSET:
+        try:
+            model = version_converter.convert_version(model, CANONICAL_OPSET)
+        except Exception as exc:  # the converter raises bare RuntimeErrors and C++ errors
+            raise HwcError(f"{path}: cannot convert opset {version} to {CANONICAL_OPSET}: "
+                           f"{_first_line(exc)}") from exc
+    model.ir_version = max(model.ir_version, 8)
+    return model
+
+
+def _check(model: onnx.ModelProto, path: Path) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise HwcError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
+
+
+def _simplify(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model, perform_optimization=False, check_n=0)
+    except Exception as exc:  # onnxsim surfaces ORT and C++ errors of many types
+        raise HwcError(f"{path}: constant folding (onnxsim) failed: {_first_line(exc)}") from exc
+    if not ok:
+        raise HwcError(f"{path}: onnxsim could not validate the simplified model")
+    try:
+        return onnx.shape_inference.infer_shapes(simplified, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise HwcError(f"{path}: shape inference failed: {_first_line(exc)}") from exc
+
+
+def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
+    files = set()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), "")
+            files.add(base / location)
+    return files
+
+
+def _require_memory(path: Path, size: int) -> None:
+    available = _available_memory()
+    if available is not None and size * _MEMORY_FACTOR > available:
+        raise HwcError(f"{path}: the model ({size / 2**30:.2f} GiB) needs about "
+                       f"{size * _MEMORY_FACTOR / 2**30:.2f} GiB of memory to process; "
+                       f"{available / 2**30:.2f} GiB is available")
+
+
+def _available_memory() -> int | None:
+    override = os.environ.get("HWC_MEMORY_LIMIT_BYTES")
+    if override:
+        return int(override)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,55 @@
+"""Run models with ONNX Runtime: the reference every rewrite and every compiled artifact is checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import HwcError
+
+
+def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for every kind of failure
+        raise HwcError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session(model).run(None, feeds)
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds of the model's static input shapes: standard normal floats, small non-negative ints."""
+    rng = np.random.default_rng(seed)
+    weights = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for v in model.graph.input:
+        if v.name in weights:
+            continue
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        if any(d <= 0 for d in dims):
+            raise HwcError(f"input {v.name!r} has a dynamic shape; fix it with --input-shape")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[v.name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[v.name] = rng.integers(0, 2, dims).astype(dtype)
+    return feeds
+
+
+def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """Max abs difference over all outputs, relative to the reference outputs' max magnitude."""
+    worst = 0.0
+    for ref, got in zip(reference, candidate):
+        if ref.shape != got.shape:
+            return float("inf")
+        scale = max(float(np.max(np.abs(ref))), 1e-12)
+        worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - got))) / scale)
+    return worst

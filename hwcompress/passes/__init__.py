@@ -1,0 +1,29 @@
+"""Graph passes: each a pure ONNX -> ONNX function (see ``base.model_pass``).
+
+``CANONICAL`` is the clean-up every model gets before compression or compilation.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from .base import ModelPass, PassLog, PassResult, model_pass
+from .canonicalize_reshape import canonicalize_reshape
+from .eliminate_identity import eliminate_identity
+from .fold_batchnorm import fold_batchnorm
+
+CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape)
+
+
+def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog]]:
+    """Apply the canonical passes in order; return the model and each pass's log."""
+    logs = []
+    for p in CANONICAL:
+        result = p.apply(model)
+        model = result.model
+        logs.append(result.log)
+    return model, logs
+
+
+__all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_reshape",
+           "eliminate_identity", "fold_batchnorm", "model_pass", "run_canonical"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -201,10 +200,9 @@ def get_profile(target: str, name: str = "default", extra_dirs: list | None = No
 
 def _builtin_dir(folder: str) -> Path:
     """Built-in YAMLs: inside an installed wheel, or beside the package in a source checkout."""
-    try:
-        return Path(str(resources.files(f"hwcompress.{folder}")))
-    except ModuleNotFoundError:  # editable install: the top-level folder is not mapped as a package
-        return Path(__file__).resolve().parent.parent / folder
+    package = Path(__file__).resolve().parent
+    installed = package / folder
+    return installed if installed.is_dir() else package.parent / folder
 
 
 def _resolve_auto(target: dict[str, Any]) -> dict[str, Any]:

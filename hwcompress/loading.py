@@ -145,11 +145,6 @@ def _fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], path
 
 
 def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    # Old models list initializers as graph inputs; newer IR versions need not, and passes assume not.
-    weights = {t.name for t in model.graph.initializer}
-    kept = [v for v in model.graph.input if v.name not in weights]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if version is None:
         raise HwcError(f"{path}: the model imports no version of the default ONNX op set")
@@ -160,6 +155,11 @@ def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
             raise HwcError(f"{path}: cannot convert opset {version} to {CANONICAL_OPSET}: "
                            f"{_first_line(exc)}") from exc
     model.ir_version = max(model.ir_version, 8)
+    # Old models list initializers as graph inputs; newer IR versions need not, and passes assume not.
+    weights = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
     return model
 
 

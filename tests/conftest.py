@@ -1,0 +1,76 @@
+"""Shared fixtures: paths to ../shared material and small helpers to build and compare models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from hwcompress import ort
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("HWC_SHARED_DIR", ROOT.parent / "shared"))
+
+
+def shared_model(name: str) -> Path:
+    path = SHARED / "models" / name / "model.onnx"
+    if not path.exists():
+        pytest.fail(f"shared model {path} is missing; set HWC_SHARED_DIR to the shared/ folder")
+    return path
+
+
+def assert_same_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, tol: float = 1e-4,
+                        seed: int = 0) -> float:
+    """Both models on the same random feeds through ONNX Runtime; max error relative to output scale."""
+    feeds = ort.random_inputs(reference, seed)
+    error = ort.relative_error(ort.run(reference, feeds), ort.run(candidate, feeds))
+    assert error < tol, f"outputs differ by {error:.3e} relative to the output scale (tolerance {tol})"
+    return error
+
+
+def op_count(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
+
+
+def make_model(nodes, inputs, outputs, initializers: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    """A checked model from helper nodes; inputs/outputs are (name, shape) pairs of float32."""
+    graph = helper.make_graph(
+        nodes, "test",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [numpy_helper.from_array(_as_weight(a), k) for k, a in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _as_weight(array) -> np.ndarray:
+    array = np.asarray(array)
+    return array.astype(np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32)
+
+
+def bn_params(rng: np.random.Generator, prefix: str, channels: int) -> dict[str, np.ndarray]:
+    return {f"{prefix}_g": rng.uniform(0.5, 1.5, channels), f"{prefix}_b": rng.normal(0, 0.5, channels),
+            f"{prefix}_m": rng.normal(0, 0.5, channels), f"{prefix}_v": rng.uniform(0.5, 1.5, channels)}
+
+
+def bn_node(x: str, y: str, prefix: str) -> onnx.NodeProto:
+    return helper.make_node("BatchNormalization", [x] + [f"{prefix}_{k}" for k in "gbmv"], [y], epsilon=1e-3)
+
+
+def hwc(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``hwc`` command as a user would."""
+    return subprocess.run([sys.executable, "-m", "hwcompress.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

@@ -1,0 +1,109 @@
+"""Targets and profiles: built-ins, user directories, schema errors."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from hwcompress import config
+from hwcompress.errors import HwcError
+
+
+def test_builtin_targets_and_their_tvm_targets():
+    targets = {t.name: t for t in config.list_targets()}
+    assert set(targets) == {"host", "arm-a72", "nvidia-t4", "npu16"}
+    arm = targets["arm-a72"].tvm_target()
+    assert arm.kind.name == "llvm" and str(arm.attrs["mtriple"]) == "aarch64-linux-gnu"
+    assert not bool(arm.attrs["feature.has_dotprod"]), "cortex-a72 has no dot-product instructions"
+    t4 = targets["nvidia-t4"].tvm_target()
+    assert t4.kind.name == "cuda" and str(t4.attrs["arch"]) == "sm_75" and t4.host.kind.name == "llvm"
+    host = targets["host"].tvm_target()
+    assert str(host.attrs["mcpu"]) not in ("", "auto") and int(host.attrs["num-cores"]) >= 1
+    assert targets["npu16"].channel_multiple == 16 and targets["npu16"].latency["method"] == "model"
+
+
+def test_every_target_has_a_default_profile():
+    for target in config.list_targets():
+        profile = config.get_profile(target.name)
+        assert profile.target == target.name and profile.passes
+
+
+def test_profiles_differ_where_the_hardware_does():
+    npu = config.get_profile("npu16").passes
+    assert "pow2" in npu["quantize"]["schemes"]
+    assert "pow2" not in config.get_profile("host").passes["quantize"]["schemes"]
+    assert config.get_profile("arm-a72").passes["quantize"]["measure_first"] is True
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(HwcError, match=r"unknown target 'riscv'; known targets: arm-a72, host, npu16, nvidia-t4"):
+        config.get_target("riscv")
+
+
+def _write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_user_target_directory_adds_and_overrides(tmp_path, monkeypatch):
+    _write(tmp_path / "rv.yaml", """
+        name: riscv-c906
+        description: RISC-V C906
+        tvm: {target: {kind: llvm, mtriple: riscv64-linux-gnu}}
+        channel_multiple: 8
+        dtypes: [float32]
+        latency: {method: rpc, device: "rpc://127.0.0.1:9190/c906"}
+    """)
+    target = config.get_target("riscv-c906", [tmp_path])
+    assert target.rank_multiple == 8 and target.source == tmp_path / "rv.yaml"
+    monkeypatch.setenv("HWC_TARGETS_PATH", str(tmp_path))
+    assert config.get_target("riscv-c906").channel_multiple == 8
+    _write(tmp_path / "host.yaml", """
+        name: host
+        description: my host override
+        tvm: {target: {kind: llvm}}
+        channel_multiple: 2
+        dtypes: [float32]
+        latency: {method: local}
+    """)
+    assert config.get_target("host").description == "my host override"
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ("name: x\ndescription: d\ntvm: {target: {}}\nchannel_multiple: 4\ndtypes: [float32]\nlatency: {method: local}\n",
+     "tvm.target: 'kind' is a required property"),
+    ("name: x\ndescription: d\ntvm: {target: {kind: llvm}}\nchannel_multiple: 0\ndtypes: [float32]\nlatency: {method: local}\n",
+     "channel_multiple: 0 is less than the minimum of 1"),
+    ("name: x\ndescription: d\ntvm: {target: {kind: llvm}}\nchannel_multiple: 4\ndtypes: [float32]\nlatency: {method: guess}\n",
+     "latency.method"),
+    ("name: x\ndescription: [unclosed\n", "not valid YAML"),
+])
+def test_bad_target_file_is_one_clear_line(tmp_path, body, fragment):
+    (tmp_path / "bad.yaml").write_text(body)
+    with pytest.raises(HwcError) as info:
+        config.list_targets([tmp_path])
+    assert fragment in str(info.value) and "bad.yaml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_user_profile_and_bad_profile(tmp_path):
+    _write(tmp_path / "fast.yaml", """
+        name: fast
+        target: arm-a72
+        passes: {prune: {enabled: true, ratios: [0.5]}}
+    """)
+    assert config.get_profile("arm-a72", "fast", [tmp_path]).passes["prune"]["ratios"] == [0.5]
+    with pytest.raises(HwcError, match="no profile 'slow' for target 'arm-a72'; profiles for it: default, fast"):
+        config.get_profile("arm-a72", "slow", [tmp_path])
+    _write(tmp_path / "fast.yaml", """
+        name: fast
+        target: arm-a72
+        passes: {prune: {enabled: true, ratios: [1.5]}}
+    """)
+    with pytest.raises(HwcError, match=r"passes.prune.ratios.0: 1.5 is greater than or equal to the maximum of 1"):
+        config.get_profile("arm-a72", "fast", [tmp_path])
+
+
+def test_missing_directory_is_refused(tmp_path):
+    with pytest.raises(HwcError, match="does not exist"):
+        config.list_targets([tmp_path / "nope"])

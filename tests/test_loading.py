@@ -1,0 +1,118 @@
+"""Loading canonicalizes good models and refuses bad ones with one clear line."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import assert_same_outputs, make_model, shared_model
+from hwcompress.errors import HwcError
+from hwcompress.loading import CANONICAL_OPSET, load_model, parse_input_shapes
+
+
+def _opset(model):
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("name,old_opset", [("mnist-8", 8), ("squeezenet1.1-caffe2", 7)])
+def test_old_opsets_are_converted_and_stay_exact(name, old_opset):
+    original = onnx.load(str(shared_model(name)))
+    assert _opset(original) == old_opset
+    loaded = load_model(shared_model(name))
+    assert _opset(loaded) == CANONICAL_OPSET
+    weights = {t.name for t in loaded.graph.initializer}
+    assert not weights & {v.name for v in loaded.graph.input}, "initializers are not graph inputs"
+    onnx.checker.check_model(loaded, full_check=True)
+    assert_same_outputs(original, loaded)
+
+
+def test_model_zoo_folder_is_accepted():
+    assert load_model(shared_model("mnist-8").parent).graph.node
+
+
+def test_external_data_model_loads(tmp_path, rng):
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 64])], [("y", [2, 64])],
+                       {"w": rng.normal(0, 1, (64, 64))})
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(copy.deepcopy(model), str(path), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    assert (tmp_path / "ext.bin").stat().st_size >= 64 * 64 * 4
+    loaded = load_model(path)
+    assert_same_outputs(model, loaded)
+
+
+def test_not_onnx_file_is_refused(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is a text file, not a model\n" * 10)
+    with pytest.raises(HwcError, match="not (a valid ONNX file|an ONNX model)"):
+        load_model(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    data = shared_model("mnist-8").read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HwcError, match="not a valid ONNX file|not an ONNX model|invalid ONNX model"):
+        load_model(path)
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(HwcError, match="no such file"):
+        load_model(tmp_path / "absent.onnx")
+
+
+def test_unsupported_op_is_named_with_its_node():
+    with pytest.raises(HwcError) as info:
+        load_model(shared_model("mobilenetv2-12-int8"), {"input": [1, 3, 224, 224]})
+    message = str(info.value)
+    assert "unsupported op QLinearConv at node" in message and "already quantized" in message
+    assert "\n" not in message
+
+
+def test_unknown_custom_op_is_refused(tmp_path):
+    node = helper.make_node("FancyOp", ["x"], ["y"], name="fancy1", domain="example.org")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [2])],
+                              [helper.make_tensor_value_info("y", 1, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.org", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(HwcError, match="unsupported op example.org.FancyOp at node fancy1"):
+        load_model(path)
+
+
+def test_dynamic_shape_needs_input_shape(tmp_path, rng):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", 3, 8, 8])], [("y", ["N", 3, 8, 8])], {})
+    path = tmp_path / "dyn.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(HwcError, match=r"dynamic shape.*--input-shape x=1x3x8x8"):
+        load_model(path)
+    loaded = load_model(path, parse_input_shapes(["x=2x3x8x8"]))
+    assert [d.dim_value for d in loaded.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 8, 8]
+    with pytest.raises(HwcError, match="contradicts"):
+        load_model(path, {"x": [2, 4, 8, 8]})
+    with pytest.raises(HwcError, match="inputs are: x"):
+        load_model(path, {"image": [1, 3, 8, 8]})
+
+
+@pytest.mark.parametrize("spec", ["x", "x=", "x=1x", "x=1xAx3", "=1x2", "x=0x3"])
+def test_bad_input_shape_spec(spec):
+    with pytest.raises(HwcError, match="--input-shape"):
+        parse_input_shapes([spec])
+
+
+def test_model_larger_than_memory_is_refused(monkeypatch):
+    monkeypatch.setenv("HWC_MEMORY_LIMIT_BYTES", str(1 << 20))
+    with pytest.raises(HwcError, match=r"needs about .* GiB of memory"):
+        load_model(shared_model("squeezenet1.1-caffe2"))
+
+
+def test_loading_does_not_fold_batchnorm(tmp_path):
+    """BN must survive loading: pruning reads gamma before the fold pass removes it."""
+    from hwcompress.examples import resnet18
+
+    path = tmp_path / "r.onnx"
+    onnx.save_model(resnet18(input_size=32, classes=10), str(path))
+    loaded = load_model(path)
+    assert sum(n.op_type == "BatchNormalization" for n in loaded.graph.node) == 20

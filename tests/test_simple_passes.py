@@ -1,0 +1,51 @@
+"""Identity/Dropout removal and Reshape canonicalization: exact rewrites, checked with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from conftest import assert_same_outputs, make_model, op_count
+from hwcompress.passes import canonicalize_reshape, eliminate_identity
+
+
+def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["i"]),
+             helper.make_node("Dropout", ["i"], ["d"]), helper.make_node("Identity", ["d"], ["y"])]
+    model = make_model(nodes, [("x", [2, 3])], [("y", [2, 3])], {})
+    out = eliminate_identity(model)
+    assert [n.op_type for n in out.graph.node] == ["Relu"] and out.graph.output[0].name == "y"
+    assert_same_outputs(model, out)
+
+
+def test_identity_from_input_to_output_is_kept():
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [("x", [2])], [("y", [2])], {})
+    result = eliminate_identity.apply(model)
+    assert op_count(result.model, "Identity") == 1 and result.log.skipped
+
+
+def test_dropout_with_used_mask_is_kept():
+    nodes = [helper.make_node("Dropout", ["x"], ["y", "mask"]), helper.make_node("Cast", ["mask"], ["m"], to=1)]
+    model = make_model(nodes, [("x", [2, 3])], [("y", [2, 3]), ("m", [2, 3])], {})
+    assert op_count(eliminate_identity(model), "Dropout") == 1
+
+
+def test_flattening_reshape_becomes_flatten(rng):
+    inits = {"shape": np.array([2, 48]), "w": rng.normal(0, 1, (48, 5))}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["y"])]
+    model = make_model(nodes, [("x", [2, 3, 4, 4])], [("y", [2, 5])], inits)
+    out = canonicalize_reshape(model)
+    flatten = [n for n in out.graph.node if n.op_type == "Flatten"]
+    assert len(flatten) == 1 and helper.get_attribute_value(flatten[0].attribute[0]) == 1
+    assert_same_outputs(model, out)
+
+
+def test_reshape_that_mixes_dimensions_is_kept(rng):
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    model = make_model(nodes, [("x", [2, 3, 4])], [("y", [6, 4])], {"shape": np.array([6, 4])})
+    assert op_count(canonicalize_reshape(model), "Reshape") == 0  # [2*3, 4] is Flatten(axis=2)
+    model2 = make_model(nodes, [("x", [2, 3, 4])], [("y", [4, 6])], {"shape": np.array([4, 6])})
+    out = canonicalize_reshape(model2)
+    assert op_count(out, "Reshape") == 1
+    assert_same_outputs(model2, out)

@@ -92,6 +92,24 @@ def cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compile import CompileOptions, compile_model
+    from .loading import parse_input_shapes
+
+    progress = Progress(args.quiet)
+    options = CompileOptions(target=args.target, tune_trials=args.tune_trials, cache_dir=args.cache_dir,
+                             input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
+                             tolerance=args.tolerance, repeat=args.repeat)
+    report = compile_model(args.model, args.output, options, progress.step)
+    from .measure import Latency
+
+    latency = Latency(**report["latency"]).describe()
+    error = report["accuracy"]["max_relative_error"]
+    checked = f"max relative error {error:.1e} vs ONNX Runtime" if error is not None else "outputs not checked"
+    _emit(args, report, f"{args.output}: {report['target']['name']}: {latency}; {checked}")
+    return 0
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     from .examples import EXAMPLES
     from .fileio import save_model
@@ -137,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write the folded ONNX model")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted output difference relative to the output scale (default 1e-4)")
+
+    from .compile import DEFAULT_TUNE_TRIALS
+
+    p = add("compile", cmd_compile, "compile for a target with TVM: tune, build, export, measure, check",
+            parents=(common, shapes))
+    p.add_argument("model")
+    p.add_argument("--target", "-t", default="host", help="target name (see 'hwc targets'; default host)")
+    p.add_argument("-o", "--output", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--tune-trials", type=int, default=DEFAULT_TUNE_TRIALS,
+                   help=f"MetaSchedule trials in all (default {DEFAULT_TUNE_TRIALS}; 0 = no tuning, "
+                        "use what the tuning database already has)")
+    p.add_argument("--cache-dir", type=Path, help="tuning database location (default ~/.cache/hwcompress, "
+                                                 "or HWC_CACHE_DIR)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest accepted output error of the compiled model vs ONNX Runtime, relative to "
+                        "the output scale (default 1e-3)")
+    p.add_argument("--repeat", type=int, default=30, help="timed samples (default 30)")
 
     from .examples import EXAMPLES
 

@@ -9,6 +9,7 @@ so a user can add or override a target or profile by dropping a YAML file in a d
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,8 +216,12 @@ def _resolve_auto(target: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
+@functools.lru_cache(maxsize=1)
 def physical_cores() -> int:
-    """Cores TVM's thread pool should use: the CPUs this process may run on."""
+    """Cores TVM's thread pool should use: the CPUs this process may run on.
+
+    Cached: TVM's runtime pins its threads, after which the affinity of this thread is one core.
+    """
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

@@ -1,0 +1,65 @@
+"""Compile reports: ``report.json`` for machines, ``report.md`` for people, from one dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .fileio import write_text
+
+SCHEMA_VERSION = 1
+
+
+def write_reports(report: dict[str, Any], directory: Path) -> None:
+    write_text(directory / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text(directory / "report.md", render_markdown(report))
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lat = report["latency"]
+    acc = report["accuracy"]
+    tuning = report.get("tuning") or {}
+    lines = [
+        f"# hwc compile report: {Path(report['model']['path']).name} for {report['target']['name']}",
+        "",
+        f"- target: **{report['target']['name']}** ({report['target']['description']})",
+        f"- TVM {report['tvm_version']}, target `{json.dumps(report['target']['tvm'])}`",
+        f"- model: `{report['model']['path']}`, {report['model']['parameters']:,} parameters, "
+        f"{report['model']['macs']:,} MACs",
+        "",
+        "## Latency",
+        "",
+    ]
+    if lat["median_ms"] is None:
+        lines.append(f"**not measured**: {lat['reason']}")
+    else:
+        lines += ["| method | device | threads | median ms | p90 ms | min ms | runs |",
+                  "| --- | --- | --- | --- | --- | --- | --- |",
+                  f"| {lat['method']} | {lat['device']} | {lat['threads']} | {_ms(lat['median_ms'])} | "
+                  f"{_ms(lat['p90_ms'])} | {_ms(lat['min_ms'])} | {lat['repeat']} x {lat['number']} |"]
+    lines += ["", "## Accuracy", ""]
+    if acc["max_abs_error"] is None:
+        lines.append(f"**not checked**: {acc['reason']}")
+    else:
+        lines.append(f"Compiled artifact vs ONNX Runtime on the original model, same input: max abs error "
+                     f"{acc['max_abs_error']:.3g} ({acc['max_relative_error']:.3g} relative to the output scale; "
+                     f"tolerance {acc['tolerance']:g}).")
+    lines += ["", "## Tuning", ""]
+    if tuning:
+        lines.append(f"{tuning['tasks']} kernels; {tuning['records_reused']} reused from the database, "
+                     f"{tuning['trials_run']} trials run of {tuning['trials_requested']} allowed, "
+                     f"{tuning['seconds']:.0f} s. Database: `{tuning['database']}`.")
+    else:
+        lines.append(report.get("tuning_note", "no tuning"))
+    lines += ["", "## Passes", ""]
+    for p in report["passes"]:
+        lines.append(f"- `{p['pass']}`: {len(p['applied'])} rewrite(s), {len(p['skipped'])} left alone")
+    lines += ["", "## Files", ""]
+    for name, info in report["files"].items():
+        lines.append(f"- `{name}`: {info['bytes']:,} bytes" + (f" ({info['note']})" if info.get("note") else ""))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,242 @@
+"""ONNX -> TVM Relax -> (tuned) library for a target.
+
+CPU targets are tuned with MetaSchedule into a persistent database, one per target and TVM
+version under the cache directory. MetaSchedule keys records by the structural hash of each fused
+kernel, so a later compile of the same model, or of another model with the same layer shapes, reuses
+them. GPU targets get dlight's rule-based schedules (no tuning; building needs no GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .config import Target
+from .errors import HwcError
+
+
+def ms_build(mod, target, _params):
+    """MetaSchedule builder that skips ``import tvm.s_tir.tensor_intrin``.
+
+    The default builder imports it in every worker (~35 s here) and then hits its own timeout;
+    this project's CPU schedules use no tensor intrinsics.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("HWC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hwcompress")
+    return Path(base)
+
+
+def tuning_db_dir(cache_dir: Path, target: Target) -> Path:
+    """One MetaSchedule database per (TVM version, resolved target)."""
+    import tvm
+
+    key = json.dumps({"tvm": tvm.__version__, "target": target.tvm_target_dict()}, sort_keys=True)
+    return Path(cache_dir) / "tuning" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def import_onnx(model: onnx.ModelProto):
+    """The Relax module of an ONNX model, weights bound as constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(model, keep_params_in_input=False)
+    except Exception as exc:  # the importer raises many types for unsupported constructs
+        raise HwcError(f"TVM cannot import the model: {type(exc).__name__}: "
+                       f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+
+
+@dataclass
+class TuningResult:
+    tasks: int
+    trials_requested: int
+    trials_run: int
+    records_reused: int
+    seconds: float
+    database: str
+
+
+def tune(mod, target: Target, trials: int, db_dir: Path,
+         progress: Callable[[str], None] = lambda _: None) -> TuningResult:
+    """Tune every fused kernel of ``mod`` for ``target`` with MetaSchedule, adding to ``db_dir``."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import relax
+
+    tvm_target = target.tvm_target()
+    start = time.monotonic()
+    lowered = relax.get_pipeline("zero")(mod)
+    tasks = ms.relax_integration.extract_tasks(lowered, tvm_target)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    database = _open_database(db_dir)
+    known = [t for t in tasks if _has_record(database, t, tvm_target)]
+    tunable = [t for t in tasks if not _has_record(database, t, tvm_target)]
+    progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, "
+             f"{len(tunable)} to tune with up to {trials} trials")
+    run = 0
+    if tunable and trials > 0:
+        # Every kernel gets an equal share: a budget spent on a few kernels leaves the rest naive.
+        per_task = max(1, -(-trials // len(tunable)))
+        callback = _progress_callback(progress, per_task * len(tunable))
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(sys.stderr):
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
+            ms.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_task * len(tunable), max_trials_per_task=per_task,
+                num_trials_per_iter=min(per_task, 32),
+                builder=ms.builder.LocalBuilder(f_build=ms_build, timeout_sec=300,
+                                                max_workers=min(os.cpu_count() or 1, 4)),
+                runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+                    number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)),
+                database=database, cost_model=ms.cost_model.XGBModel(),
+                measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
+            )
+        run = callback.count
+    return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run, records_reused=len(known),
+                        seconds=time.monotonic() - start, database=str(db_dir))
+
+
+def build(mod, target: Target, db_dir: Path | None):
+    """Compile ``mod``: tuned kernels from ``db_dir`` on CPUs, dlight schedules on GPUs."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = target.tvm_target()
+    try:
+        with tvm_target, tvm.transform.PassContext(opt_level=3):
+            if is_gpu(target):
+                import tvm.s_tir.dlight as dl
+
+                mod = relax.get_pipeline("zero")(mod)
+                mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            elif db_dir is not None and (db_dir / "database_tuning_record.json").exists():
+                mod = relax.get_pipeline("zero")(mod)
+                mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+            return tvm.compile(mod, target=tvm_target)
+    except HwcError:
+        raise
+    except Exception as exc:
+        raise HwcError(f"TVM build for {target.name} failed: {type(exc).__name__}: "
+                       f"{(str(exc).strip().splitlines() or [''])[-1][:300]}") from exc
+
+
+def export(executable, target: Target, directory: Path, name: str) -> dict[str, str]:
+    """Write the shared library (cross targets: linked by their cross compiler) and, for CUDA, the
+    device code compiled by nvcc. Returns the files written, each with a note for the report."""
+    path = directory / name
+    compiler = target.tvm.get("cross_compiler")
+    if compiler:
+        from tvm.support import cc
+
+        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+    else:
+        executable.export_library(str(path))
+    files = {name: f"TVM library for {target.name}"}
+    if target.tvm["target"]["kind"] == "cuda":
+        arch = target.tvm["target"].get("arch", "sm_75")
+        fatbin = f"{Path(name).stem}.{arch}.fatbin"
+        (directory / fatbin).write_bytes(_nvcc_fatbin(executable, target))
+        files[fatbin] = (f"CUDA kernels compiled by nvcc for {arch}; {name} holds the host code and the "
+                         f"kernels' CUDA source (this TVM wheel has no CUDA runtime)")
+    return files
+
+
+def _nvcc_fatbin(executable, target: Target) -> bytes:
+    import tvm.support.nvcc as nvcc
+
+    sources = [m.inspect_source("") for m in _walk(executable.mod) if m.kind == "cuda"]
+    if not sources:
+        raise HwcError(f"TVM produced no CUDA kernels for {target.name}")
+    try:
+        with target.tvm_target():
+            return bytes(nvcc.compile_cuda("\n".join(sources), target_format="fatbin", compiler="nvcc"))
+    except Exception as exc:  # nvcc errors arrive as RuntimeError with the compiler's output
+        raise HwcError(f"nvcc failed to compile the CUDA kernels for {target.name}: "
+                       f"{str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+def _walk(module):
+    yield module
+    for child in module.imports:
+        yield from _walk(child)
+
+
+def is_gpu(target: Target) -> bool:
+    return target.tvm["target"]["kind"] in ("cuda", "rocm", "vulkan", "metal", "opencl")
+
+
+def check_toolchain(target: Target) -> None:
+    """Fail early, in one line, where the target cannot be built on this machine."""
+    if target.tvm["target"]["kind"] == "cuda" and shutil.which("nvcc") is None:
+        raise HwcError(f"target {target.name} needs the CUDA toolkit (nvcc) to build; none is on PATH. "
+                       f"Install CUDA or build on a machine that has it")
+    compiler = target.tvm.get("cross_compiler")
+    if compiler and shutil.which(compiler) is None:
+        raise HwcError(f"target {target.name} needs the cross compiler {compiler!r}, which is not on PATH "
+                       f"(Debian: apt-get install g++-aarch64-linux-gnu)")
+
+
+def run_local(library: Path, feeds: dict[str, np.ndarray], input_names: list[str]):
+    """Load an exported library in this process; return the VM, its device and the inputs on it."""
+    import tvm
+    from tvm import relax
+
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+    args = [tvm.runtime.tensor(feeds[name], device) for name in input_names]
+    return vm, device, args
+
+
+def outputs_to_numpy(result) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    return [r.numpy() for r in result]
+
+
+# ------------------------------------------------------------------ private
+def _open_database(db_dir: Path):
+    import tvm.s_tir.meta_schedule as ms
+
+    return ms.database.JSONDatabase(path_workload=str(db_dir / "database_workload.json"),
+                                    path_tuning_record=str(db_dir / "database_tuning_record.json"))
+
+
+def _has_record(database, task, tvm_target) -> bool:
+    return database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is not None
+
+
+def _progress_callback(progress: Callable[[str], None], total: int):
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.count = 0
+            self._last = 0.0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.count += len(measure_candidates)
+            if time.monotonic() - self._last > 5 or self.count >= total:
+                self._last = time.monotonic()
+                progress(f"tuning: {self.count}/{total} trials")
+
+    return _Progress()

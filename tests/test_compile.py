@@ -1,0 +1,142 @@
+"""hwc compile with real TVM: host build measured and checked, arm64 and CUDA cross-builds, tuning database reuse."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import SHARED, hwc, make_model, shared_model
+from hwcompress import ort
+from hwcompress.compile import CompileOptions, compile_model
+from hwcompress.errors import HwcError
+
+ELF_MACHINES = {62: "x86-64", 183: "aarch64"}
+
+
+def elf_machine(path: Path) -> str:
+    header = path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return ELF_MACHINES.get(struct.unpack("<H", header[18:20])[0], "other")
+
+
+def mnist_images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    folder = SHARED / "data" / "mnist_t10k"
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:count]
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
+    return images.astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def host_mnist(tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "mnist"
+    result = hwc("compile", str(shared_model("mnist-8")), "--target", "host", "-o", str(out), "--tune-trials", "0",
+                 "--cache-dir", str(out.parent / "cache"), "--json", "--repeat", "10")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout), result.stderr
+
+
+def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist):
+    out, report, stderr = host_mnist
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.so", "report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text()) == report
+    assert elf_machine(out / "model.so") == "x86-64"
+    lat = report["latency"]
+    assert lat["method"] == "local" and lat["repeat"] == 10 and lat["threads"] >= 1
+    assert 0 < lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"]
+    assert report["accuracy"]["max_relative_error"] < 1e-3
+    assert report["tvm_version"].startswith("0.27")
+    assert report["files"]["model.so"]["bytes"] == (out / "model.so").stat().st_size
+    md = (out / "report.md").read_text()
+    assert "| local |" in md and "max abs error" in md
+    assert "measuring" in stderr and "building for host" in stderr
+
+
+def test_compiled_mnist_keeps_its_accuracy_on_real_digits(host_mnist):
+    """Accuracy on the compiled artifact itself, not only in ONNX Runtime."""
+    from hwcompress.tvm_build import outputs_to_numpy, run_local
+
+    out, _, _ = host_mnist
+    images, labels = mnist_images(300)
+    reference = onnx.load(str(shared_model("mnist-8")))
+    session = ort.session(reference)
+    tvm_top1, ort_top1 = [], []
+    for image in images:
+        feeds = {"Input3": image[None] / 255.0}
+        vm, _, args = run_local(out / "model.so", feeds, ["Input3"])
+        tvm_top1.append(outputs_to_numpy(vm["main"](*args))[0].argmax())
+        ort_top1.append(session.run(None, feeds)[0].argmax())
+    tvm_top1, ort_top1 = np.array(tvm_top1), np.array(ort_top1)
+    assert (tvm_top1 == ort_top1).all()
+    assert (tvm_top1 == labels).mean() > 0.97
+
+
+def test_arm_a72_is_an_aarch64_library_and_not_measured(tmp_path):
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.fail("aarch64-linux-gnu-g++ missing: run tools/install-system-deps.sh")
+    report = compile_model(shared_model("mnist-8"), tmp_path / "arm",
+                           CompileOptions(target="arm-a72", tune_trials=0, cache_dir=tmp_path / "cache"))
+    assert elf_machine(tmp_path / "arm" / "model.so") == "aarch64"
+    assert report["latency"]["method"] == "not measured" and report["latency"]["median_ms"] is None
+    assert "RPC" in report["latency"]["reason"]
+    assert report["accuracy"]["max_abs_error"] is None
+    assert report["target"]["tvm"]["mtriple"] == "aarch64-linux-gnu"
+    assert "not measured" in (tmp_path / "arm" / "report.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
+def test_nvidia_t4_builds_sm75_kernels_with_nvcc(tmp_path):
+    report = compile_model(shared_model("mnist-8"), tmp_path / "t4",
+                           CompileOptions(target="nvidia-t4", tune_trials=0, cache_dir=tmp_path / "cache"))
+    fatbin = (tmp_path / "t4" / "model.sm_75.fatbin").read_bytes()
+    assert fatbin[:4] == bytes.fromhex("50ed55ba"), "fatbin magic"
+    assert elf_machine(tmp_path / "t4" / "model.so") == "x86-64", "host side of the CUDA library"
+    assert report["latency"]["method"] == "not measured"
+    assert report["target"]["tvm"]["arch"] == "sm_75"
+
+
+def test_nvidia_t4_without_nvcc_is_a_clear_error(tmp_path):
+    python_dir = os.path.dirname(os.path.realpath(shutil.which("python3") or "/usr/bin/python3"))
+    result = hwc("compile", str(shared_model("mnist-8")), "-t", "nvidia-t4", "-o", str(tmp_path / "t4"),
+                 env={"PATH": f"{python_dir}:/usr/bin:/bin"})
+    assert result.returncode == 2 and "needs the CUDA toolkit (nvcc)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "t4").exists()
+
+
+def test_unknown_target_and_failed_check_write_nothing(tmp_path):
+    result = hwc("compile", str(shared_model("mnist-8")), "-t", "tpu9", "-o", str(tmp_path / "x"))
+    assert result.returncode == 2 and "unknown target 'tpu9'" in result.stderr
+    with pytest.raises(HwcError, match="differ from ONNX Runtime"):
+        compile_model(shared_model("mnist-8"), tmp_path / "y",
+                      CompileOptions(tune_trials=0, tolerance=0.0, cache_dir=tmp_path / "cache", repeat=3))
+    assert not any(tmp_path.glob("[xy]*")), "a failed compile leaves no output behind"
+
+
+def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng):
+    """Tune a two-kernel model a little; the second compile finds every kernel in the database."""
+    inits = {"w": rng.normal(0, 0.2, (16, 8, 3, 3)), "b": rng.normal(0, 0.1, 16),
+             "fw": rng.normal(0, 0.2, (10, 16)), "fb": np.zeros(10)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
+    path = tmp_path / "small.onnx"
+    onnx.save_model(make_model(nodes, [("x", [1, 8, 16, 16])], [("y", [1, 10])], inits), str(path))
+    options = CompileOptions(tune_trials=16, cache_dir=tmp_path / "cache", repeat=5)
+    first = compile_model(path, tmp_path / "a", options)
+    assert first["tuning"]["trials_run"] > 0 and first["tuning"]["records_reused"] == 0
+    database = Path(first["tuning"]["database"])
+    assert (database / "database_tuning_record.json").stat().st_size > 0
+    second = compile_model(path, tmp_path / "b", options)
+    assert second["tuning"]["trials_run"] == 0
+    assert second["tuning"]["records_reused"] == second["tuning"]["tasks"] == first["tuning"]["tasks"]
+    assert second["accuracy"]["max_relative_error"] < 1e-3

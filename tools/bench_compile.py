@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""TVM (tuned by hwc) vs ONNX Runtime fp32, side by side in one process, same thread count.
+
+    python tools/bench_compile.py [--trials N] [--threads T] [--models resnet18,mobilenetv2,squeezenet]
+
+Prints one line per model with both medians and the ratio TVM / ORT (below 1.0: TVM is faster).
+The tuning database under --cache-dir is kept, so a second run measures without re-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hwcompress import ort  # noqa: E402
+from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
+from hwcompress.config import physical_cores  # noqa: E402
+from hwcompress.examples import resnet18  # noqa: E402
+from hwcompress.fileio import save_model  # noqa: E402
+from hwcompress.loading import load_model  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "models"
+
+
+def model_path(name: str, scratch: Path) -> Path:
+    if name == "resnet18":
+        path = scratch / "resnet18.onnx"
+        save_model(resnet18(), path)
+        return path
+    return SHARED / {"mobilenetv2": "mobilenetv2-fp32", "squeezenet": "squeezenet1.1-caffe2"}[name] / "model.onnx"
+
+
+def ort_latency(path: Path, threads: int, repeat: int) -> float:
+    model = load_model(path, require_supported=False, simplify=False)
+    session = ort.session(model, threads=threads)
+    feeds = ort.random_inputs(model)
+    for _ in range(5):
+        session.run(None, feeds)
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,mobilenetv2,squeezenet")
+    parser.add_argument("--trials", type=int, default=None, help="tuning trials per model (default: hwc's)")
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.models.split(","):
+            path = model_path(name, Path(scratch))
+            options = CompileOptions(target="host", cache_dir=args.cache_dir, repeat=args.repeat)
+            if args.trials is not None:
+                options.tune_trials = args.trials
+            start = time.monotonic()
+            report = compile_model(path, Path(scratch) / f"out-{name}", options,
+                                   lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
+            compile_s = time.monotonic() - start
+            ort_ms = ort_latency(path, args.threads, args.repeat)
+            tvm_ms = report["latency"]["median_ms"]
+            rows.append((name, ort_ms, tvm_ms, tvm_ms / ort_ms, report["latency"]["threads"], compile_s,
+                         report["accuracy"]["max_relative_error"]))
+    print(f"{'model':12} {'ORT ms':>9} {'TVM ms':>9} {'TVM/ORT':>8} {'threads':>7} {'compile s':>9} {'rel err':>8}")
+    for name, ort_ms, tvm_ms, ratio, threads, compile_s, err in rows:
+        print(f"{name:12} {ort_ms:9.2f} {tvm_ms:9.2f} {ratio:8.2f} {threads:7d} {compile_s:9.0f} {err:8.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -162,6 +162,26 @@ class Graph:
         self.initializers[name] = np.asarray(array)
         self._value_info.pop(name, None)
 
+    def set_constant_input(self, node: onnx.NodeProto, index: int, array: np.ndarray, hint: str) -> None:
+        """Feed input ``index`` of ``node`` from a new initializer; the old one may be shared."""
+        name = self.add_initializer(f"{node.name}_{hint}", array)
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        self._mark_dirty()
+
+    def append_after(self, node: onnx.NodeProto, op_type: str, other_inputs: Sequence[str], name: str,
+                     **attrs: Any) -> onnx.NodeProto:
+        """Insert ``op_type(node's output, *other_inputs)`` that takes over the output's name and readers."""
+        out = node.output[0]
+        inner = self.unique_name(f"{out}_before_{op_type.lower()}")
+        node.output[0] = inner
+        self._value_info.pop(out, None)
+        new = self.make_node(op_type, [inner, *other_inputs], [out], name=name, **attrs)
+        self.nodes.insert(self._position(node) + 1, new)
+        self._mark_dirty()
+        return new
+
     def set_attr(self, node: onnx.NodeProto, name: str, value: Any) -> None:
         for i, a in enumerate(node.attribute):
             if a.name == name:

@@ -11,6 +11,7 @@ from .base import ModelPass, PassLog, PassResult, model_pass
 from .canonicalize_reshape import canonicalize_reshape
 from .eliminate_identity import eliminate_identity
 from .fold_batchnorm import fold_batchnorm
+from .prune_channels import prune_channels
 
 CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape)
 
@@ -26,4 +27,4 @@ def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog
 
 
 __all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_reshape",
-           "eliminate_identity", "fold_batchnorm", "model_pass", "run_canonical"]
+           "eliminate_identity", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical"]

@@ -55,11 +55,7 @@ def _sole_producer(graph: Graph, bn: onnx.NodeProto, op_type: str) -> onnx.NodeP
 
 def _set_input(graph: Graph, node: onnx.NodeProto, index: int, hint: str, array: np.ndarray,
                dtype: np.dtype) -> None:
-    """Point input ``index`` of ``node`` at a new initializer (old ones may be shared)."""
-    name = graph.add_initializer(f"{node.name}_{hint}", array.astype(dtype))
-    while len(node.input) <= index:
-        node.input.append("")
-    node.input[index] = name
+    graph.set_constant_input(node, index, array.astype(dtype), hint)
 
 
 def _into_conv(graph: Graph, bn, scale, shift) -> str | None:

@@ -110,6 +110,52 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_layer_ratios(specs: list[str] | None) -> dict[str, float]:
+    ratios = {}
+    for spec in specs or []:
+        name, sep, value = spec.rpartition("=")
+        try:
+            ratios[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise HwcError(f"--layer-ratio {spec!r}: expected NODE=RATIO, e.g. conv12=0.5")
+    return ratios
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .calibration import load_calibration
+    from .config import get_target
+    from .fileio import save_model
+    from .loading import load_model, parse_input_shapes
+    from .passes import canonicalize_reshape, eliminate_identity
+    from .pruning import prune_model
+
+    progress = Progress(args.quiet)
+    multiple = get_target(args.target, args.targets_dir).channel_multiple if args.target else 1
+    layer_ratios = _parse_layer_ratios(args.layer_ratio)
+    progress.step(f"loading {args.model}")
+    model = canonicalize_reshape(eliminate_identity(load_model(args.model, parse_input_shapes(args.input_shape))))
+    calibration = load_calibration(args.calib, model) if args.calib else None
+    progress.step(f"pruning {args.ratio:g} of the channels (multiple {multiple}, importance {args.importance})")
+    pruned, report = prune_model(model, args.ratio, multiple, args.importance, layer_ratios, calibration,
+                                 reconstruct=not args.no_reconstruct)
+    save_model(pruned, args.output)
+    progress.step(f"wrote {args.output}")
+    report.update({"input": args.model, "output": args.output, "target": args.target})
+    layers = report["pruning"]["layers"]
+    lines = [f"{args.output}: {report['parameters_before']:,} -> {report['parameters_after']:,} parameters; "
+             f"output error {report['output_error']:.3g} (relative RMS, on {report['error_measured_on']})"]
+    if "output_error_with_reconstruction" in report:
+        lines.append(f"  reconstruction: {report['output_error_without_reconstruction']:.3g} -> "
+                     f"{report['output_error_with_reconstruction']:.3g}")
+    lines += [f"  {name}: {info['before']} -> {info['after']}" for name, info in layers.items()
+              if info["before"] != info["after"]]
+    lines += [f"  left alone: {reason}" for reason in report["pruning"]["skipped"]]
+    _emit(args, report, "\n".join(lines))
+    return 0
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     from .examples import EXAMPLES
     from .fileio import save_model
@@ -173,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "the output scale (default 1e-3)")
     p.add_argument("--repeat", type=int, default=30, help="timed samples (default 30)")
 
+    p = add("prune", cmd_prune, "remove whole channels of Conv/Gemm layers (structured pruning)",
+            parents=(common, shapes))
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--ratio", type=float, required=True, help="fraction of each layer's channels to remove (0..1)")
+    p.add_argument("--target", "-t", help="round channel counts to this target's channel multiple")
+    p.add_argument("--layer-ratio", action="append", metavar="NODE=RATIO", help="per-layer ratio (repeatable)")
+    p.add_argument("--importance", choices=["l1", "l2", "bn_gamma"], default="l1")
+    p.add_argument("--calib", help="calibration data (.npz, one array per input) for reconstruction, or 'random'")
+    p.add_argument("--no-reconstruct", action="store_true", help="with --calib: measure only, do not refit")
+
     from .examples import EXAMPLES
 
     p = add("example", cmd_example, "write an example model (real structure, random weights)")
@@ -194,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"hwc: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): not an error of hwc
+        return 0
     except KeyboardInterrupt:
         print("hwc: interrupted", file=sys.stderr)
         return 130

@@ -53,3 +53,23 @@ def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
         scale = max(float(np.max(np.abs(ref))), 1e-12)
         worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - got))) / scale)
     return worst
+
+
+def rms_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """||reference - candidate|| / ||reference|| over all outputs: the typical error, not the worst."""
+    num = sum(float(np.sum((r.astype(np.float64) - c) ** 2)) for r, c in zip(reference, candidate))
+    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def run_with_intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                           tensors: list[str]) -> dict[str, np.ndarray]:
+    """Values of intermediate tensors (and the outputs) for one run."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    names = [o.name for o in probe.graph.output]
+    return dict(zip(names, session(probe).run(names, feeds)))

@@ -25,6 +25,7 @@ from ..errors import HwcError
 from ..graph import Graph
 from ..numeric import conv2d, conv_pads, pool2d
 from .base import PassLog, model_pass
+from .layers import bias_value, set_bias
 from .channel_groups import ChannelGraph, analyze
 
 
@@ -72,7 +73,9 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
     keep = np.ones(len(cg.parent), dtype=bool)
     keep[list(plan.removed)] = False
     compensation = _compensation(graph, cg, plan.removed)
-    _rewrite(graph, cg, keep)
+    log.details["kept_outputs"] = {a.node: np.flatnonzero(keep[a.atoms]).tolist()
+                                   for a in cg.actions if a.kind == "out" and not keep[a.atoms].all()}
+    log.details["consumers"] = _rewrite(graph, cg, keep)
     for action in cg.actions:  # the consumer may lose output channels too: drop their share
         if action.kind == "out" and action.node in compensation:
             compensation[action.node] = compensation[action.node][keep[action.atoms]]
@@ -188,12 +191,16 @@ def _describe(cg: ChannelGraph, plan: PruningPlan, blocked: dict[int, str]) -> N
 
 
 # ------------------------------------------------------------------- rewriting
-def _rewrite(graph: Graph, cg: ChannelGraph, keep: np.ndarray) -> None:
+def _rewrite(graph: Graph, cg: ChannelGraph, keep: np.ndarray) -> list[str]:
+    """Slice every tensor the plan touches; return the layers that lost input channels."""
+    consumers = []
     for action in cg.actions:
         node = graph.node(action.node)
         mask = keep[action.atoms]
         if mask.all():
             continue
+        if action.kind == "in":
+            consumers.append(node.name)
         if action.kind in ("out", "in", "param"):
             value = graph.initializer(node.input[action.input_index])
             graph.set_constant_input(node, action.input_index, np.compress(mask, value, axis=action.axis),
@@ -212,6 +219,7 @@ def _rewrite(graph: Graph, cg: ChannelGraph, keep: np.ndarray) -> None:
             else:
                 node.input.append(graph.add_initializer(f"{node.name}_split", np.array(sizes, dtype=np.int64)))
     graph.forget_shapes([t for n in graph.nodes for t in n.output])
+    return consumers
 
 
 def _prune_bias(graph: Graph, node: onnx.NodeProto, mask: np.ndarray) -> None:
@@ -426,12 +434,11 @@ def _apply_compensation(graph: Graph, contributions: dict[str, np.ndarray]) -> l
             flat = contribution.reshape(contribution.shape[0], -1)
             if np.allclose(flat, flat[:, :1], rtol=1e-6, atol=1e-7 * max(1.0, np.abs(flat).max())):
                 contribution = flat[:, 0]
-        if contribution.ndim == 1 and node.op_type in ("Conv", "Gemm"):
-            bias = graph.initializer(node.input[2]).reshape(-1) if len(node.input) > 2 and node.input[2] else 0.0
-            beta = graph.attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
-            graph.set_constant_input(node, 2, (bias + contribution / beta).astype(dtype), "compensated_bias")
-            notes.append(f"{name}: removed channels' constant output folded into its bias")
-            continue
+        if contribution.ndim == 1:
+            outputs = contribution.shape[0]
+            if set_bias(graph, node, bias_value(graph, node, outputs) + contribution, dtype):
+                notes.append(f"{name}: removed channels' constant output folded into its bias")
+                continue
         shape = contribution.shape if contribution.ndim == 1 else (1,) + contribution.shape
         constant = graph.add_initializer(f"{name}_compensation", contribution.reshape(shape).astype(dtype))
         graph.append_after(node, "Add", [constant], name=f"{name}_compensation")

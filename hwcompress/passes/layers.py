@@ -1,0 +1,53 @@
+"""Facts about linear layers (Conv, Gemm, MatMul) that several passes need."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import Graph
+
+
+def bias_slot(graph: Graph, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+    """Where a layer's per-output bias lives: its own input 2 (Conv, Gemm), or the constant of an
+    Add that alone reads a MatMul's output. None where there is no place for one."""
+    if node.op_type in ("Conv", "Gemm"):
+        return node, 2
+    if node.op_type == "MatMul":
+        add = graph.sole_consumer(node.output[0])
+        if add is not None and add.op_type == "Add":
+            for i, t in enumerate(add.input):
+                if t != node.output[0] and graph.is_constant(t):
+                    return add, i
+    return None
+
+
+def bias_value(graph: Graph, node: onnx.NodeProto, outputs: int) -> np.ndarray:
+    """The layer's effective bias as a float64 vector of ``outputs`` (zeros where it has none)."""
+    slot = bias_slot(graph, node)
+    if slot is None:
+        return np.zeros(outputs)
+    owner, index = slot
+    if len(owner.input) <= index or not owner.input[index]:
+        return np.zeros(outputs)
+    value = graph.initializer(owner.input[index]).astype(np.float64)
+    if node.op_type == "Gemm":
+        value = value * graph.attr(node, "beta", 1.0)
+    return np.broadcast_to(value.reshape(-1) if value.size == outputs else value, (outputs,)).copy()
+
+
+def set_bias(graph: Graph, node: onnx.NodeProto, bias: np.ndarray, dtype) -> bool:
+    """Store ``bias`` as the layer's bias; False where the layer has no place for one."""
+    slot = bias_slot(graph, node)
+    if slot is None:
+        return False
+    owner, index = slot
+    if node.op_type == "Gemm":
+        graph.set_attr(node, "beta", 1.0)
+    if owner is not node:
+        old = graph.initializer(owner.input[index])
+        if old.size not in (1, bias.size):
+            return False
+        bias = bias.reshape(old.shape if old.size == bias.size else (-1,))
+    graph.set_constant_input(owner, index, bias.astype(dtype), "bias")
+    return True

@@ -1,0 +1,147 @@
+"""Refit layers by least squares so a compressed model reproduces the original's activations.
+
+After pruning, a layer that read removed channels sees fewer inputs. Following ThiNet (Luo et al.
+2017) and channel pruning (He et al. 2017), its weights are refit on calibration data so that, on
+the kept inputs of the *compressed* model, it reproduces its output in the *original* model:
+``min ||Y_orig - [X_kept, 1] @ [W; b]||`` with a small ridge term, solved in numpy. Conv layers are
+unrolled (im2col) at a sample of output positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .. import ort
+from ..graph import Graph
+from ..numeric import conv_pads
+from .layers import bias_slot, bias_value, set_bias
+
+MAX_ROWS = 8192
+RIDGE = 1e-4
+
+
+def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: list[str],
+                 feeds: list[dict[str, np.ndarray]], kept_outputs: dict[str, list[int]] | None = None,
+                 seed: int = 0) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Refit the weights and bias of each named Conv(group 1)/Gemm/MatMul; return model and notes.
+
+    ``kept_outputs`` lists, for layers that also lost output channels, which of the original
+    outputs remain (their targets are those columns of the original output).
+    """
+    kept_outputs = kept_outputs or {}
+    graph = Graph(compressed)
+    reference = Graph(original)
+    rng = np.random.default_rng(seed)
+    targets = {}
+    notes: dict[str, str] = {}
+    for name in layers:
+        node = graph.node(name)
+        if reference.producer(node.output[0]) is None:
+            notes[name] = "not refit: its output carries a compensation map"
+            continue
+        if not _refittable(graph, node):
+            notes[name] = "not refit (grouped conv, non-constant weights or transposed input)"
+            continue
+        targets[name] = node
+    if not targets:
+        return compressed, notes
+    # Targets come from the original model once; inputs are re-read after every refit, in
+    # topological order, so each layer is fit to what the layers before it now produce.
+    per_run = max(1, MAX_ROWS // max(1, len(feeds)))
+    originals = [ort.run_with_intermediates(original, f, [n.output[0] for n in targets.values()]) for f in feeds]
+    order = [n.name for n in graph.topological_order() if n.name in targets]
+    for name in order:
+        node = graph.node(name)
+        current = graph.to_model()
+        rows = [_sample_rows(graph, node, ort.run_with_intermediates(current, f, [node.input[0]])[node.input[0]],
+                             ys[node.output[0]], per_run, rng) for f, ys in zip(feeds, originals)]
+        x = np.concatenate([r[0] for r in rows])
+        y = np.concatenate([r[1] for r in rows])
+        if name in kept_outputs:
+            y = y[:, kept_outputs[name]]
+        before = _fit_error(graph, node, x, y)
+        weight, bias = _solve(x, y, with_bias=bias_slot(graph, node) is not None)
+        _store(graph, node, weight, bias)
+        after = _fit_error(graph, node, x, y)
+        notes[name] = f"refit on {len(x)} rows: layer output error {before:.3g} -> {after:.3g}"
+    return graph.to_model(), notes
+
+
+def _refittable(graph: Graph, node: onnx.NodeProto) -> bool:
+    if not graph.is_constant(node.input[1]):
+        return False
+    if node.op_type == "Conv":
+        return graph.attr(node, "group", 1) == 1 and graph.initializer(node.input[1]).ndim == 4
+    if node.op_type == "Gemm":
+        return not graph.attr(node, "transA", 0)
+    return node.op_type == "MatMul" and graph.rank(node.input[0]) == 2
+
+
+def _im2col(graph: Graph, node: onnx.NodeProto, x: np.ndarray, positions: np.ndarray, out_hw) -> np.ndarray:
+    """Rows of unrolled input patches [P, C*kh*kw] at flat output positions of image 0..N."""
+    attrs = graph.attrs(node)
+    weight = graph.initializer(node.input[1])
+    kh, kw = weight.shape[2:]
+    strides, dilations = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
+    top, left, bottom, right = conv_pads(attrs, x.shape[2:], (kh, kw), strides, dilations)
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n_idx, rest = np.divmod(positions, out_hw[0] * out_hw[1])
+    oy, ox = np.divmod(rest, out_hw[1])
+    iy = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dilations[0]          # [P, kh]
+    ix = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dilations[1]          # [P, kw]
+    patches = padded[n_idx[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
+                     iy[:, None, :, None], ix[:, None, None, :]]                    # [P, C, kh, kw]
+    return patches.reshape(len(positions), -1)
+
+
+def _sample_rows(graph, node, x, y, count, rng):
+    if node.op_type == "Conv":
+        out_hw = y.shape[2:]
+        total = y.shape[0] * out_hw[0] * out_hw[1]
+        positions = rng.choice(total, size=min(count, total), replace=False)
+        rows = _im2col(graph, node, x.astype(np.float64), positions, out_hw)
+        n_idx, rest = np.divmod(positions, out_hw[0] * out_hw[1])
+        oy, ox = np.divmod(rest, out_hw[1])
+        return rows, y[n_idx, :, oy, ox].astype(np.float64)
+    return x.astype(np.float64), y.reshape(y.shape[0], -1).astype(np.float64)
+
+
+def _solve(x: np.ndarray, y: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    design = np.hstack([x, np.ones((len(x), 1))]) if with_bias else x
+    gram = design.T @ design
+    gram += RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
+    solution = np.linalg.solve(gram, design.T @ y)
+    return (solution[:-1], solution[-1]) if with_bias else (solution, None)
+
+
+def _current(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
+    """Weights as an [inputs, outputs] matrix and the effective bias, for the current node."""
+    weight = graph.initializer(node.input[1]).astype(np.float64)
+    if node.op_type == "Conv":
+        matrix = weight.reshape(weight.shape[0], -1).T
+    elif node.op_type == "Gemm":
+        matrix = (weight.T if graph.attr(node, "transB", 0) else weight) * graph.attr(node, "alpha", 1.0)
+    else:
+        matrix = weight
+    return matrix, bias_value(graph, node, matrix.shape[1])
+
+
+def _fit_error(graph, node, x, y) -> float:
+    matrix, bias = _current(graph, node)
+    return float(np.linalg.norm(x @ matrix + bias - y) / max(np.linalg.norm(y), 1e-12))
+
+
+def _store(graph: Graph, node: onnx.NodeProto, matrix: np.ndarray, bias: np.ndarray | None) -> None:
+    old = graph.initializer(node.input[1])
+    dtype = old.dtype
+    if node.op_type == "Conv":
+        graph.set_constant_input(node, 1, matrix.T.reshape(old.shape).astype(dtype), "refit_W")
+    elif node.op_type == "Gemm":
+        graph.set_constant_input(node, 1, (matrix.T if graph.attr(node, "transB", 0) else matrix).astype(dtype), "refit_B")
+        graph.set_attr(node, "alpha", 1.0)
+        graph.set_attr(node, "beta", 1.0)
+    else:
+        graph.set_constant_input(node, 1, matrix.astype(dtype), "refit_B")
+    if bias is not None:
+        set_bias(graph, node, bias, dtype)

@@ -1,0 +1,66 @@
+"""``hwc prune``: the pruning pass with reconstruction, measured against the original model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import ort
+from .calibration import Calibration
+from .passes import fold_batchnorm, prune_channels
+from .passes.reconstruct import refit_layers
+
+
+def output_error(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Relative RMS output error (||y - y'|| / ||y||) over all the feeds."""
+    a, b = ort.session(reference), ort.session(candidate)
+    ref, got = [], []
+    for f in feeds:
+        ref += a.run(None, f)
+        got += b.run(None, f)
+    return ort.rms_error(ref, got)
+
+
+def split_feeds(calibration: Calibration) -> tuple[list, list, str]:
+    """Fit on three quarters, evaluate on the rest (on everything when there are fewer than 8)."""
+    feeds = calibration.feeds
+    if len(feeds) < 8:
+        return feeds, feeds, "the calibration data itself (fewer than 8 samples to hold out)"
+    cut = len(feeds) * 3 // 4
+    return feeds[:cut], feeds[cut:], f"{len(feeds) - cut} held-out calibration samples"
+
+
+def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importance: str = "l1",
+                layer_ratios: dict[str, float] | None = None, calibration: Calibration | None = None,
+                reconstruct: bool = True) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Prune (BN still in place, so gamma can rank channels), refit consumers, then fold BN."""
+    result = prune_channels.apply(model, ratio=ratio, multiple=multiple, importance=importance,
+                                  layer_ratios=layer_ratios)
+    pruned = result.model
+    report: dict[str, Any] = {"pruning": result.log.to_dict(), "ratio": ratio, "multiple": multiple,
+                              "importance": importance}
+    if calibration is None:
+        feeds = [ort.random_inputs(model, seed) for seed in range(4)]
+        report["error_measured_on"] = "4 random inputs (no calibration data)"
+        report["output_error"] = output_error(model, pruned, feeds)
+    else:
+        fit, held_out, where = split_feeds(calibration)
+        report["error_measured_on"] = where + (" (random data)" if calibration.is_random else "")
+        report["output_error_without_reconstruction"] = output_error(model, pruned, held_out)
+        if reconstruct:
+            pruned, notes = refit_layers(model, pruned, result.log.details["consumers"], fit,
+                                         result.log.details["kept_outputs"])
+            report["reconstruction"] = notes
+            report["output_error_with_reconstruction"] = output_error(model, pruned, held_out)
+        report["output_error"] = output_error(model, pruned, held_out)
+    before = sum(v.size for v in _weights(model))
+    folded = fold_batchnorm(pruned)
+    report["parameters_before"] = int(before)
+    report["parameters_after"] = int(sum(v.size for v in _weights(folded)))
+    return folded, report
+
+
+def _weights(model: onnx.ModelProto):
+    return [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]

@@ -1,0 +1,89 @@
+"""Reconstruction lowers the error of a pruned model on real data; calibration input is checked."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from conftest import SHARED, hwc, shared_model
+from hwcompress.calibration import load_calibration
+from hwcompress.errors import HwcError
+from hwcompress.loading import load_model
+from hwcompress.passes import canonicalize_reshape, eliminate_identity
+from hwcompress.pruning import prune_model
+
+
+def mnist(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    folder = SHARED / "data" / "mnist_t10k"
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[offset:offset + count]
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8)[offset:offset + count]
+    return x.astype(np.float32) / 255.0, y
+
+
+@pytest.fixture(scope="module")
+def mnist_model():
+    return canonicalize_reshape(eliminate_identity(load_model(shared_model("mnist-8"))))
+
+
+def _top1(model, images):
+    from hwcompress import ort
+
+    session = ort.session(model)
+    return np.array([session.run(None, {"Input3": im[None]})[0].argmax() for im in images])
+
+
+def test_reconstruction_recovers_accuracy_on_real_digits(tmp_path, mnist_model):
+    calib_x, _ = mnist(128)
+    np.savez(tmp_path / "calib.npz", Input3=calib_x)
+    calibration = load_calibration(tmp_path / "calib.npz", mnist_model, max_samples=128)
+    plain, plain_report = prune_model(mnist_model, 0.5, calibration=calibration, reconstruct=False)
+    refit, report = prune_model(mnist_model, 0.5, calibration=calibration)
+    assert report["output_error_with_reconstruction"] < report["output_error_without_reconstruction"]
+    assert all("refit on" in note for note in report["reconstruction"].values())
+    test_x, test_y = mnist(500, offset=5000)  # digits never seen by the fit
+    base = (_top1(mnist_model, test_x) == test_y).mean()
+    acc_plain = (_top1(plain, test_x) == test_y).mean()
+    acc_refit = (_top1(refit, test_x) == test_y).mean()
+    assert base > 0.97
+    assert acc_refit > acc_plain, f"reconstruction must help: {acc_plain:.3f} -> {acc_refit:.3f}"
+    assert report["parameters_after"] < report["parameters_before"]
+
+
+def test_calibration_errors_name_the_input(tmp_path, mnist_model):
+    np.savez(tmp_path / "shape.npz", Input3=np.zeros((4, 1, 32, 32), np.float32))
+    with pytest.raises(HwcError, match=r"input 'Input3' has shape \[4, 1, 32, 32\], expected \[samples, 1, 28, 28\]"):
+        load_calibration(tmp_path / "shape.npz", mnist_model)
+    np.savez(tmp_path / "dtype.npz", Input3=np.zeros((4, 1, 28, 28), np.uint8))
+    with pytest.raises(HwcError, match="is uint8, the model expects float32"):
+        load_calibration(tmp_path / "dtype.npz", mnist_model)
+    np.savez(tmp_path / "names.npz", a=np.zeros((4, 1, 28, 28), np.float32), b=np.zeros(3))
+    with pytest.raises(HwcError, match="no array for input 'Input3'"):
+        load_calibration(tmp_path / "names.npz", mnist_model)
+    np.savez(tmp_path / "nan.npz", Input3=np.full((4, 1, 28, 28), np.nan, np.float32))
+    with pytest.raises(HwcError, match="NaN"):
+        load_calibration(tmp_path / "nan.npz", mnist_model)
+    (tmp_path / "junk.npz").write_text("junk")
+    with pytest.raises(HwcError, match="not a readable .npz"):
+        load_calibration(tmp_path / "junk.npz", mnist_model)
+    assert load_calibration("random", mnist_model).is_random
+
+
+def test_prune_command_end_to_end(tmp_path):
+    out = tmp_path / "sq.onnx"
+    result = hwc("prune", str(shared_model("squeezenet1.1-caffe2")), "--ratio", "0.3", "--target", "npu16",
+                 "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    report = json.loads(result.stdout)
+    changed = {k: v for k, v in report["pruning"]["layers"].items() if v["after"] != v["before"]}
+    assert changed and all(v["after"] % 16 == 0 for v in changed.values())
+    assert report["parameters_after"] < report["parameters_before"] and out.exists()
+    bad = hwc("prune", str(shared_model("squeezenet1.1-caffe2")), "--ratio", "1.2", "-o", str(tmp_path / "x.onnx"))
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr and not (tmp_path / "x.onnx").exists()
+    bad = hwc("prune", str(shared_model("mnist-8")), "--ratio", "0.5", "--layer-ratio", "conv", "-o", str(tmp_path / "y.onnx"))
+    assert bad.returncode == 2 and "expected NODE=RATIO" in bad.stderr

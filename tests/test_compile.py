@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import pytest
 from onnx import helper
 
 from conftest import SHARED, hwc, make_model, shared_model
-from hwcompress import ort
+from hwcompress import datasets, ort
 from hwcompress.compile import CompileOptions, compile_model
 from hwcompress.errors import HwcError
 
@@ -29,12 +28,7 @@ def elf_machine(path: Path) -> str:
 
 
 def mnist_images(count: int) -> tuple[np.ndarray, np.ndarray]:
-    folder = SHARED / "data" / "mnist_t10k"
-    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:count]
-    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
-    return images.astype(np.float32), labels
+    return datasets.mnist(SHARED / "data" / "mnist_t10k", count)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,7 @@ def test_compiled_mnist_keeps_its_accuracy_on_real_digits(host_mnist):
     session = ort.session(reference)
     tvm_top1, ort_top1 = [], []
     for image in images:
-        feeds = {"Input3": image[None] / 255.0}
+        feeds = {"Input3": image[None]}
         vm, _, args = run_local(out / "model.so", feeds, ["Input3"])
         tvm_top1.append(outputs_to_numpy(vm["main"](*args))[0].argmax())
         ort_top1.append(session.run(None, feeds)[0].argmax())

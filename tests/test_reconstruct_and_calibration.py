@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
-
 import numpy as np
 import pytest
 
 from conftest import SHARED, hwc, shared_model
+from hwcompress import datasets
 from hwcompress.calibration import load_calibration
 from hwcompress.errors import HwcError
 from hwcompress.loading import load_model
@@ -16,12 +15,7 @@ from hwcompress.pruning import prune_model
 
 
 def mnist(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    folder = SHARED / "data" / "mnist_t10k"
-    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[offset:offset + count]
-    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)[offset:offset + count]
-    return x.astype(np.float32) / 255.0, y
+    return datasets.mnist(SHARED / "data" / "mnist_t10k", count, offset)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from ..numeric import conv_pads
 from .layers import bias_slot, bias_value, set_bias
 
 MAX_ROWS = 8192
-RIDGE = 1e-4
+RIDGE = 1e-2
 
 
 def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: list[str],
@@ -61,7 +61,8 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         if name in kept_outputs:
             y = y[:, kept_outputs[name]]
         before = _fit_error(graph, node, x, y)
-        weight, bias = _solve(x, y, with_bias=bias_slot(graph, node) is not None)
+        matrix, current_bias = _current(graph, node)
+        weight, bias = _solve(x, y, matrix, current_bias if bias_slot(graph, node) is not None else None)
         _store(graph, node, weight, bias)
         after = _fit_error(graph, node, x, y)
         notes[name] = f"refit on {len(x)} rows: layer output error {before:.3g} -> {after:.3g}"
@@ -107,11 +108,16 @@ def _sample_rows(graph, node, x, y, count, rng):
     return x.astype(np.float64), y.reshape(y.shape[0], -1).astype(np.float64)
 
 
-def _solve(x: np.ndarray, y: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, prior_bias: np.ndarray | None
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Ridge least squares pulled towards the current weights, so that few rows cannot overfit:
+    ``min ||y - [x, 1] w||^2 + lam ||w - prior||^2``."""
+    with_bias = prior_bias is not None
     design = np.hstack([x, np.ones((len(x), 1))]) if with_bias else x
+    start = np.vstack([prior, prior_bias[None, :]]) if with_bias else prior
     gram = design.T @ design
-    gram += RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
-    solution = np.linalg.solve(gram, design.T @ y)
+    lam = RIDGE * np.trace(gram) / len(gram) * max(1.0, len(gram) / len(x))
+    solution = np.linalg.solve(gram + lam * np.eye(len(gram)), design.T @ y + lam * start)
     return (solution[:-1], solution[-1]) if with_bias else (solution, None)
 
 

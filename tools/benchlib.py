@@ -1,0 +1,69 @@
+"""Shared pieces of the benchmark scripts: the real models and data sets, scoring, TVM latency."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hwcompress import datasets, ort  # noqa: E402
+from hwcompress.calibration import Calibration  # noqa: E402
+from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
+from hwcompress.fileio import save_model  # noqa: E402
+from hwcompress.loading import load_model  # noqa: E402
+from hwcompress.passes import canonicalize_reshape, eliminate_identity  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+@dataclass
+class Task:
+    """A real model with labelled data: calibration images and held-out evaluation images."""
+
+    name: str
+    model: onnx.ModelProto
+    calib: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+
+    def calibration(self) -> Calibration:
+        name = self.model.graph.input[0].name
+        return Calibration([{name: x[None]} for x in self.calib], f"{len(self.calib)} {self.name} images")
+
+
+def load_task(name: str, calib_count: int) -> Task:
+    """``mnist``: the MNIST CNN, calibrated on the first test images, scored on the rest.
+    ``squeezenet``/``mobilenetv2``: scored on the ImageNet samples not used for calibration."""
+    if name == "mnist":
+        model_dir, (x, y) = "mnist-8", datasets.mnist(SHARED / "data" / "mnist_t10k")
+    else:
+        model_dir = {"squeezenet": "squeezenet1.1-caffe2", "mobilenetv2": "mobilenetv2-fp32"}[name]
+        x, y = datasets.imagenet_samples(SHARED / "data" / "imagenet_samples_224" /
+                                         "imagenet_samples_224_every4th_class.npz",
+                                         "caffe" if name == "squeezenet" else "torch")
+    model = canonicalize_reshape(eliminate_identity(load_model(SHARED / "models" / model_dir / "model.onnx")))
+    return Task(name, model, x[:calib_count], x[calib_count:], y[calib_count:])
+
+
+def score(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
+    session = ort.session(model)
+    name = model.graph.input[0].name
+    outputs = np.stack([session.run(None, {name: im[None]})[0] for im in images])
+    return datasets.top1(outputs, labels)
+
+
+def tvm_latency_ms(model: onnx.ModelProto, trials: int, cache_dir: Path | None, repeat: int = 20) -> float:
+    """Median latency of the model compiled and measured on this machine (host target)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "model.onnx"
+        save_model(model, path)
+        report = compile_model(path, Path(scratch) / "out",
+                               CompileOptions(target="host", tune_trials=trials, cache_dir=cache_dir, repeat=repeat))
+    return report["latency"]["median_ms"]

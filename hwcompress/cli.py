@@ -156,6 +156,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lowrank(args: argparse.Namespace) -> int:
+    from .calibration import load_calibration
+    from .config import get_target
+    from .factorization import lowrank_model
+    from .fileio import save_model
+    from .loading import load_model, parse_input_shapes
+    from .passes import run_canonical
+
+    progress = Progress(args.quiet)
+    multiple = get_target(args.target, args.targets_dir).rank_multiple if args.target else 1
+    progress.step(f"loading {args.model}")
+    model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
+    calibration = load_calibration(args.calib, model) if args.calib else None
+    rank = None if args.rank is None else (int(args.rank) if args.rank > 1 else float(args.rank))
+    methods = tuple(args.method.split(",")) if args.method else ("svd", "spatial", "tucker2")
+    progress.step(f"factorizing (energy {args.energy:g}, methods {', '.join(methods)}, rank multiple {multiple})")
+    result, report = lowrank_model(model, args.energy, rank, methods, multiple, args.min_saving, calibration)
+    save_model(result, args.output)
+    progress.step(f"wrote {args.output}")
+    report.update({"input": args.model, "output": args.output, "target": args.target})
+    lines = [f"{args.output}: {len(report['lowrank']['layers'])} layer(s) factorized; output error "
+             f"{report['output_error']:.3g} (relative RMS, on {report['error_measured_on']})"]
+    if "output_error_plain" in report:
+        lines.append(f"  data-aware {report['output_error_data_aware']:.3g} vs plain SVD "
+                     f"{report['output_error_plain']:.3g}")
+    lines += [f"  {line}" for line in report["lowrank"]["applied"]]
+    lines += [f"  left alone: {line}" for line in report["lowrank"]["skipped"]]
+    _emit(args, report, "\n".join(lines))
+    return 0
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     from .examples import EXAMPLES
     from .fileio import save_model
@@ -229,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=["l1", "l2", "bn_gamma"], default="l1")
     p.add_argument("--calib", help="calibration data (.npz, one array per input) for reconstruction, or 'random'")
     p.add_argument("--no-reconstruct", action="store_true", help="with --calib: measure only, do not refit")
+
+    p = add("lowrank", cmd_lowrank, "factorize Gemm/MatMul/Conv layers into smaller ones (SVD, spatial SVD, "
+            "Tucker-2)", parents=(common, shapes))
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--energy", type=float, default=0.95, help="singular-value energy to keep (default 0.95)")
+    p.add_argument("--rank", type=float, help="explicit rank (> 1) or fraction of full rank (<= 1)")
+    p.add_argument("--method", help="comma-separated subset of svd,spatial,tucker2 (default all)")
+    p.add_argument("--target", "-t", help="round ranks up to this target's rank multiple")
+    p.add_argument("--min-saving", type=float, default=0.2,
+                   help="factorize a layer only if it saves this fraction of its MACs (default 0.2)")
+    p.add_argument("--calib", help="calibration data (.npz) for data-aware factors, or 'random'")
 
     from .examples import EXAMPLES
 

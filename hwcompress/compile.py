@@ -26,7 +26,7 @@ from .summary import summarize
 
 LIBRARY_NAME = "model.so"
 ONNX_NAME = "model.onnx"
-DEFAULT_TUNE_TRIALS = 2000
+DEFAULT_TUNE_TRIALS = 500
 
 
 @dataclass

@@ -99,7 +99,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     options = CompileOptions(target=args.target, tune_trials=args.tune_trials, cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
-                             tolerance=args.tolerance, repeat=args.repeat)
+                             tolerance=args.tolerance, repeat=args.repeat, device=args.device)
     report = compile_model(args.model, args.output, options, progress.step)
     from .measure import Latency
 
@@ -187,6 +187,28 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_check(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .config import get_target
+    from .remote import device_check, parse_device
+
+    progress = Progress(args.quiet)
+    device = parse_device(args.device)
+    progress.step(f"connecting to the tracker {device.host}:{device.port}")
+    with tempfile.TemporaryDirectory() as scratch:
+        info = device_check(device, get_target(args.target, args.targets_dir), Path(scratch))
+    remote = info["remote"]
+    text = (f"{device.url}: key {info['key']}, {info['free_servers']} free server(s); remote TVM "
+            f"{remote.get('tvm') or 'unknown'} ({remote.get('machine', remote.get('note', ''))}); local TVM "
+            f"{info['local_tvm']}; kernel {'correct' if info['kernel_correct'] else 'WRONG'}, "
+            f"{info['kernel_ms']:.4f} ms")
+    if info["warning"]:
+        print(f"hwc: warning: {info['warning']}", file=sys.stderr)
+    _emit(args, info, text)
+    return 0 if info["kernel_correct"] else 1
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     from .examples import EXAMPLES
     from .fileio import save_model
@@ -249,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted output error of the compiled model vs ONNX Runtime, relative to "
                         "the output scale (default 1e-3)")
     p.add_argument("--repeat", type=int, default=30, help="timed samples (default 30)")
+    p.add_argument("--device", metavar="rpc://HOST:PORT/KEY",
+                   help="measure on a device behind a TVM RPC tracker (overrides the target YAML's device)")
 
     p = add("prune", cmd_prune, "remove whole channels of Conv/Gemm layers (structured pruning)",
             parents=(common, shapes))
@@ -272,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-saving", type=float, default=0.2,
                    help="factorize a layer only if it saves this fraction of its MACs (default 0.2)")
     p.add_argument("--calib", help="calibration data (.npz) for data-aware factors, or 'random'")
+
+    device = sub.add_parser("device", help="check devices behind a TVM RPC tracker")
+    device_sub = device.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    p = device_sub.add_parser("check", parents=[common], help="connect, report the remote TVM, time a kernel",
+                              description="connect, report the remote TVM, time a trivial kernel")
+    p.set_defaults(func=cmd_device_check)
+    p.add_argument("device", metavar="rpc://HOST:PORT/KEY")
+    p.add_argument("--target", "-t", default="host", help="target to build the kernel for (default host)")
 
     from .examples import EXAMPLES
 

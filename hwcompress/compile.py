@@ -38,6 +38,7 @@ class CompileOptions:
     targets_dirs: list | None = None
     tolerance: float = 1e-3
     repeat: int = 30
+    device: str | None = None  # rpc://HOST:PORT/KEY; default: the target YAML's latency.device
 
 
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions,
@@ -109,18 +110,27 @@ def _measure_and_check(target: Target, library: Path, model, feeds, reference, o
                        progress) -> tuple[Latency, dict[str, Any]]:
     """Time the artifact where it can run and check its outputs against ONNX Runtime."""
     method = target.latency["method"]
-    if method != "local":
+    device_url = options.device or target.latency.get("device")
+    input_names = [v.name for v in model.graph.input]
+    if device_url:
+        from .remote import RpcMeasurer, parse_device
+
+        device = parse_device(device_url)
+        progress(f"measuring on {device.url}")
+        latency, outputs = RpcMeasurer(device, target.tvm["target"]["kind"], repeat=options.repeat).measure(
+            library, feeds, input_names)
+    elif method == "local":
+        threads = target.latency.get("threads", "auto")
+        threads = physical_cores() if threads == "auto" else int(threads)
+        progress(f"measuring on this machine with {threads} thread(s)")
+        latency, outputs = LocalMeasurer(threads, repeat=options.repeat).measure(library, feeds, input_names)
+    else:
         reason = {"rpc": f"target {target.name} is measured on a device through an RPC tracker and no device "
                          f"was given (--device rpc://HOST:PORT/KEY)",
                   "model": f"target {target.name} has no device; its latency comes from its cycle model"}[method]
         return not_measured(reason), {"max_abs_error": None, "max_relative_error": None,
                                       "tolerance": options.tolerance,
                                       "reason": f"the artifact for {target.name} cannot run on this machine"}
-    threads = target.latency.get("threads", "auto")
-    threads = physical_cores() if threads == "auto" else int(threads)
-    progress(f"measuring on this machine with {threads} thread(s)")
-    latency, outputs = LocalMeasurer(threads, repeat=options.repeat).measure(
-        library, feeds, [v.name for v in model.graph.input])
     error = relative_error(reference, outputs)
     abs_error = max(float(np.max(np.abs(r - o))) for r, o in zip(reference, outputs))
     if not error <= options.tolerance:
@@ -128,4 +138,5 @@ def _measure_and_check(target: Target, library: Path, model, feeds, reference, o
                        f"output scale (tolerance {options.tolerance:g}); nothing was written")
     progress(f"latency {latency.describe()}; max relative error {error:.1e}")
     return latency, {"max_abs_error": abs_error, "max_relative_error": error, "tolerance": options.tolerance,
-                     "reference": "ONNX Runtime on the original model, same random input"}
+                     "reference": "ONNX Runtime on the original model, same random input",
+                     "checked_on": latency.device}

@@ -209,6 +209,51 @@ def cmd_device_check(args: argparse.Namespace) -> int:
     return 0 if info["kernel_correct"] else 1
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .calibration import load_calibration
+    from .config import get_target
+    from .fileio import atomic_path, save_model
+    from .loading import load_model, parse_input_shapes
+    from .passes import run_canonical
+    from .quantization import quantize_model
+
+    progress = Progress(args.quiet)
+    target = get_target(args.target, args.targets_dir)
+    if args.scheme not in target.dtypes:
+        raise HwcError(f"target {target.name} does not support {args.scheme} (its dtypes: {', '.join(target.dtypes)})")
+    if not args.calib:
+        raise HwcError("quantization needs calibration data: --calib data.npz (one array per input), or "
+                       "--calib random to accept scales from random data")
+    progress.step(f"loading {args.model}")
+    model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
+    calibration = load_calibration(args.calib, model, max_samples=args.max_samples)
+    progress.step(f"calibrating ({args.method}) on {len(calibration.feeds)} sample(s) from {calibration.source}")
+    quantized, report = quantize_model(model, calibration, args.scheme, args.method,
+                                       target.int8.get("activation") == "symmetric", args.min_sqnr,
+                                       not args.no_bias_correction)
+    codes = report.pop("_pow2_codes")
+    if codes:
+        sidecar = Path(str(args.output) + ".pow2.npz")
+        with atomic_path(sidecar) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{f"{layer}.{key}": value for layer, c in codes.items() for key, value in c.items()})
+        quantized.metadata_props.add(key="hwc.pow2_codes", value=sidecar.name)
+        report["pow2_codes_file"] = str(sidecar)
+    save_model(quantized, args.output)
+    progress.step(f"wrote {args.output}")
+    report.update({"input": args.model, "output": args.output, "target": target.name})
+    if report.get("warning"):
+        print(f"hwc: warning: {report['warning']}", file=sys.stderr)
+    lines = [f"{args.output}: {args.scheme} ({args.method} calibration, {report['activations']} activations); "
+             f"output error {report['output_error']:.3g} (relative RMS, on {report['error_measured_on']})"]
+    lines += [f"  {name}: SQNR {db:.1f} dB" + (" (kept fp32)" if name in report["fp32_fallback"] else "")
+              for name, db in report["layer_sqnr_db"].items()]
+    _emit(args, report, "\n".join(lines))
+    return 0
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     from .examples import EXAMPLES
     from .fileio import save_model
@@ -296,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-saving", type=float, default=0.2,
                    help="factorize a layer only if it saves this fraction of its MACs (default 0.2)")
     p.add_argument("--calib", help="calibration data (.npz) for data-aware factors, or 'random'")
+
+    p = add("quantize", cmd_quantize, "quantize Conv/Gemm/MatMul layers: int8 QDQ or pow2 (log) weights",
+            parents=(common, shapes))
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--scheme", choices=["int8", "pow2"], default="int8")
+    p.add_argument("--calib", help="calibration data (.npz, one array per input), or 'random' (required)")
+    p.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="percentile",
+                   help="activation range calibration (default percentile)")
+    p.add_argument("--target", "-t", default="host", help="target whose dtypes and activation scheme apply")
+    p.add_argument("--min-sqnr", type=float, default=None, metavar="DB",
+                   help="keep fp32 the layers whose own quantization leaves less than DB dB of output SQNR")
+    p.add_argument("--no-bias-correction", action="store_true")
+    p.add_argument("--max-samples", type=int, default=64, help="calibration samples to use (default 64)")
 
     device = sub.add_parser("device", help="check devices behind a TVM RPC tracker")
     device_sub = device.add_subparsers(dest="device_command", metavar="ACTION", required=True)

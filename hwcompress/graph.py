@@ -162,13 +162,17 @@ class Graph:
         self.initializers[name] = np.asarray(array)
         self._value_info.pop(name, None)
 
+    def set_input(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
+        """Make input ``index`` of ``node`` read ``tensor``."""
+        node.input[index] = tensor
+        self._mark_dirty()
+
     def set_constant_input(self, node: onnx.NodeProto, index: int, array: np.ndarray, hint: str) -> None:
         """Feed input ``index`` of ``node`` from a new initializer; the old one may be shared."""
         name = self.add_initializer(f"{node.name}_{hint}", array)
         while len(node.input) <= index:
             node.input.append("")
-        node.input[index] = name
-        self._mark_dirty()
+        self.set_input(node, index, name)
 
     def append_after(self, node: onnx.NodeProto, op_type: str, other_inputs: Sequence[str], name: str,
                      **attrs: Any) -> onnx.NodeProto:

@@ -9,9 +9,14 @@ import onnxruntime as ort
 from .errors import HwcError
 
 
-def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int | None = None, exact: bool = False) -> ort.InferenceSession:
+    """An ORT CPU session. ``exact`` turns graph optimizations off, so that QDQ runs as written
+    (dequantize, float op, quantize) instead of ORT's fused int8 kernels, whose 16-bit
+    intermediate sums saturate on CPUs without VNNI."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if exact:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -21,8 +26,8 @@ def session(model: onnx.ModelProto, threads: int | None = None) -> ort.Inference
         raise HwcError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from exc
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return session(model).run(None, feeds)
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], exact: bool = False) -> list[np.ndarray]:
+    return session(model, exact=exact).run(None, feeds)
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

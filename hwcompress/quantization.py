@@ -1,0 +1,65 @@
+"""``hwc quantize``: calibrate, quantize (int8 QDQ or pow2 weights), fall back per layer, measure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .calibration import Calibration
+from .graph import Graph
+from .passes.quantize import calibrate, layer_sqnr, quantizable_layers, quantize
+from .pruning import output_error, split_feeds
+
+
+def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str = "int8",
+                   method: str = "percentile", symmetric_activations: bool = False,
+                   min_sqnr_db: float | None = None, bias_correction: bool = True
+                   ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    fit, held_out, where = split_feeds(calibration)
+    stats = calibrate(model, fit, method)
+    knobs = dict(stats=stats, scheme=scheme, symmetric_activations=symmetric_activations,
+                 bias_correction=bias_correction)
+    result = quantize.apply(model, **knobs)
+    graph = Graph(model)
+    layers = [n.name for n in quantizable_layers(graph)]
+    sqnr = layer_sqnr(model, result.model, layers, fit[:8])
+    fallback: list[str] = []
+    if min_sqnr_db is not None:
+        inputs_sqnr = _input_sqnr(model, result.model, graph, layers, fit[:8])
+        # A layer stays fp32 where it is itself the cause: low output SQNR, well below its input's.
+        fallback = [n for n in layers if sqnr[n] < min_sqnr_db and inputs_sqnr[n] - sqnr[n] > 3.0]
+        if fallback:
+            result = quantize.apply(model, **knobs, keep_fp32=tuple(fallback))
+            sqnr = layer_sqnr(model, result.model, layers, fit[:8])
+    report = {
+        "scheme": scheme, "calibration_method": method, "calibration": calibration.source,
+        "calibration_is_random": calibration.is_random,
+        "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",
+        "bias_correction": bias_correction, "layer_sqnr_db": sqnr, "fp32_fallback": fallback,
+        "quantize": result.log.to_dict() | {"pow2_codes": None},
+        "error_measured_on": where, "output_error": output_error(model, result.model, held_out),
+    }
+    if calibration.is_random:
+        report["warning"] = "activation scales come from random data, not from real inputs"
+    report["pow2_layers"] = sorted(result.log.details.get("pow2_codes", {}))
+    return result.model, report | {"_pow2_codes": result.log.details.get("pow2_codes", {})}
+
+
+def _input_sqnr(reference, quantized, graph: Graph, layers: list[str], feeds) -> dict[str, float]:
+    """SQNR of each layer's input tensor (the float tensor before its QuantizeLinear)."""
+    from . import ort
+
+    inputs = {n: graph.node(n).input[0] for n in layers}
+    signal = {n: 0.0 for n in layers}
+    noise = {n: 0.0 for n in layers}
+    for feed in feeds:
+        names = sorted(set(inputs.values()))
+        ref = ort.run_with_intermediates(reference, feed, names)
+        got = ort.run_with_intermediates(quantized, feed, names)
+        for layer, tensor in inputs.items():
+            r = ref[tensor].astype(np.float64)
+            signal[layer] += float(np.sum(r ** 2))
+            noise[layer] += float(np.sum((r - got[tensor]) ** 2))
+    return {n: 10 * np.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30)) for n in layers}

@@ -1,0 +1,160 @@
+"""Quantization: int8 QDQ keeps accuracy on real data, pow2 codes are powers of two, fallback and
+bias correction do what they claim, and the compiled int8 model agrees with ONNX Runtime's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import SHARED, hwc, make_model, shared_model
+from hwcompress import datasets, ort
+from hwcompress.calibration import Calibration
+from hwcompress.graph import Graph
+from hwcompress.loading import load_model
+from hwcompress.passes import run_canonical
+from hwcompress.passes.quantize import POW2_EXPONENTS, calibrate, entropy_threshold, quantize
+from hwcompress.quantization import quantize_model
+
+IMAGENET = SHARED / "data" / "imagenet_samples_224" / "imagenet_samples_224_every4th_class.npz"
+
+
+def _top1(model, name, images, labels) -> float:
+    session = ort.session(model)
+    outputs = np.stack([session.run(None, {name: x[None]})[0] for x in images])
+    return datasets.top1(outputs, labels)
+
+
+@pytest.fixture(scope="module")
+def mnist_task():
+    model, _ = run_canonical(load_model(shared_model("mnist-8")))
+    x, y = datasets.mnist(SHARED / "data" / "mnist_t10k")
+    return model, Calibration([{"Input3": im[None]} for im in x[:64]], "mnist"), x[5000:7000], y[5000:7000]
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_int8_mnist_top1_within_half_a_point(mnist_task, method):
+    model, calibration, x, y = mnist_task
+    quantized, report = quantize_model(model, calibration, "int8", method)
+    base, q = _top1(model, "Input3", x, y), _top1(quantized, "Input3", x, y)
+    assert base - q <= 0.5, f"{method}: {base:.2f} -> {q:.2f}"
+    graph = Graph(quantized)
+    dq = [n for n in graph.nodes if n.op_type == "DequantizeLinear" and graph.is_constant(n.input[0])]
+    assert len(dq) == 3 and all(graph.initializer(n.input[0]).dtype == np.int8 for n in dq)
+    assert all(graph.initializer(n.input[1]).ndim == 1 for n in dq), "weights are per output channel"
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.nodes) == 3
+    assert min(report["layer_sqnr_db"].values()) > 30
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_int8_squeezenet_top1_within_one_point(method):
+    model, _ = run_canonical(load_model(shared_model("squeezenet1.1-caffe2")))
+    x, y = datasets.imagenet_samples(IMAGENET, "caffe")
+    calibration = Calibration([{"data_0": im[None]} for im in x[:48]], "imagenet")
+    quantized, _ = quantize_model(model, calibration, "int8", method)
+    held_x, held_y = x[48:], y[48:]
+    base, q = _top1(model, "data_0", held_x, held_y), _top1(quantized, "data_0", held_x, held_y)
+    assert base - q <= 1.0, f"{method}: {base:.2f} -> {q:.2f}"
+
+
+def test_pow2_weights_are_signed_powers_of_two(mnist_task):
+    model, calibration, x, y = mnist_task
+    quantized, report = quantize_model(model, calibration, "pow2", "percentile")
+    codes = report["_pow2_codes"]
+    assert set(codes) == set(report["pow2_layers"]) and len(codes) == 3
+    graph = Graph(quantized)
+    for name, c in codes.items():
+        assert np.abs(c["codes"]).max() <= POW2_EXPONENTS
+        weight = graph.initializer(graph.node(name).input[1]).astype(np.float64)
+        shape = [1] * weight.ndim
+        shape[c["axis"]] = -1
+        ratio = np.abs(weight) / c["scale"].reshape(shape)
+        nonzero = ratio[ratio > 0]
+        np.testing.assert_allclose(np.log2(nonzero), np.round(np.log2(nonzero)), atol=1e-5)
+        assert ((c["codes"] == 0) == (weight == 0)).all()
+    pow2_top1 = _top1(quantized, "Input3", x[:500], y[:500])
+    int8_top1 = _top1(quantize_model(model, calibration, "int8")[0], "Input3", x[:500], y[:500])
+    assert pow2_top1 <= int8_top1 and pow2_top1 > 80
+
+
+def test_bias_correction_removes_the_mean_output_shift(rng):
+    """Inputs with a large mean: rounding the weights shifts the output; correction removes it."""
+    inits = {"W": rng.normal(0, 1, (64, 16)), "b": np.zeros(16)}
+    model = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["y"])], [("x", [1, 64])], [("y", [1, 16])], inits)
+    feeds = [{"x": (5.0 + 0.1 * rng.normal(0, 1, (1, 64))).astype(np.float32)} for _ in range(32)]
+    stats = calibrate(model, feeds, "minmax")
+    plain = quantize(model, stats=stats, bias_correction=False)
+    corrected = quantize(model, stats=stats, bias_correction=True)
+
+    def mean_shift(candidate):
+        diffs = [ort.run(candidate, f)[0] - ort.run(model, f)[0] for f in feeds]
+        return float(np.abs(np.mean(diffs, axis=0)).mean())
+
+    assert mean_shift(corrected) < 0.3 * mean_shift(plain)
+
+
+def test_a_layer_ruined_by_int8_falls_back_to_fp32(rng):
+    """One huge weight per channel leaves the others a single int8 step: that layer stays fp32."""
+    w1 = rng.normal(0, 1, (16, 16))
+    w1[0, :] = 1000.0  # input 0 is always zero: harmless in fp32, but it sets every channel's int8 scale
+    inits = {"W1": w1, "b1": np.zeros(16), "W2": rng.normal(0, 1, (16, 8)), "b2": np.zeros(8)}
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="ruined"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], name="fine")]
+    model = make_model(nodes, [("x", [1, 16])], [("y", [1, 8])], inits)
+    feeds = [{"x": np.concatenate([[[0.0]], rng.normal(0, 1, (1, 15))], axis=1).astype(np.float32)} for _ in range(32)]
+    _, report = quantize_model(model, Calibration(feeds, "synthetic"), min_sqnr_db=30)
+    assert report["fp32_fallback"] == ["ruined"]
+    assert report["layer_sqnr_db"]["ruined"] > 30
+
+
+def test_entropy_threshold_on_known_distributions():
+    rng = np.random.default_rng(0)
+    gaussian = np.abs(rng.normal(0, 1, 200_000))
+    assert 2.5 < entropy_threshold(gaussian, 128) <= gaussian.max()
+    relu = np.maximum(rng.normal(0, 1, 200_000), 0)
+    assert 2.5 < entropy_threshold(relu, 256) <= relu.max()
+
+
+def test_compiled_int8_model_agrees_with_onnx_runtime_qdq(tmp_path, mnist_task):
+    from hwcompress.compile import CompileOptions, compile_model
+    from hwcompress.fileio import save_model
+    from hwcompress.tvm_build import outputs_to_numpy, run_local
+
+    model, calibration, x, y = mnist_task
+    quantized, _ = quantize_model(model, calibration, "int8", "percentile")
+    save_model(quantized, tmp_path / "q.onnx")
+    compile_model(tmp_path / "q.onnx", tmp_path / "out", CompileOptions(tune_trials=0, cache_dir=tmp_path / "c", repeat=3))
+    session = ort.session(quantized)
+    agree = 0
+    for image in x[:200]:
+        vm, _, args = run_local(tmp_path / "out" / "model.so", {"Input3": image[None]}, ["Input3"])
+        agree += outputs_to_numpy(vm["main"](*args))[0].argmax() == session.run(None, {"Input3": image[None]})[0].argmax()
+    assert agree == 200
+
+
+def test_quantize_command_errors_and_pow2_sidecar(tmp_path):
+    mnist = str(shared_model("mnist-8"))
+    result = hwc("quantize", mnist, "-o", str(tmp_path / "a.onnx"))
+    assert result.returncode == 2 and "needs calibration data" in result.stderr
+    result = hwc("quantize", mnist, "--scheme", "pow2", "--calib", "random", "-o", str(tmp_path / "b.onnx"))
+    assert result.returncode == 2 and "does not support pow2" in result.stderr
+    result = hwc("quantize", str(shared_model("mobilenetv2-12-int8")), "--calib", "random",
+                 "--input-shape", "input=1x3x224x224", "-o", str(tmp_path / "c.onnx"))
+    assert result.returncode == 2 and "already quantized" in result.stderr
+    np.savez(tmp_path / "bad.npz", Input3=np.zeros((4, 3, 28, 28), np.float32))
+    result = hwc("quantize", mnist, "--calib", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "d.onnx"))
+    assert result.returncode == 2 and "input 'Input3' has shape" in result.stderr
+    result = hwc("quantize", mnist, "--scheme", "pow2", "--target", "npu16", "--calib", "random", "--json",
+                 "-o", str(tmp_path / "e.onnx"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["calibration_is_random"] and "random data" in result.stderr
+    codes = np.load(tmp_path / "e.onnx.pow2.npz")
+    assert any(k.endswith(".codes") for k in codes.files)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "e.onnx")).metadata_props}
+    assert meta["hwc.pow2_codes"] == "e.onnx.pow2.npz"
+    assert not any(tmp_path.glob("[abcd].onnx"))

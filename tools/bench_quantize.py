@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Quantization on real models and data, in one run: top-1 of fp32, int8 (each calibration method)
+and pow2 weights through ONNX Runtime, and the TVM latency of fp32 vs the int8 QDQ model.
+
+    python tools/bench_quantize.py [--tasks mnist,squeezenet] [--calib 64] [--trials 0] [--no-latency]
+
+Calibration images are never scored. TVM 0.27 imports QuantizeLinear/DequantizeLinear as float
+arithmetic, so until hwc lowers QDQ to integer kernels the int8 model is expected to be no faster
+than fp32 in TVM: the latency columns show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchlib import load_task, score, tvm_latency_ms
+
+from hwcompress.quantization import quantize_model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="mnist,squeezenet")
+    parser.add_argument("--calib", type=int, default=64)
+    parser.add_argument("--trials", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--no-latency", action="store_true")
+    args = parser.parse_args()
+    print(f"{'task':11} {'variant':18} {'top1':>7} {'drop':>6} {'out err':>8} {'TVM ms':>8}")
+    for name in args.tasks.split(","):
+        task = load_task(name, args.calib)
+        base = score(task.model, task.images, task.labels)
+        fp32_ms = None if args.no_latency else tvm_latency_ms(task.model, args.trials, args.cache_dir)
+        print(f"{name:11} {'fp32':18} {base:7.2f} {0:6.2f} {0:8.4f} {fp32_ms or float('nan'):8.2f}", flush=True)
+        for scheme, method in [("int8", "minmax"), ("int8", "percentile"), ("int8", "entropy"),
+                               ("pow2", "percentile")]:
+            model, report = quantize_model(task.model, task.calibration(), scheme, method,
+                                           symmetric_activations=scheme == "pow2")
+            top1 = score(model, task.images, task.labels)
+            ms = (None if args.no_latency or (scheme, method) != ("int8", "percentile")
+                  else tvm_latency_ms(model, args.trials, args.cache_dir))
+            print(f"{name:11} {scheme + ' ' + method:18} {top1:7.2f} {base - top1:6.2f} "
+                  f"{report['output_error']:8.4f} {ms or float('nan'):8.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

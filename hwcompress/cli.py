@@ -63,7 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_fold(args: argparse.Namespace) -> int:
     from .fileio import save_model
-    from .loading import load_model, parse_input_shapes, read_model
+    from .loading import load_model, parse_input_shapes
     from .ort import random_inputs, relative_error, run
     from .passes import run_canonical
 

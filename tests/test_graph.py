@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from conftest import assert_same_outputs, make_model
+from conftest import make_model
 from hwcompress.graph import Graph
 
 

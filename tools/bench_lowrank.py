@@ -12,24 +12,17 @@ CPUs a factorized 1x1 conv is slower than the original: the latency column shows
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from benchlib import load_task, score, tvm_latency_ms
+from benchlib import bench_parser, load_task, score, tvm_latency_ms
 
 from hwcompress.factorization import lowrank_model
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="mnist,squeezenet")
+    parser = bench_parser(__doc__)
     parser.add_argument("--energies", default="0.9,0.95,0.97,0.99")
-    parser.add_argument("--calib", type=int, default=64)
-    parser.add_argument("--trials", type=int, default=0)
     parser.add_argument("--min-saving", type=float, default=0.2)
-    parser.add_argument("--cache-dir", type=Path)
-    parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()
     print(f"{'task':11} {'energy':>6} {'layers':>6} {'MACs kept':>9} {'top1 plain':>10} {'top1 aware':>10} "
           f"{'TVM ms':>8} {'vs base':>7}")

@@ -13,24 +13,18 @@ Latency: each model compiled by hwc for the host and timed with TVM (--trials tu
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from benchlib import load_task, score, tvm_latency_ms
+import numpy as np
+from benchlib import bench_parser, load_task, score, tvm_latency_ms
 
 from hwcompress.errors import HwcError
 from hwcompress.pruning import prune_model
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="mnist,squeezenet")
+    parser = bench_parser(__doc__)
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
-    parser.add_argument("--calib", type=int, default=64)
-    parser.add_argument("--trials", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path)
-    parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()
     print(f"{'task':11} {'ratio':>5} {'params':>10} {'top1 plain':>10} {'top1 recon':>10} "
           f"{'TVM ms':>8} {'vs base':>7}")
@@ -38,7 +32,7 @@ def main() -> int:
         task = load_task(name, args.calib)
         base_top1 = score(task.model, task.images, task.labels)
         base_ms = None if args.no_latency else tvm_latency_ms(task.model, args.trials, args.cache_dir)
-        params = sum(int(__import__("numpy").prod(t.dims)) for t in task.model.graph.initializer)
+        params = sum(int(np.prod(t.dims)) for t in task.model.graph.initializer)
         print(f"{name:11} {0:5.2f} {params:10,} {base_top1:10.2f} {base_top1:10.2f} "
               f"{base_ms or float('nan'):8.2f} {1.0:7.2f}", flush=True)
         for ratio in [float(r) for r in args.ratios.split(",")]:

@@ -11,22 +11,15 @@ than fp32 in TVM: the latency columns show it.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from benchlib import load_task, score, tvm_latency_ms
+from benchlib import bench_parser, load_task, score, tvm_latency_ms
 
 from hwcompress.quantization import quantize_model
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="mnist,squeezenet")
-    parser.add_argument("--calib", type=int, default=64)
-    parser.add_argument("--trials", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path)
-    parser.add_argument("--no-latency", action="store_true")
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     print(f"{'task':11} {'variant':18} {'top1':>7} {'drop':>6} {'out err':>8} {'TVM ms':>8}")
     for name in args.tasks.split(","):

@@ -52,6 +52,19 @@ def load_task(name: str, calib_count: int) -> Task:
     return Task(name, model, x[:calib_count], x[calib_count:], y[calib_count:])
 
 
+def bench_parser(doc: str):
+    """The options every accuracy/latency benchmark takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="mnist,squeezenet")
+    parser.add_argument("--calib", type=int, default=64, help="images used for calibration, never scored")
+    parser.add_argument("--trials", type=int, default=0, help="tuning trials per compile (0 = untuned)")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--no-latency", action="store_true")
+    return parser
+
+
 def score(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
     session = ort.session(model)
     name = model.graph.input[0].name

@@ -66,6 +66,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     tuning_note = None
     if tvm_build.is_gpu(target):
         tuning_note = "GPU target: dlight rule-based schedules, no tuning"
+    elif target.latency["method"] == "model":
+        tuning_note = f"{target.name} has no device: a functional reference build, not tuned"
     else:
         db_dir = tvm_build.tuning_db_dir(cache_dir, target)
         if options.tune_trials > 0:
@@ -127,10 +129,16 @@ def _measure_and_check(target: Target, library: Path, model, feeds, reference, o
         threads = physical_cores() if threads == "auto" else int(threads)
         progress(f"measuring on this machine with {threads} thread(s)")
         latency, outputs = LocalMeasurer(threads, repeat=options.repeat).measure(library, feeds, input_names)
+    elif method == "model":
+        from .latency_model import modelled_latency
+
+        latency, _ = modelled_latency(model, target)
+        progress(f"latency from the cycle model: {latency.median_ms:.3f} ms (modelled, not measured)")
+        return latency, {"max_abs_error": None, "max_relative_error": None, "tolerance": options.tolerance,
+                         "reason": f"{target.name} has no device to run the artifact on"}
     else:
-        reason = {"rpc": f"target {target.name} is measured on a device through an RPC tracker and no device "
-                         f"was given (--device rpc://HOST:PORT/KEY)",
-                  "model": f"target {target.name} has no device; its latency comes from its cycle model"}[method]
+        reason = (f"target {target.name} is measured on a device through an RPC tracker and no device "
+                  f"was given (--device rpc://HOST:PORT/KEY)")
         return not_measured(reason), {"max_abs_error": None, "max_relative_error": None,
                                       "tolerance": options.tolerance,
                                       "reason": f"the artifact for {target.name} cannot run on this machine"}

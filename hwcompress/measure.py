@@ -33,6 +33,8 @@ class Latency:
     def describe(self) -> str:
         if self.median_ms is None:
             return f"not measured ({self.reason})"
+        if self.method == "model":
+            return f"{self.median_ms:.3f} ms modelled by {self.device}"
         return (f"{self.median_ms:.3f} ms median, p90 {self.p90_ms:.3f}, min {self.min_ms:.3f} "
                 f"({self.method}, {self.repeat}x{self.number} runs, {self.threads} threads)")
 

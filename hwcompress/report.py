@@ -37,6 +37,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if lat["median_ms"] is None:
         lines.append(f"**not measured**: {lat['reason']}")
+    elif lat["method"] == "model":
+        lines.append(f"**modelled, not measured**: {lat['median_ms']:.3f} ms from the {lat['device']}")
     else:
         lines += ["| method | device | threads | median ms | p90 ms | min ms | runs |",
                   "| --- | --- | --- | --- | --- | --- | --- |",

@@ -81,6 +81,9 @@ def tune(mod, target: Target, trials: int, db_dir: Path,
     from tvm import relax
 
     tvm_target = target.tvm_target()
+    if "num-cores" not in target.tvm_target_dict():
+        raise HwcError(f"target {target.name} cannot be tuned: its TVM target has no num-cores "
+                       f"(add num-cores: auto to {target.source})")
     start = time.monotonic()
     lowered = relax.get_pipeline("zero")(mod)
     tasks = ms.relax_integration.extract_tasks(lowered, tvm_target)

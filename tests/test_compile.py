@@ -134,3 +134,23 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng):
     assert second["tuning"]["trials_run"] == 0
     assert second["tuning"]["records_reused"] == second["tuning"]["tasks"] == first["tuning"]["tasks"]
     assert second["accuracy"]["max_relative_error"] < 1e-3
+
+
+def test_npu16_latency_is_modelled_and_pads_channels_to_16(tmp_path, rng):
+    from hwcompress.config import get_target
+    from hwcompress.latency_model import modelled_latency
+
+    report = compile_model(shared_model("mnist-8"), tmp_path / "npu",
+                           CompileOptions(target="npu16", tune_trials=100, cache_dir=tmp_path / "c"))
+    assert report["latency"]["method"] == "model" and report["latency"]["median_ms"] > 0
+    assert "cycle model" in report["latency"]["device"] and report["tuning"] is None
+    assert "modelled, not measured" in (tmp_path / "npu" / "report.md").read_text()
+    npu16 = get_target("npu16")
+
+    def cycles(out_channels: int) -> float:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+        model = make_model(nodes, [("x", [1, 64, 28, 28])], [("y", [1, out_channels, 28, 28])],
+                           {"w": rng.normal(0, 1, (out_channels, 64, 3, 3))})
+        return modelled_latency(model, npu16)[0].median_ms
+
+    assert cycles(16) < cycles(17) == cycles(32)

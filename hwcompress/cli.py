@@ -93,20 +93,28 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .compile import CompileOptions, compile_model
+    from .compile import CompileOptions
     from .loading import parse_input_shapes
+    from .measure import Latency
+    from .pipeline import SearchOptions, compile_for_target
 
     progress = Progress(args.quiet)
     options = CompileOptions(target=args.target, tune_trials=args.tune_trials, cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              tolerance=args.tolerance, repeat=args.repeat, device=args.device)
-    report = compile_model(args.model, args.output, options, progress.step)
-    from .measure import Latency
-
+    search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
+                           labels=args.labels, max_accuracy_drop=args.max_accuracy_drop,
+                           max_latency_ms=args.max_latency_ms,
+                           search=args.search or bool(args.calib or args.val))
+    report = compile_for_target(args.model, args.output, options, search, progress.step)
     latency = Latency(**report["latency"]).describe()
     error = report["accuracy"]["max_relative_error"]
     checked = f"max relative error {error:.1e} vs ONNX Runtime" if error is not None else "outputs not checked"
-    _emit(args, report, f"{args.output}: {report['target']['name']}: {latency}; {checked}")
+    chosen = report.get("search", {}).get("applied")
+    text = f"{args.output}: {report['target']['name']}: {latency}; {checked}"
+    if chosen is not None:
+        text += f"; chosen: {', '.join(chosen) or 'no compression'}"
+    _emit(args, report, text)
     return 0
 
 
@@ -318,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=30, help="timed samples (default 30)")
     p.add_argument("--device", metavar="rpc://HOST:PORT/KEY",
                    help="measure on a device behind a TVM RPC tracker (overrides the target YAML's device)")
+    p.add_argument("--profile", default="default", help="compression profile for the target (default 'default')")
+    p.add_argument("--search", action="store_true",
+                   help="choose compression by measured latency (on by default with --calib or --val)")
+    p.add_argument("--calib", help="calibration data (.npz) for pruning reconstruction, low-rank and int8")
+    p.add_argument("--val", help="validation inputs (.npz, same format as --calib) to score accuracy on")
+    p.add_argument("--labels", help="class indices (.npy) of the --val samples; without: agreement with "
+                                    "the uncompressed model")
+    p.add_argument("--max-accuracy-drop", type=float, help="accuracy budget in points (default: the profile's); "
+                                                            "exceeding it exits 3 after writing the report")
+    p.add_argument("--max-latency-ms", type=float, help="latency budget; exceeding it exits 3 after writing the report")
 
     p = add("prune", cmd_prune, "remove whole channels of Conv/Gemm layers (structured pruning)",
             parents=(common, shapes))

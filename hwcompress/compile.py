@@ -43,7 +43,10 @@ class CompileOptions:
 
 
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions,
-                  progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+                  progress: Callable[[str], None] = lambda _: None,
+                  extend_report: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
+    """Compile, measure and check; ``extend_report(report, directory)`` may add to the report and
+    write more files before the output directory appears."""
     from . import tvm_build
 
     import tvm
@@ -107,6 +110,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             "files": {name: {"bytes": (tmp / name).stat().st_size, "note": note}
                       for name, note in {ONNX_NAME: "the optimized ONNX model", **exported}.items()},
         }
+        if extend_report is not None:
+            extend_report(report, tmp)
         write_reports(report, tmp)
     return report
 

@@ -92,3 +92,29 @@ class _tvm_threads:
 
     def __exit__(self, *exc):
         return False
+
+
+def kernel_times(library, feeds, input_names, runs: int = 5) -> dict[str, float]:
+    """Median milliseconds per TVM kernel (fused layer) of one run, from the VM's instrument hook."""
+    import time as _time
+
+    from tvm.relax import VMInstrumentReturnKind
+
+    from .tvm_build import run_local
+
+    vm, _, args = run_local(library, feeds, input_names)
+    vm["main"](*args)
+    samples: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+
+    def hook(func, name, before_run, ret_value, *rest):
+        if before_run:
+            started[name] = _time.perf_counter()
+        else:
+            samples.setdefault(name, []).append((_time.perf_counter() - started.pop(name)) * 1e3)
+        return VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(hook)
+    for _ in range(runs):
+        vm["main"](*args)
+    return {name: float(np.median(v)) * (len(v) // runs or 1) for name, v in samples.items()}

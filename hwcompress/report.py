@@ -58,6 +58,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{tuning['seconds']:.0f} s. Database: `{tuning['database']}`.")
     else:
         lines.append(report.get("tuning_note", "no tuning"))
+    search = report.get("search")
+    if search:
+        lines += ["", "## Search", "",
+                  f"Profile `{search['profile']}`, accuracy budget {search['accuracy_budget']:g} pt "
+                  f"({search['accuracy_metric']}, measured on the {search['accuracy_measured_on']}). "
+                  f"Chosen: **{', '.join(search['applied']) or 'no compression'}**: "
+                  f"{_ms(search['baseline_latency_ms'])} -> {_ms(search['latency_ms'])} ms, accuracy "
+                  f"{search['baseline_accuracy']:.2f} -> {search['accuracy']:.2f}.", "",
+                  "| round | candidate | latency ms | how | accuracy | kept | chosen | why not |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {t['round']} | {t['candidate']} | {_ms(t['latency_ms'])} | {t['latency_method']} | "
+                  f"{t['accuracy']:.2f} | {'yes' if t['accepted'] else 'no'} | {'yes' if t['chosen'] else ''} | "
+                  f"{t['reason']} |" for t in search["trials"]]
     lines += ["", "## Passes", ""]
     for p in report["passes"]:
         lines.append(f"- `{p['pass']}`: {len(p['applied'])} rewrite(s), {len(p['skipped'])} left alone")

@@ -1,0 +1,87 @@
+"""Latency-driven search: measured on the target, within the accuracy budget, with reports and budgets."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import SHARED, hwc, shared_model
+from hwcompress import datasets
+
+
+@pytest.fixture(scope="module")
+def mnist_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    x, y = datasets.mnist(SHARED / "data" / "mnist_t10k")
+    np.savez(folder / "calib.npz", Input3=x[:48])
+    np.savez(folder / "val.npz", Input3=x[5000:5200])
+    np.save(folder / "labels.npy", y[5000:5200])
+    (folder / "profiles").mkdir()
+    (folder / "profiles" / "quick.yaml").write_text(textwrap.dedent("""
+        name: quick
+        target: host
+        accuracy_budget: {max_top1_drop: 1.0}
+        passes:
+          prune: {enabled: true, ratios: [0.2, 0.5], reconstruct: true}
+          lowrank: {enabled: true, energies: [0.9], methods: [svd, spatial, tucker2]}
+          quantize: {enabled: true, schemes: [int8]}
+    """))
+    return folder
+
+
+def test_search_keeps_only_measured_gains_within_budget(tmp_path, mnist_files):
+    out = tmp_path / "out"
+    result = hwc("compile", str(shared_model("mnist-8")), "--target", "host", "-o", str(out), "--tune-trials", "0",
+                 "--profile", "quick", "--profiles-dir", str(mnist_files / "profiles"),
+                 "--calib", str(mnist_files / "calib.npz"), "--val", str(mnist_files / "val.npz"),
+                 "--labels", str(mnist_files / "labels.npy"), "--repeat", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    search = report["search"]
+    trials = search["trials"]
+    assert trials[0]["candidate"] == "baseline"
+    assert {t["candidate"] for t in trials} >= {"prune 0.2", "prune 0.5", "lowrank 0.9", "int8"}
+    for t in trials[1:]:
+        if t["accepted"]:
+            assert search["baseline_accuracy"] - t["accuracy"] <= 1.0
+        else:
+            assert t["reason"]
+    # Every applied candidate made the measured latency lower, round after round.
+    chosen = [t for t in trials if t["chosen"]]
+    latencies = [t["latency_ms"] for t in chosen]
+    assert latencies == sorted(latencies, reverse=True)
+    assert search["latency_ms"] == latencies[-1]
+    assert search["baseline_accuracy"] - search["accuracy"] <= 1.0
+    assert search["accuracy_measured_on"] == "compiled artifact"
+    # The final artifact is the chosen model, measured again.
+    assert report["latency"]["median_ms"] > 0 and search["pareto"]
+    html = (out / "report.html").read_text()
+    assert html.count("<img") == 2 and "Pareto" in html
+    assert "## Search" in (out / "report.md").read_text()
+    rejected_as_slower = [t for t in trials if "is not 2% below" in t["reason"]]
+    assert all(not t["chosen"] for t in rejected_as_slower)
+
+
+def test_budgets_exit_non_zero_after_writing_the_report(tmp_path, mnist_files):
+    out = tmp_path / "out"
+    result = hwc("compile", str(shared_model("mnist-8")), "-o", str(out), "--tune-trials", "0", "--repeat", "5",
+                 "--max-latency-ms", "0.000001")
+    assert result.returncode == 3
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hwc: error:")]
+    assert len(lines) == 1 and "exceeds --max-latency-ms 1e-06 by" in lines[0]
+    assert (out / "report.json").exists() and (out / "report.html").exists()
+
+
+def test_search_input_errors(tmp_path, mnist_files):
+    result = hwc("compile", str(shared_model("mnist-8")), "-o", str(tmp_path / "o"), "--tune-trials", "0",
+                 "--labels", str(mnist_files / "labels.npy"), "--calib", str(mnist_files / "calib.npz"))
+    assert result.returncode == 2 and "--labels needs --val" in result.stderr
+    result = hwc("compile", str(shared_model("mnist-8")), "-o", str(tmp_path / "o"), "--tune-trials", "0",
+                 "--val", str(mnist_files / "calib.npz"), "--labels", str(mnist_files / "labels.npy"))
+    assert result.returncode == 2 and "--labels has 200 entries for 48 validation samples" in result.stderr
+    result = hwc("compile", str(shared_model("mnist-8")), "-o", str(tmp_path / "o"), "--search", "--tune-trials", "0")
+    assert result.returncode == 2 and "needs inputs to score accuracy" in result.stderr
+    assert not (tmp_path / "o").exists()

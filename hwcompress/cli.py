@@ -118,6 +118,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .compile import CompileOptions
+    from .loading import parse_input_shapes
+    from .pipeline import SearchOptions
+
+    progress = Progress(args.quiet)
+    devices = {}
+    for spec in args.device or []:
+        name, sep, url = spec.partition("=")
+        if not sep:
+            raise HwcError(f"--device {spec!r}: expected TARGET=rpc://HOST:PORT/KEY")
+        devices[name] = url
+    options = CompileOptions(tune_trials=args.tune_trials, cache_dir=args.cache_dir,
+                             input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
+                             repeat=args.repeat)
+    search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
+                           labels=args.labels, search=bool(args.calib or args.val))
+    rows = compare(args.model, [t for t in args.targets.split(",") if t], args.output, options, search, devices,
+                   progress.step)
+    text = "\n".join(f"{r['target']:10} {('%.3f ms' % r['latency_ms']) if r['latency_ms'] is not None else 'n/a':>12} "
+                     f"{r['label']:15} {', '.join(r['passes']) or 'no compression'}" for r in rows)
+    _emit(args, rows, text)
+    return 0
+
+
 def _parse_layer_ratios(specs: list[str] | None) -> dict[str, float]:
     ratios = {}
     for spec in specs or []:
@@ -373,6 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep fp32 the layers whose own quantization leaves less than DB dB of output SQNR")
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--max-samples", type=int, default=64, help="calibration samples to use (default 64)")
+
+    p = add("compare", cmd_compare, "compile one model for several targets and compare them side by side",
+            parents=(common, shapes))
+    p.add_argument("model")
+    p.add_argument("--targets", default="host,arm-a72,nvidia-t4,npu16")
+    p.add_argument("-o", "--output", required=True, help="output directory (one folder per target + comparison.*)")
+    p.add_argument("--device", action="append", metavar="TARGET=rpc://HOST:PORT/KEY",
+                   help="measure a target on a device (repeatable)")
+    p.add_argument("--tune-trials", type=int, default=DEFAULT_TUNE_TRIALS)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--profile", default="default")
+    p.add_argument("--calib")
+    p.add_argument("--val")
+    p.add_argument("--labels")
 
     device = sub.add_parser("device", help="check devices behind a TVM RPC tracker")
     device_sub = device.add_subparsers(dest="device_command", metavar="ACTION", required=True)

@@ -85,3 +85,19 @@ def test_search_input_errors(tmp_path, mnist_files):
     result = hwc("compile", str(shared_model("mnist-8")), "-o", str(tmp_path / "o"), "--search", "--tune-trials", "0")
     assert result.returncode == 2 and "needs inputs to score accuracy" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_labels_every_latency_and_survives_a_failing_target(tmp_path):
+    out = tmp_path / "cmp"
+    result = hwc("compare", str(shared_model("mnist-8")), "--targets", "host,npu16,arm-a72,tpu9", "-o", str(out),
+                 "--tune-trials", "0", "--repeat", "5", "--json")
+    assert result.returncode == 4 and "1 of 4 target(s) failed (tpu9: unknown target" in result.stderr
+    rows = {r["target"]: r for r in json.loads((out / "comparison.json").read_text())}
+    assert rows["host"]["label"] == "measured" and rows["host"]["latency_ms"] > 0
+    assert rows["npu16"]["label"] == "modelled" and rows["npu16"]["latency_ms"] > 0
+    assert rows["arm-a72"]["label"] == "not measured" and rows["arm-a72"]["latency_ms"] is None
+    assert rows["tpu9"]["label"] == "failed"
+    markdown = (out / "comparison.md").read_text()
+    assert "| host | none |" in markdown and "modelled" in markdown and "not measured" in markdown
+    assert (out / "comparison.html").read_text().count("<img") == 1
+    assert (out / "arm-a72" / "model.so").exists() and (out / "host" / "report.json").exists()

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""The product's goal, measured on this machine in one run: for each model, ONNX Runtime fp32 on the
+original, TVM on the original, and hwc's chosen model (search on the host profile), as latency
+ratios to ONNX Runtime, with the top-1 drop of the chosen model.
+
+    python tools/bench_search.py [--tasks squeezenet,mobilenetv2,resnet18] [--trials 300] [--calib 32]
+
+SqueezeNet and MobileNetV2 are scored on the ImageNet samples not used for calibration; the
+generated ResNet-18 has random weights, so its "top-1" is agreement with the uncompressed model.
+Goal: hwc >= 2x faster than ONNX Runtime fp32 at <= 1 pt top-1 drop.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from benchlib import bench_parser, load_task
+
+from hwcompress import ort
+from hwcompress.calibration import Calibration
+from hwcompress.compile import CompileOptions
+from hwcompress.config import get_profile, get_target, physical_cores
+from hwcompress.examples import resnet18
+from hwcompress.passes import run_canonical
+from hwcompress.search import search
+
+
+def ort_ms(model, feed, threads: int, repeat: int = 50) -> float:
+    session = ort.session(model, threads=threads)
+    for _ in range(5):
+        session.run(None, feed)
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e3)
+
+
+def main() -> int:
+    parser = bench_parser(__doc__)
+    parser.set_defaults(tasks="squeezenet,mobilenetv2,resnet18", trials=300, calib=32)
+    parser.add_argument("--val", type=int, default=100, help="validation images scored per trial")
+    args = parser.parse_args()
+    target, threads = get_target("host"), physical_cores()
+    rows = []
+    for name in args.tasks.split(","):
+        if name == "resnet18":
+            model, _ = run_canonical(resnet18())
+            rng = np.random.default_rng(0)
+            images = rng.standard_normal((args.calib + args.val, 3, 224, 224)).astype(np.float32)
+            calib, val, labels = images[:args.calib], images[args.calib:], None
+        else:
+            task = load_task(name, args.calib)
+            model, calib, val, labels = task.model, task.calib, task.images[:args.val], task.labels[:args.val]
+        input_name = model.graph.input[0].name
+        calibration = Calibration([{input_name: x[None]} for x in calib], f"{len(calib)} images")
+        options = CompileOptions(target="host", tune_trials=args.trials, cache_dir=args.cache_dir, repeat=20)
+        started = time.monotonic()
+        result = search(model, target, get_profile("host"), options, calibration,
+                        [{input_name: x[None]} for x in val], labels, max_accuracy_drop=1.0,
+                        progress=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
+        onnx_runtime = ort_ms(model, {input_name: val[:1]}, threads)
+        rows.append((name, onnx_runtime, result.baseline_latency_ms, result.latency_ms,
+                     result.baseline_accuracy - result.accuracy, ", ".join(result.applied) or "none",
+                     time.monotonic() - started))
+    print(f"{'model':12} {'ORT ms':>8} {'TVM ms':>8} {'hwc ms':>8} {'TVM/ORT':>8} {'hwc/ORT':>8} {'drop':>6}  chosen")
+    for name, o, t, h, drop, chosen, seconds in rows:
+        print(f"{name:12} {o:8.2f} {t:8.2f} {h:8.2f} {t / o:8.2f} {h / o:8.2f} {drop:6.2f}  {chosen} "
+              f"({seconds:.0f} s, {threads} threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

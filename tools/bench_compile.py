@@ -15,10 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchlib import ort_latency_ms  # noqa: E402
 
 from hwcompress import ort  # noqa: E402
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
@@ -40,16 +41,7 @@ def model_path(name: str, scratch: Path) -> Path:
 
 def ort_latency(path: Path, threads: int, repeat: int) -> float:
     model = load_model(path, require_supported=False, simplify=False)
-    session = ort.session(model, threads=threads)
-    feeds = ort.random_inputs(model)
-    for _ in range(5):
-        session.run(None, feeds)
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e3)
+    return ort_latency_ms(model, ort.random_inputs(model), threads, repeat)
 
 
 def main() -> int:

@@ -13,32 +13,17 @@ Goal: hwc >= 2x faster than ONNX Runtime fp32 at <= 1 pt top-1 drop.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-from benchlib import bench_parser, load_task
+from benchlib import bench_parser, load_task, ort_latency_ms
 
-from hwcompress import ort
 from hwcompress.calibration import Calibration
 from hwcompress.compile import CompileOptions
 from hwcompress.config import get_profile, get_target, physical_cores
 from hwcompress.examples import resnet18
 from hwcompress.passes import run_canonical
 from hwcompress.search import search
-
-
-def ort_ms(model, feed, threads: int, repeat: int = 50) -> float:
-    session = ort.session(model, threads=threads)
-    for _ in range(5):
-        session.run(None, feed)
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feed)
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e3)
 
 
 def main() -> int:
@@ -64,7 +49,7 @@ def main() -> int:
         result = search(model, target, get_profile("host"), options, calibration,
                         [{input_name: x[None]} for x in val], labels, max_accuracy_drop=1.0,
                         progress=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
-        onnx_runtime = ort_ms(model, {input_name: val[:1]}, threads)
+        onnx_runtime = ort_latency_ms(model, {input_name: val[:1]}, threads)
         rows.append((name, onnx_runtime, result.baseline_latency_ms, result.latency_ms,
                      result.baseline_accuracy - result.accuracy, ", ".join(result.applied) or "none",
                      time.monotonic() - started))

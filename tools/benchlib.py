@@ -65,6 +65,21 @@ def bench_parser(doc: str):
     return parser
 
 
+def ort_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, repeat: int = 50) -> float:
+    """Median ONNX Runtime fp32 latency after warm-up, with ``threads`` intra-op threads."""
+    import time
+
+    session = ort.session(model, threads=threads)
+    for _ in range(5):
+        session.run(None, feed)
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e3)
+
+
 def score(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
     session = ort.session(model)
     name = model.graph.input[0].name

@@ -73,8 +73,13 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         tuning_note = f"{target.name} has no device: a functional reference build, not tuned"
     else:
         db_dir = tvm_build.tuning_db_dir(cache_dir, target)
-        if options.tune_trials > 0:
-            tuning = tvm_build.tune(mod, target, options.tune_trials, db_dir, progress)
+        device = options.device or target.latency.get("device")
+        if options.tune_trials > 0 and (device or not tvm_build.is_cross(target)):
+            tuning = tvm_build.tune(mod, target, options.tune_trials, db_dir, progress, device)
+        elif options.tune_trials > 0:
+            tuning_note = (f"{target.name} code cannot run here, so it is tuned only on its device "
+                           f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")
+            progress(tuning_note)
         else:
             tuning_note = f"--tune-trials 0: no tuning; records already in {db_dir} are used"
     progress(f"building for {target.name}")

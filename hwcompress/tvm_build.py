@@ -39,6 +39,26 @@ def ms_build(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def ms_export(compiler: str | None, module) -> str:
+    """MetaSchedule export to a linked shared library (cross-linked for cross targets), so that a
+    board running only TVM's runtime can load it without a compiler of its own."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="hwc-ms-"), "kernel.so")
+    if compiler:
+        from tvm.support import cc
+
+        module.export_library(path, fcompile=cc.cross_compiler(compiler))
+    else:
+        module.export_library(path)
+    return path
+
+
+def is_cross(target: Target) -> bool:
+    """Code for another machine: it can only run (and so be tuned) on that machine."""
+    return bool(target.tvm.get("cross_compiler")) or is_gpu(target)
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("HWC_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hwcompress")
@@ -75,8 +95,11 @@ class TuningResult:
 
 
 def tune(mod, target: Target, trials: int, db_dir: Path,
-         progress: Callable[[str], None] = lambda _: None) -> TuningResult:
-    """Tune every fused kernel of ``mod`` for ``target`` with MetaSchedule, adding to ``db_dir``."""
+         progress: Callable[[str], None] = lambda _: None, device: str | None = None) -> TuningResult:
+    """Tune every fused kernel of ``mod`` for ``target`` with MetaSchedule, adding to ``db_dir``.
+
+    Candidates run on this machine, or on ``device`` (rpc://HOST:PORT/KEY) through TVM's
+    RPCRunner; a cross target is only tuned on its device."""
     import tvm.s_tir.meta_schedule as ms
     from tvm import relax
 
@@ -99,16 +122,26 @@ def tune(mod, target: Target, trials: int, db_dir: Path,
         per_task = max(1, -(-trials // len(tunable)))
         callback = _progress_callback(progress, per_task * len(tunable))
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        import functools
+
+        builder = ms.builder.LocalBuilder(
+            f_build=ms_build, f_export=functools.partial(ms_export, target.tvm.get("cross_compiler")),
+            timeout_sec=300, max_workers=min(os.cpu_count() or 1, 4))
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+        if device:
+            from .remote import parse_device
+
+            remote = parse_device(device)
+            runner = ms.runner.RPCRunner(ms.runner.RPCConfig(remote.host, remote.port, remote.key,
+                                                             session_timeout_sec=120), evaluator_config=evaluator)
+        else:
+            runner = ms.runner.LocalRunner(evaluator_config=evaluator)
         with contextlib.redirect_stdout(sys.stderr):
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
             ms.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_task * len(tunable), max_trials_per_task=per_task,
                 num_trials_per_iter=min(per_task, 32),
-                builder=ms.builder.LocalBuilder(f_build=ms_build, timeout_sec=300,
-                                                max_workers=min(os.cpu_count() or 1, 4)),
-                runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
-                    number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)),
-                database=database, cost_model=ms.cost_model.XGBModel(),
+                builder=builder, runner=runner, database=database, cost_model=ms.cost_model.XGBModel(),
                 measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
             )
         run = callback.count

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import hwc, shared_model
@@ -163,3 +164,21 @@ def test_unreachable_tracker_and_unknown_key_are_one_line(tmp_path):
         assert result.returncode == 2 and "no device with key 'other'" in result.stderr and "hwc-test" in result.stderr
     finally:
         farm.close()
+
+
+def test_tuning_runs_candidates_on_the_device(farm, tmp_path, rng):
+    """MetaSchedule's candidates are uploaded as linked libraries and timed on the RPC servers."""
+    from onnx import helper
+
+    from conftest import make_model
+
+    inits = {"w": rng.normal(0, 0.2, (8, 4, 3, 3)), "b": np.zeros(8)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    path = tmp_path / "small.onnx"
+    import onnx
+
+    onnx.save_model(make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 8, 8])], inits), str(path))
+    report = compile_model(path, tmp_path / "out", CompileOptions(tune_trials=4, cache_dir=tmp_path / "cache",
+                                                                 repeat=3, device=farm.url))
+    assert report["tuning"]["trials_run"] > 0
+    assert report["latency"]["method"] == "rpc" and report["accuracy"]["max_relative_error"] < 1e-3

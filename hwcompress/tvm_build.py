@@ -136,7 +136,7 @@ def tune(mod, target: Target, trials: int, db_dir: Path,
                                                              session_timeout_sec=120), evaluator_config=evaluator)
         else:
             runner = ms.runner.LocalRunner(evaluator_config=evaluator)
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _named_handlers_only(logging.getLogger("tvm.s_tir.meta_schedule")):
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
             ms.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_task * len(tunable), max_trials_per_task=per_task,
@@ -253,6 +253,20 @@ def _open_database(db_dir: Path):
 
     return ms.database.JSONDatabase(path_workload=str(db_dir / "database_workload.json"),
                                     path_tuning_record=str(db_dir / "database_tuning_record.json"))
+
+
+@contextlib.contextmanager
+def _named_handlers_only(logger: logging.Logger):
+    """MetaSchedule re-configures its logger by handler *name* and crashes on an unnamed one (e.g. a
+    log-capturing handler an embedding application attached); detach those meanwhile."""
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            logger.addHandler(handler)
 
 
 def _has_record(database, task, tvm_target) -> bool:

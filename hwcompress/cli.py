@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import HwcError
+from .errors import HwcError, first_line
 
 
 class Progress:
@@ -452,8 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"hwc: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)",
+        print(f"hwc: internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
 

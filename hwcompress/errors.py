@@ -1,6 +1,13 @@
 """The one exception type whose message is shown to the user as a single line."""
 
 
+def first_line(exc: BaseException, last: bool = False, limit: int = 300) -> str:
+    """One line of an exception's message for a user-facing error (the last line for tracebacks
+    that end with the message, as TVM's do); the exception type when it has no message."""
+    lines = str(exc).strip().splitlines()
+    return (lines[-1] if last else lines[0])[:limit] if lines else type(exc).__name__
+
+
 class HwcError(Exception):
     """A problem the user can act on (bad input, unknown target, ...).
 

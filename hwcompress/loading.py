@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
-from .errors import HwcError
+from .errors import HwcError, first_line
 
 CANONICAL_OPSET = 17
 # onnx.ModelProto in memory, a deep copy per pass and onnxsim's own copy: several times the file.
@@ -64,7 +64,7 @@ def read_model(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise HwcError(f"{path}: not a valid ONNX file (corrupt or truncated: {_first_line(exc)})") from exc
+        raise HwcError(f"{path}: not a valid ONNX file (corrupt or truncated: {first_line(exc)})") from exc
     if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
         raise HwcError(f"{path}: not an ONNX model (no IR version or no graph nodes)")
     external = _external_files(model, path.parent)
@@ -73,7 +73,7 @@ def read_model(path: Path) -> onnx.ModelProto:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError) as exc:
-            raise HwcError(f"{path}: cannot read its external weight data: {_first_line(exc)}") from exc
+            raise HwcError(f"{path}: cannot read its external weight data: {first_line(exc)}") from exc
     return model
 
 
@@ -153,7 +153,7 @@ def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
             model = version_converter.convert_version(model, CANONICAL_OPSET)
         except Exception as exc:  # the converter raises bare RuntimeErrors and C++ errors
             raise HwcError(f"{path}: cannot convert opset {version} to {CANONICAL_OPSET}: "
-                           f"{_first_line(exc)}") from exc
+                           f"{first_line(exc)}") from exc
     model.ir_version = max(model.ir_version, 8)
     # Old models list initializers as graph inputs; newer IR versions need not, and passes assume not.
     weights = {t.name for t in model.graph.initializer}
@@ -167,7 +167,7 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as exc:
-        raise HwcError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
+        raise HwcError(f"{path}: invalid ONNX model: {first_line(exc)}") from exc
 
 
 def _simplify(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
@@ -176,13 +176,13 @@ def _simplify(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     try:
         simplified, ok = onnxsim.simplify(model, perform_optimization=False, check_n=0)
     except Exception as exc:  # onnxsim surfaces ORT and C++ errors of many types
-        raise HwcError(f"{path}: constant folding (onnxsim) failed: {_first_line(exc)}") from exc
+        raise HwcError(f"{path}: constant folding (onnxsim) failed: {first_line(exc)}") from exc
     if not ok:
         raise HwcError(f"{path}: onnxsim could not validate the simplified model")
     try:
         return onnx.shape_inference.infer_shapes(simplified, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
-        raise HwcError(f"{path}: shape inference failed: {_first_line(exc)}") from exc
+        raise HwcError(f"{path}: shape inference failed: {first_line(exc)}") from exc
 
 
 def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
@@ -217,8 +217,3 @@ def _available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

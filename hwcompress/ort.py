@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import HwcError
+from .errors import HwcError, first_line
 
 
 def session(model: onnx.ModelProto, threads: int | None = None, exact: bool = False) -> ort.InferenceSession:
@@ -23,7 +23,7 @@ def session(model: onnx.ModelProto, threads: int | None = None, exact: bool = Fa
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for every kind of failure
-        raise HwcError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from exc
+        raise HwcError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], exact: bool = False) -> list[np.ndarray]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx
 
 from .calibration import Calibration
@@ -27,7 +26,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
     sqnr = layer_sqnr(model, result.model, layers, fit[:8])
     fallback: list[str] = []
     if min_sqnr_db is not None:
-        inputs_sqnr = _input_sqnr(model, result.model, graph, layers, fit[:8])
+        inputs_sqnr = layer_sqnr(model, result.model, layers, fit[:8], side="input")
         # A layer stays fp32 where it is itself the cause: low output SQNR, well below its input's.
         fallback = [n for n in layers if sqnr[n] < min_sqnr_db and inputs_sqnr[n] - sqnr[n] > 3.0]
         if fallback:
@@ -46,20 +45,3 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
     report["pow2_layers"] = sorted(result.log.details.get("pow2_codes", {}))
     return result.model, report | {"_pow2_codes": result.log.details.get("pow2_codes", {})}
 
-
-def _input_sqnr(reference, quantized, graph: Graph, layers: list[str], feeds) -> dict[str, float]:
-    """SQNR of each layer's input tensor (the float tensor before its QuantizeLinear)."""
-    from . import ort
-
-    inputs = {n: graph.node(n).input[0] for n in layers}
-    signal = {n: 0.0 for n in layers}
-    noise = {n: 0.0 for n in layers}
-    for feed in feeds:
-        names = sorted(set(inputs.values()))
-        ref = ort.run_with_intermediates(reference, feed, names)
-        got = ort.run_with_intermediates(quantized, feed, names)
-        for layer, tensor in inputs.items():
-            r = ref[tensor].astype(np.float64)
-            signal[layer] += float(np.sum(r ** 2))
-            noise[layer] += float(np.sum((r - got[tensor]) ** 2))
-    return {n: 10 * np.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30)) for n in layers}

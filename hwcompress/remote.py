@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import HwcError
+from .errors import HwcError, first_line
 from .fileio import write_text
 from .measure import Latency, from_samples
 
@@ -93,7 +93,7 @@ def tracker_summary(device: Device, timeout: float = 10.0) -> dict:
         raise
     except Exception as exc:  # TVM raises RuntimeError/ConnectionError/TVMError variants
         raise HwcError(f"cannot reach the RPC tracker at {device.host}:{device.port}: "
-                       f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}") from exc
+                       f"{first_line(exc)}") from exc
 
 
 def free_servers(device: Device, summary: dict | None = None) -> int:
@@ -127,7 +127,7 @@ def open_session(device: Device, timeout: float = 60.0, session_timeout: float =
         raise
     except Exception as exc:
         raise HwcError(f"device {device.url} refused the session: "
-                       f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}") from exc
+                       f"{first_line(exc)}") from exc
 
 
 def remote_device(session, target_kind: str):
@@ -172,7 +172,7 @@ class RpcMeasurer:
         except HwcError:
             raise
         except Exception as exc:
-            raise HwcError(f"measurement on {self.device.url} failed: {_first_line(exc)}") from exc
+            raise HwcError(f"measurement on {self.device.url} failed: {first_line(exc)}") from exc
         return from_samples("rpc", samples, number=1, threads=None, device=self.device.url), outputs
 
 
@@ -248,12 +248,12 @@ def measure_all(jobs: list[Job], device: Device, cache: MeasurementCache, target
             except Exception as exc:  # noqa: BLE001 - the server may be gone: hand the job back
                 session = None
                 with lock:
-                    errors.append(f"worker {index}: {_first_line(exc)}")
+                    errors.append(f"worker {index}: {first_line(exc)}")
                     if attempts + 1 < max_attempts:
                         todo.put((job, attempts + 1))
                     else:
                         errors.append(f"{job.key}: failed {max_attempts} times")
-                progress(f"a server of {device.url} failed ({_first_line(exc)}); its job is queued again")
+                progress(f"a server of {device.url} failed ({first_line(exc)}); its job is queued again")
                 if isinstance(exc, HwcError):  # no server could be had at all: this worker stops
                     return
                 continue
@@ -329,11 +329,6 @@ def remote_info(session) -> dict:
     except Exception:  # noqa: BLE001 - a plain TVM server has no such function
         return {"tvm": None, "note": "the server does not report its TVM version (plain tvm.exec.rpc_server); "
                                      "start it with python -m hwcompress.rpc_server to get it"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else type(exc).__name__)
 
 
 def wait_for_key(device: Device, count: int, timeout: float = 30.0) -> None:

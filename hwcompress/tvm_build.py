@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .config import Target
-from .errors import HwcError
+from .errors import HwcError, first_line
 
 
 def ms_build(mod, target, _params):
@@ -80,8 +80,7 @@ def import_onnx(model: onnx.ModelProto):
     try:
         return from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the importer raises many types for unsupported constructs
-        raise HwcError(f"TVM cannot import the model: {type(exc).__name__}: "
-                       f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+        raise HwcError(f"TVM cannot import the model: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 @dataclass
@@ -171,7 +170,7 @@ def build(mod, target: Target, db_dir: Path | None):
         raise
     except Exception as exc:
         raise HwcError(f"TVM build for {target.name} failed: {type(exc).__name__}: "
-                       f"{(str(exc).strip().splitlines() or [''])[-1][:300]}") from exc
+                       f"{first_line(exc, last=True)}") from exc
 
 
 def export(executable, target: Target, directory: Path, name: str) -> dict[str, str]:
@@ -206,7 +205,7 @@ def _nvcc_fatbin(executable, target: Target) -> bytes:
             return bytes(nvcc.compile_cuda("\n".join(sources), target_format="fatbin", compiler="nvcc"))
     except Exception as exc:  # nvcc errors arrive as RuntimeError with the compiler's output
         raise HwcError(f"nvcc failed to compile the CUDA kernels for {target.name}: "
-                       f"{str(exc).strip().splitlines()[0][:300]}") from exc
+                       f"{first_line(exc)}") from exc
 
 
 def _walk(module):

@@ -8,6 +8,16 @@ import onnx
 from ..graph import Graph
 
 
+def layer_matrix(graph: Graph, node: onnx.NodeProto) -> np.ndarray:
+    """A Conv (group 1) / Gemm / MatMul as ``x [inputs] -> x @ M [outputs]`` (alpha folded in), float64."""
+    weight = graph.initializer(node.input[1]).astype(np.float64)
+    if node.op_type == "Conv":
+        return weight.reshape(weight.shape[0], -1).T
+    if node.op_type == "Gemm":
+        return (weight.T if graph.attr(node, "transB", 0) else weight) * graph.attr(node, "alpha", 1.0)
+    return weight
+
+
 def bias_slot(graph: Graph, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
     """Where a layer's per-output bias lives: its own input 2 (Conv, Gemm), or the constant of an
     Add that alone reads a MatMul's output. None where there is no place for one."""

@@ -27,7 +27,7 @@ from ..errors import HwcError
 from ..graph import Graph
 from .base import PassLog, model_pass
 from ..numeric import conv_pads
-from .layers import bias_value
+from .layers import bias_value, layer_matrix
 
 METHODS = ("svd", "spatial", "tucker2")
 
@@ -125,16 +125,6 @@ def _unsupported(graph: Graph, node: onnx.NodeProto) -> str | None:
     return None
 
 
-def _matrix(graph: Graph, node: onnx.NodeProto) -> np.ndarray:
-    """The layer as ``x [in] -> x @ M [out]``."""
-    weight = graph.initializer(node.input[1]).astype(np.float64)
-    if node.op_type == "Conv":
-        return weight.reshape(weight.shape[0], -1).T
-    if node.op_type == "Gemm":
-        return (weight.T if graph.attr(node, "transB", 0) else weight) * graph.attr(node, "alpha", 1.0)
-    return weight
-
-
 def _out_positions(graph: Graph, node: onnx.NodeProto) -> int:
     shape = graph.shape(node.output[0])
     return int(np.prod(shape[2:])) * shape[0] if node.op_type == "Conv" else int(np.prod(shape[:-1]))
@@ -163,7 +153,7 @@ def _whitening(covariance: np.ndarray | None, size: int) -> tuple[np.ndarray, np
 
 
 def _svd(graph, node, energy, rank, multiple, covariance) -> Factorization:
-    m = _matrix(graph, node)
+    m = layer_matrix(graph, node)
     n_in, n_out = m.shape
     # The rank comes from the weights' own spectrum, so plain and data-aware factors are compared
     # at equal cost; the data only changes which rank-r subspace is kept.

@@ -228,17 +228,28 @@ def _correct_bias(graph: Graph, node: onnx.NodeProto, weight: np.ndarray, dequan
     set_bias(graph, node, bias_value(graph, node, outputs) - shift, weight.dtype)
 
 
-def layer_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[str],
-               feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Signal-to-quantization-noise (dB) of each layer's output, quantized vs float model."""
-    outputs = {name: Graph(reference).node(name).output[0] for name in layers}
-    signal = {n: 0.0 for n in layers}
-    noise = {n: 0.0 for n in layers}
+def tensor_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: list[str],
+                feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Signal-to-quantization-noise (dB) of tensors present in both models, over the feeds."""
+    names = sorted(set(tensors))
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
     for feed in feeds:
-        ref = ort.run_with_intermediates(reference, feed, list(outputs.values()))
-        got = ort.run_with_intermediates(quantized, feed, list(outputs.values()))
-        for name, tensor in outputs.items():
-            r = ref[tensor].astype(np.float64)
+        ref = ort.run_with_intermediates(reference, feed, names)
+        got = ort.run_with_intermediates(quantized, feed, names)
+        for name in names:
+            r = ref[name].astype(np.float64)
             signal[name] += float(np.sum(r ** 2))
-            noise[name] += float(np.sum((r - got[tensor]) ** 2))
-    return {n: 10 * np.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30)) for n in layers}
+            noise[name] += float(np.sum((r - got[name]) ** 2))
+    return {n: 10 * np.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30)) for n in names}
+
+
+def layer_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[str],
+               feeds: list[dict[str, np.ndarray]], side: str = "output") -> dict[str, float]:
+    """SQNR (dB) of each layer's output (or, with ``side="input"``, of the float tensor it reads,
+    before its QuantizeLinear), quantized vs float model."""
+    graph = Graph(reference)
+    tensor = {name: graph.node(name).output[0] if side == "output" else graph.node(name).input[0]
+              for name in layers}
+    db = tensor_sqnr(reference, quantized, list(tensor.values()), feeds)
+    return {name: db[t] for name, t in tensor.items()}

@@ -15,7 +15,7 @@ import onnx
 from .. import ort
 from ..graph import Graph
 from ..numeric import conv_pads
-from .layers import bias_slot, bias_value, set_bias
+from .layers import bias_slot, bias_value, layer_matrix, set_bias
 
 MAX_ROWS = 8192
 RIDGE = 1e-2
@@ -123,13 +123,7 @@ def _solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, prior_bias: np.ndarr
 
 def _current(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
     """Weights as an [inputs, outputs] matrix and the effective bias, for the current node."""
-    weight = graph.initializer(node.input[1]).astype(np.float64)
-    if node.op_type == "Conv":
-        matrix = weight.reshape(weight.shape[0], -1).T
-    elif node.op_type == "Gemm":
-        matrix = (weight.T if graph.attr(node, "transB", 0) else weight) * graph.attr(node, "alpha", 1.0)
-    else:
-        matrix = weight
+    matrix = layer_matrix(graph, node)
     return matrix, bias_value(graph, node, matrix.shape[1])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
@@ -15,15 +16,45 @@ from .errors import HwcError, first_line
 
 
 class Progress:
-    """Per-step lines on stderr (``[hwc] step ... 1.2 s``), silent with --quiet."""
+    """Progress on stderr, silent with --quiet.
 
-    def __init__(self, quiet: bool = False):
+    Every step is a line (``[hwc   1.2s] message``). A counted step (``[k/n] message``, as tuning,
+    latency tables and the search send) also drives a progress bar when stderr is a terminal; in
+    logs and pipes the lines alone say where the work stands.
+    """
+
+    _COUNTED = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")
+
+    def __init__(self, quiet: bool = False, stream=None):
         self.quiet = quiet
+        self.stream = stream or sys.stderr
         self._start = time.monotonic()
+        self._bar = None
+        self._interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def step(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[hwc {time.monotonic() - self._start:6.1f}s] {message}", file=sys.stderr, flush=True)
+        if self.quiet:
+            return
+        line = f"[hwc {time.monotonic() - self._start:6.1f}s] {message}"
+        counted = self._COUNTED.match(message)
+        if not self._interactive:
+            print(line, file=self.stream, flush=True)
+            return
+        from tqdm import tqdm
+
+        if counted:
+            done, total, what = int(counted[1]), int(counted[2]), counted[3]
+            if self._bar is None or self._bar.total != total or done < self._bar.n:
+                self.close()
+                self._bar = tqdm(total=total, file=self.stream, leave=False, dynamic_ncols=True)
+            self._bar.set_description_str(what[:40])
+            self._bar.update(done - self._bar.n)
+        tqdm.write(line, file=self.stream)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:

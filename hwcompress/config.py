@@ -65,12 +65,15 @@ PROFILE_SCHEMA: dict[str, Any] = {
         "description": {"type": "string"},
         "accuracy_budget": {"type": "object", "additionalProperties": False, "properties": {
             "max_top1_drop": {"type": "number", "minimum": 0}}},
+        "search": {"type": "object", "additionalProperties": False, "properties": {
+            "max_rounds": _POSITIVE_INT, "layer_candidates": _POSITIVE_INT}},
         "passes": {
             "type": "object", "additionalProperties": False,
             "properties": {
                 "prune": {"type": "object", "additionalProperties": False, "properties": {
                     **_PASS_SWITCH, "ratios": {"type": "array", "items": _RATIO},
-                    "importance": {"enum": ["l1", "l2", "bn_gamma"]}, "reconstruct": {"type": "boolean"}}},
+                    "importance": {"enum": ["l1", "l2", "bn_gamma"]}, "reconstruct": {"type": "boolean"},
+                    "per_layer": {"type": "boolean"}, "layer_trials": {"type": "integer", "minimum": 0}}},
                 "lowrank": {"type": "object", "additionalProperties": False, "properties": {
                     **_PASS_SWITCH, "energies": {"type": "array", "items": {
                         "type": "number", "exclusiveMinimum": 0, "maximum": 1}},
@@ -134,6 +137,7 @@ class Profile:
     passes: dict[str, Any]
     accuracy_budget: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    search: dict[str, Any] = field(default_factory=dict)  # max_rounds, layer_candidates
 
 
 def search_dirs(kind: str, extra: list[str | os.PathLike] | None = None) -> list[Path]:
@@ -196,7 +200,8 @@ def get_profile(target: str, name: str = "default", extra_dirs: list | None = No
                        f"{', '.join(known) or 'none'} (add one with --profiles-dir or HWC_PROFILES_PATH)")
     path, data = profiles[(target, name)]
     return Profile(name=data["name"], target=data["target"], description=data.get("description", ""),
-                   passes=data["passes"], accuracy_budget=data.get("accuracy_budget", {}), source=path)
+                   passes=data["passes"], accuracy_budget=data.get("accuracy_budget", {}), source=path,
+                   search=data.get("search", {}))
 
 
 def _builtin_dir(folder: str) -> Path:

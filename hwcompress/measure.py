@@ -8,11 +8,15 @@ a host figure in its place.
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from .fileio import write_text
 
 
 @dataclass
@@ -41,6 +45,24 @@ class Latency:
 
 def not_measured(reason: str) -> Latency:
     return Latency(method="not measured", reason=reason)
+
+
+class MeasurementCache:
+    """Finished measurements, one JSON file, rewritten atomically after each new figure."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, key: str) -> Latency | None:
+        entry = self.entries.get(key)
+        return Latency(**entry) if entry else None
+
+    def put(self, key: str, latency: Latency) -> None:
+        with self._lock:
+            self.entries[key] = latency.to_dict()
+            write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
 
 
 class Measurer(Protocol):

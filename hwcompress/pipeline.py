@@ -104,9 +104,16 @@ def _html(report: dict[str, Any]) -> str:
     if search:
         trials = search["trials"]
         sections.append(("Search", report_html.table(
-            ["round", "candidate", "latency ms", "how", "accuracy", "kept", "chosen", "why not"],
+            ["round", "candidate", "latency ms", "table predicts ms", "how", "accuracy", "kept", "chosen", "why not"],
             [[t["round"], t["candidate"], "n/a" if t["latency_ms"] is None else f"{t['latency_ms']:.3f}",
+              "" if t.get("predicted_ms") is None else f"{t['predicted_ms']:.3f}",
               t["latency_method"], f"{t['accuracy']:.2f}", t["accepted"], t["chosen"], t["reason"]] for t in trials])))
+        checked = [t for t in trials if t.get("predicted_ms") is not None and t["latency_ms"] is not None]
+        if checked:
+            sections.append(("Latency table vs end-to-end measurement", report_html.table(
+                ["candidate", "table predicts ms", "measured ms", "error"],
+                [[t["candidate"], f"{t['predicted_ms']:.3f}", f"{t['latency_ms']:.3f}",
+                  f"{(t['predicted_ms'] - t['latency_ms']) / t['latency_ms']:+.1%}"] for t in checked])))
         sections.append(("Accuracy vs latency (Pareto front)", report_html.pareto_plot(
             trials, search["pareto"], search["accuracy_metric"], trials[0]["latency_method"])))
         before = trials[0].get("kernels_ms") or {}

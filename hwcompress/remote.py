@@ -25,8 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import HwcError, first_line
-from .fileio import write_text
-from .measure import Latency, from_samples
+from .measure import Latency, MeasurementCache, from_samples
 
 _URL = re.compile(r"^rpc://(?P<host>[^/:]+):(?P<port>\d+)/(?P<key>[^/]+)$")
 
@@ -177,24 +176,6 @@ class RpcMeasurer:
 
 
 # ------------------------------------------------------------- many at once
-class MeasurementCache:
-    """Finished measurements, one JSON file, rewritten atomically after each new figure."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def get(self, key: str) -> Latency | None:
-        entry = self.entries.get(key)
-        return Latency(**entry) if entry else None
-
-    def put(self, key: str, latency: Latency) -> None:
-        with self._lock:
-            self.entries[key] = latency.to_dict()
-            write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
-
-
 @dataclass
 class Job:
     """One library to time on the device; ``key`` identifies the figure in the cache."""

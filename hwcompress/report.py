@@ -20,6 +20,24 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def table_summary(search: dict[str, Any]) -> list[str]:
+    """The per-layer latency table's predictions next to the end-to-end measurements they led to."""
+    info = search.get("latency_table")
+    if not info:
+        return []
+    checked = [t for t in search["trials"] if t.get("predicted_ms") is not None and t["latency_ms"] is not None]
+    lines = [f"Per-layer latency table: `{info['file']}` ({info['method']}, layers tuned with "
+             f"{info['layer_trials']} trials each; {info['figures_made_in_this_run']} new figures in this run). "
+             f"Sum of the layers: baseline {_ms(info['baseline_predicted_ms'])} ms, chosen "
+             f"{_ms(info['chosen_predicted_ms'])} ms (the rest of the end-to-end time is the other ops).", ""]
+    if checked:
+        lines += ["| candidate | table predicts ms | measured end to end ms | error |", "| --- | --- | --- | --- |"]
+        lines += [f"| {t['candidate']} | {_ms(t['predicted_ms'])} | {_ms(t['latency_ms'])} | "
+                  f"{(t['predicted_ms'] - t['latency_ms']) / t['latency_ms']:+.1%} |" for t in checked]
+        lines.append("")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lat = report["latency"]
     acc = report["accuracy"]
@@ -66,11 +84,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"Chosen: **{', '.join(search['applied']) or 'no compression'}**: "
                   f"{_ms(search['baseline_latency_ms'])} -> {_ms(search['latency_ms'])} ms, accuracy "
                   f"{search['baseline_accuracy']:.2f} -> {search['accuracy']:.2f}.", "",
-                  "| round | candidate | latency ms | how | accuracy | kept | chosen | why not |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {t['round']} | {t['candidate']} | {_ms(t['latency_ms'])} | {t['latency_method']} | "
-                  f"{t['accuracy']:.2f} | {'yes' if t['accepted'] else 'no'} | {'yes' if t['chosen'] else ''} | "
-                  f"{t['reason']} |" for t in search["trials"]]
+                  *table_summary(search),
+                  "| round | candidate | latency ms | table predicts ms | how | accuracy | kept | chosen | why not |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {t['round']} | {t['candidate']} | {_ms(t['latency_ms'])} | {_ms(t.get('predicted_ms'))} | "
+                  f"{t['latency_method']} | {t['accuracy']:.2f} | {'yes' if t['accepted'] else 'no'} | "
+                  f"{'yes' if t['chosen'] else ''} | {t['reason']} |" for t in search["trials"]]
     lines += ["", "## Passes", ""]
     for p in report["passes"]:
         lines.append(f"- `{p['pass']}`: {len(p['applied'])} rewrite(s), {len(p['skipped'])} left alone")

@@ -40,6 +40,11 @@ def pareto_plot(trials: list[dict[str, Any]], pareto: list[dict[str, Any]], metr
     for kind, marker in (("rejected", "x"), ("accepted", "o")):
         chosen = [t for t in points if t["accepted"] == (kind == "accepted")]
         axis.scatter([t["latency_ms"] for t in chosen], [t["accuracy"] for t in chosen], marker=marker, label=kind)
+    predicted = [t for t in trials if t["latency_ms"] is None and t.get("predicted_ms") is not None
+                 and t["accuracy"] == t["accuracy"]]  # scored, not compiled (NaN accuracy: not scored)
+    if predicted:
+        axis.scatter([t["predicted_ms"] for t in predicted], [t["accuracy"] for t in predicted], marker=".",
+                     color="grey", label="latency-table prediction only")
     for t in points:
         axis.annotate(f"r{t['round']} {t['candidate']}", (t["latency_ms"], t["accuracy"]), fontsize=7)
     axis.plot([p["latency_ms"] for p in pareto], [p["accuracy"] for p in pareto], "k--", lw=0.8, label="Pareto front")

@@ -1,11 +1,20 @@
 """Latency-driven choice of compression passes for a target, within an accuracy budget.
 
-Greedy search over the candidates of the target's profile (pruning ratios, low-rank energies,
-int8): each round applies every remaining candidate to the current model, compiles it for the
-target, and measures it there (locally, over RPC, or with the target's cycle model). A candidate
-is kept only if it makes the *measured* latency lower and keeps the accuracy within the budget;
-of those, the one with the most latency saved per accuracy lost wins the round. Every trial is
-kept, and the Pareto front of (latency, accuracy) over all of them is reported.
+Greedy search over the candidates of the target's profile. Two kinds of candidate:
+
+- whole-model passes (low-rank energies, int8, pow2, and global pruning ratios when the profile
+  does not prune per layer): each is applied to the current model, compiled for the target and
+  measured there (locally, over RPC, or with the target's cycle model);
+- per-layer pruning steps (NetAdapt): for every group of coupled layers and every step, the new
+  layer shapes are looked up in the target's latency table (``latency_table``), which predicts the
+  latency saved; the most promising steps are applied (with reconstruction) and scored.
+
+A candidate is kept only if it makes the latency lower and keeps the accuracy within the budget;
+of those, the one with the most latency saved per accuracy lost wins the round. A per-layer winner
+is then compiled and measured end to end: if the measurement does not confirm the table's
+prediction it is rejected and the next best is tried. So nothing is ever applied that did not
+measure faster. Every trial is kept (with the table's prediction next to the measurement), and the
+Pareto front of (latency, accuracy) over all of them is reported.
 
 Accuracy is top-1 on labelled validation data, or, without labels, top-1 agreement with the
 uncompressed model on the validation (or calibration) inputs; it is measured on the compiled
@@ -50,6 +59,8 @@ class Trial:
     chosen: bool = False
     reason: str = ""
     kernels_ms: dict[str, float] = field(default_factory=dict)  # per fused layer, where measured here
+    predicted_ms: float | None = None  # the latency table's prediction (per-layer candidates)
+    layers: dict[str, list[int]] = field(default_factory=dict)  # per-layer step: layer -> [before, after]
 
 
 @dataclass
@@ -75,7 +86,10 @@ class SearchResult:
                 "baseline_accuracy": self.baseline_accuracy, "latency_ms": self.latency_ms,
                 "accuracy": self.accuracy, "accuracy_drop": self.baseline_accuracy - self.accuracy,
                 "accuracy_metric": self.accuracy_metric, "accuracy_measured_on": self.accuracy_measured_on,
-                "trials": [asdict(t) for t in self.trials], "pareto": self.pareto()}
+                "trials": [asdict(t) for t in self.trials], "pareto": self.pareto(),
+                "latency_table": self.table_info}
+
+    table_info: dict[str, Any] | None = None
 
 
 def candidates(profile: Profile, target: Target, calibration: Calibration | None) -> list[Candidate]:
@@ -87,7 +101,7 @@ def candidates(profile: Profile, target: Target, calibration: Calibration | None
     passes = profile.passes
     found: list[Candidate] = []
     prune = passes.get("prune", {})
-    if prune.get("enabled"):
+    if prune.get("enabled") and not prune.get("per_layer"):
         for ratio in prune.get("ratios", [0.3]):
             found.append(Candidate(f"prune {ratio:g}", "prune", lambda m, r=ratio: prune_model(
                 m, r, target.channel_multiple, prune.get("importance", "l1"), calibration=calibration,
@@ -135,6 +149,10 @@ class Evaluator:
             report["kernels_ms"] = kernel_times(folder / "out" / "model.so", self.inputs[0], list(self.inputs[0]))
         return report["latency"]["median_ms"], report["latency"]["method"], self._score(predictions), report
 
+    def score_ort(self, model: onnx.ModelProto) -> float:
+        """Accuracy of the ONNX model with ONNX Runtime (a per-layer candidate before it is compiled)."""
+        return self._score(self._predict_ort(model))
+
     def _score(self, predictions: np.ndarray) -> float:
         truth = self.labels if self.labels is not None else self.reference_top1
         return float((predictions == truth).mean() * 100.0)
@@ -158,16 +176,86 @@ class Evaluator:
         return np.array(out)
 
 
+@dataclass
+class LayerStep:
+    """Prune one group of coupled layers by one step, with the table's prediction."""
+
+    name: str
+    layer_ratios: dict[str, float]
+    shapes: dict[str, list[int]]
+    saving_ms: float
+
+
+class LayerSteps:
+    """Per-layer pruning candidates of the current model, ranked by the latency table."""
+
+    def __init__(self, profile: Profile, target: Target, table, calibration: Calibration | None):
+        self.prune = profile.passes["prune"]
+        self.target, self.table, self.calibration = target, table, calibration
+
+    def propose(self, model: onnx.ModelProto) -> list[LayerStep]:
+        from .graph import Graph
+        from .passes import prune_channels
+        from .passes.channel_groups import analyze
+
+        current, _ = self.table.predict_ms(model)
+        steps: dict[tuple, LayerStep] = {}
+        pending = []
+        for group in analyze(Graph(model)).coupled_layers():
+            for ratio in self.prune.get("ratios", [0.25]):
+                ratios = {node: ratio for node in group}
+                try:
+                    applied = prune_channels.apply(model, ratio=0.0, layer_ratios=ratios,
+                                                   multiple=self.target.channel_multiple)
+                    pruned, layers = applied.model, applied.log.details["layers"]
+                except HwcError:
+                    continue  # nothing to remove at this step (at the channel multiple)
+                shapes = {n: [v["before"], v["after"]] for n, v in layers.items() if v["before"] != v["after"]}
+                key = tuple(sorted((n, a) for n, (_, a) in shapes.items()))
+                if key and key not in steps:
+                    first = group[0] + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
+                    before, after = shapes.get(group[0], next(iter(shapes.values())))
+                    steps[key] = LayerStep(f"prune {first} {before}->{after}", ratios, shapes, 0.0)
+                    pending.append((steps[key], pruned))
+        for step, pruned in pending:
+            predicted, _ = self.table.predict_ms(pruned)
+            step.saving_ms = current - predicted
+        return sorted(steps.values(), key=lambda st: -st.saving_ms)
+
+    def apply(self, model: onnx.ModelProto, step: LayerStep) -> onnx.ModelProto:
+        from .pruning import prune_model
+
+        return prune_model(model, 0.0, self.target.channel_multiple, self.prune.get("importance", "l1"),
+                           layer_ratios=step.layer_ratios, calibration=self.calibration,
+                           reconstruct=self.prune.get("reconstruct", True) and self.calibration is not None)[0]
+
+
+def _layer_table(profile: Profile, target: Target, options: CompileOptions, progress):
+    from .latency_table import LatencyTable
+    from .tvm_build import default_cache_dir
+
+    prune = profile.passes.get("prune", {})
+    if not (prune.get("enabled") and prune.get("per_layer")):
+        return None
+    cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
+    trials = prune.get("layer_trials", 32) if options.tune_trials > 0 else 0
+    return LatencyTable(target, cache, trials, options.device, progress)
+
+
 def search(model: onnx.ModelProto, target: Target, profile: Profile, options: CompileOptions,
            calibration: Calibration | None, val_inputs: list[dict[str, np.ndarray]] | None,
            labels: np.ndarray | None, max_accuracy_drop: float, min_gain: float = 0.02,
-           max_rounds: int = 3, progress: Callable[[str], None] = lambda _: None) -> SearchResult:
+           max_rounds: int | None = None, progress: Callable[[str], None] = lambda _: None) -> SearchResult:
     inputs = val_inputs or (calibration.feeds if calibration else None)
     if not inputs:
         raise HwcError("the search needs inputs to score accuracy on: --val (with --labels) or --calib")
     if labels is not None and len(labels) != len(inputs):
         raise HwcError(f"--labels has {len(labels)} entries for {len(inputs)} validation samples")
+    settings = profile.search
+    max_rounds = max_rounds or settings.get("max_rounds", 3)
     pool = candidates(profile, target, calibration)
+    table = _layer_table(profile, target, options, progress)
+    layer_steps = LayerSteps(profile, target, table, calibration) if table else None
     with tempfile.TemporaryDirectory(prefix="hwc-search-") as scratch:
         evaluate = Evaluator(target, options, inputs, labels, model, Path(scratch), progress)
         progress(f"search: baseline on {target.name}")
@@ -175,45 +263,127 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, options: Co
         result = SearchResult(model, [], base_latency, base_accuracy, base_latency, base_accuracy,
                               "top-1 (%)" if labels is not None else "top-1 agreement with the uncompressed model (%)",
                               "compiled artifact" if evaluate.on_artifact else "ONNX Runtime on the same ONNX model")
-        result.trials.append(Trial(0, "baseline", base_latency, method, base_accuracy, True, True,
-                                   kernels_ms=base_report.get("kernels_ms", {})))
+        baseline = Trial(0, "baseline", base_latency, method, base_accuracy, True, True,
+                         kernels_ms=base_report.get("kernels_ms", {}))
+        result.trials.append(baseline)
         if base_latency is None:
             raise HwcError(f"target {target.name} cannot be measured here (no device, no model): the search "
                            f"needs a latency; give --device rpc://HOST:PORT/KEY")
+        if table is not None:
+            baseline.predicted_ms = table.predict_ms(model)[0]
         for round_index in range(1, max_rounds + 1):
-            best = None
             families = {c.family for c in pool if c.name in result.applied}
             eligible = [c for c in pool if c.name not in result.applied and "quantize" not in families
                         and (c.family == "prune" or c.family not in families)]
-            for candidate in eligible:
-                start = time.monotonic()
-                try:
-                    trial_model = candidate.apply(result.model)
-                    latency, method, accuracy, trial_report = evaluate(trial_model)
-                except HwcError as exc:
-                    result.trials.append(Trial(round_index, candidate.name, None, "failed", float("nan"),
-                                               reason=str(exc)))
-                    progress(f"search round {round_index}: {candidate.name} failed: {exc}")
-                    continue
-                trial = Trial(round_index, candidate.name, latency, method, accuracy,
-                              kernels_ms=trial_report.get("kernels_ms", {}))
-                if latency >= result.latency_ms * (1 - min_gain):
-                    trial.reason = f"measured latency {latency:.3f} ms is not {min_gain:.0%} below {result.latency_ms:.3f} ms"
-                elif base_accuracy - accuracy > max_accuracy_drop:
-                    trial.reason = f"accuracy drop {base_accuracy - accuracy:.2f} pt exceeds the budget {max_accuracy_drop:g}"
-                else:
-                    trial.accepted = True
-                    gain = (result.latency_ms - latency) / max(result.accuracy - accuracy, 0.01)
-                    if best is None or gain > best[0]:
-                        best = (gain, trial, trial_model)
-                result.trials.append(trial)
-                progress(f"search round {round_index}: {candidate.name}: {latency:.3f} ms ({method}), accuracy "
-                         f"{accuracy:.2f} -> {'kept' if trial.accepted else 'rejected: ' + trial.reason} "
-                         f"[{time.monotonic() - start:.0f} s]")
-            if best is None:
+            kept: list[tuple[float, Trial, Any]] = []
+            total = len(eligible) + (settings.get("layer_candidates", 4) if layer_steps and "quantize" not in families else 0)
+            for index, candidate in enumerate(eligible, 1):
+                trial, trial_model = _measured_trial(candidate, round_index, result, evaluate, base_accuracy,
+                                                     max_accuracy_drop, min_gain, progress, f"[{index}/{total}]")
+                if trial.accepted:
+                    kept.append((_gain(result, trial.latency_ms, trial.accuracy), trial, trial_model))
+            if layer_steps and "quantize" not in families:
+                kept += _layer_trials(layer_steps, round_index, result, evaluate, base_accuracy, max_accuracy_drop,
+                                      min_gain, settings.get("layer_candidates", 4), progress, len(eligible), total)
+            if not _choose(kept, result, evaluate, base_accuracy, max_accuracy_drop, min_gain, progress):
                 break
-            _, trial, trial_model = best
-            trial.chosen = True
-            result.model, result.latency_ms, result.accuracy = trial_model, trial.latency_ms, trial.accuracy
-            result.applied.append(trial.candidate)
+        if table is not None:
+            result.table_info = {"file": str(table.cache.path), "method": table.method, "layer_trials": table.trials,
+                                 "figures_made_in_this_run": table.measured,
+                                 "chosen_predicted_ms": table.predict_ms(result.model)[0],
+                                 "baseline_predicted_ms": baseline.predicted_ms}
     return result
+
+
+def _gain(result: SearchResult, latency: float, accuracy: float) -> float:
+    return (result.latency_ms - latency) / max(result.accuracy - accuracy, 0.01)
+
+
+def _measured_trial(candidate: Candidate, round_index: int, result: SearchResult, evaluate: Evaluator,
+                    base_accuracy: float, max_accuracy_drop: float, min_gain: float, progress, counter: str):
+    start = time.monotonic()
+    try:
+        trial_model = candidate.apply(result.model)
+        latency, method, accuracy, trial_report = evaluate(trial_model)
+    except HwcError as exc:
+        trial = Trial(round_index, candidate.name, None, "failed", float("nan"), reason=str(exc))
+        result.trials.append(trial)
+        progress(f"{counter} search round {round_index}: {candidate.name} failed: {exc}")
+        return trial, None
+    trial = Trial(round_index, candidate.name, latency, method, accuracy, kernels_ms=trial_report.get("kernels_ms", {}))
+    _judge(trial, result, base_accuracy, max_accuracy_drop, min_gain)
+    result.trials.append(trial)
+    progress(f"{counter} search round {round_index}: {candidate.name}: {latency:.3f} ms ({method}), accuracy "
+             f"{accuracy:.2f} -> {'kept' if trial.accepted else 'rejected: ' + trial.reason} "
+             f"[{time.monotonic() - start:.0f} s]")
+    return trial, trial_model
+
+
+def _judge(trial: Trial, result: SearchResult, base_accuracy: float, max_accuracy_drop: float, min_gain: float) -> None:
+    if trial.latency_ms >= result.latency_ms * (1 - min_gain):
+        trial.reason = f"measured latency {trial.latency_ms:.3f} ms is not {min_gain:.0%} below {result.latency_ms:.3f} ms"
+    elif base_accuracy - trial.accuracy > max_accuracy_drop:
+        trial.reason = f"accuracy drop {base_accuracy - trial.accuracy:.2f} pt exceeds the budget {max_accuracy_drop:g}"
+    else:
+        trial.accepted = True
+
+
+def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, evaluate: Evaluator,
+                  base_accuracy: float, max_accuracy_drop: float, min_gain: float, how_many: int, progress,
+                  done: int, total: int) -> list[tuple[float, Trial, Any]]:
+    """Score the per-layer steps the table predicts to save the most; the rest are recorded as such."""
+    proposals = steps.propose(result.model)
+    threshold = result.latency_ms * min_gain
+    promising = [st for st in proposals if st.saving_ms > threshold][:how_many]
+    for st in proposals:
+        if st not in promising:
+            why = (f"the latency table predicts {st.saving_ms:.4f} ms saved, not {min_gain:.0%} of "
+                   f"{result.latency_ms:.3f} ms" if st.saving_ms <= threshold else
+                   f"the table predicts less saving ({st.saving_ms:.4f} ms) than the {how_many} steps tried")
+            result.trials.append(Trial(round_index, st.name, None, "table", float("nan"), reason=why,
+                                       predicted_ms=result.latency_ms - st.saving_ms, layers=st.shapes))
+    kept = []
+    for index, st in enumerate(promising, done + 1):
+        start = time.monotonic()
+        predicted = result.latency_ms - st.saving_ms
+        try:
+            model = steps.apply(result.model, st)
+            accuracy = evaluate.score_ort(model)
+        except HwcError as exc:
+            result.trials.append(Trial(round_index, st.name, None, "failed", float("nan"), reason=str(exc),
+                                       layers=st.shapes))
+            continue
+        trial = Trial(round_index, st.name, None, "table", accuracy, predicted_ms=predicted, layers=st.shapes)
+        if base_accuracy - accuracy > max_accuracy_drop:
+            trial.reason = f"accuracy drop {base_accuracy - accuracy:.2f} pt exceeds the budget {max_accuracy_drop:g}"
+        else:
+            trial.accepted = True
+            kept.append((_gain(result, predicted, accuracy), trial, model))
+        result.trials.append(trial)
+        progress(f"[{index}/{total}] search round {round_index}: {st.name}: table predicts {predicted:.3f} ms, "
+                 f"accuracy {accuracy:.2f} (ONNX Runtime) -> {'kept' if trial.accepted else 'rejected: ' + trial.reason} "
+                 f"[{time.monotonic() - start:.0f} s]")
+    return kept
+
+
+def _choose(kept: list[tuple[float, Trial, Any]], result: SearchResult, evaluate: Evaluator, base_accuracy: float,
+            max_accuracy_drop: float, min_gain: float, progress) -> bool:
+    """Apply the best kept candidate whose end-to-end measurement confirms it; False if none does."""
+    for _, trial, model in sorted(kept, key=lambda item: -item[0]):
+        if trial.latency_ms is None:  # a table prediction: measure the whole compiled model now
+            latency, method, accuracy, report = evaluate(model)
+            trial.latency_ms, trial.latency_method, trial.accuracy = latency, method, accuracy
+            trial.kernels_ms = report.get("kernels_ms", {})
+            trial.accepted = False
+            _judge(trial, result, base_accuracy, max_accuracy_drop, min_gain)
+            progress(f"end-to-end: {trial.candidate}: measured {latency:.3f} ms ({method}) for the table's "
+                     f"{trial.predicted_ms:.3f} ms, accuracy {accuracy:.2f} on the compiled model -> "
+                     f"{'applied' if trial.accepted else 'rejected: ' + trial.reason}")
+            if not trial.accepted:
+                trial.reason = "end-to-end check: " + trial.reason
+                continue
+        trial.chosen = True
+        result.model, result.latency_ms, result.accuracy = model, trial.latency_ms, trial.accuracy
+        result.applied.append(trial.candidate)
+        return True
+    return False

@@ -286,6 +286,6 @@ def _progress_callback(progress: Callable[[str], None], total: int):
             self.count += len(measure_candidates)
             if time.monotonic() - self._last > 5 or self.count >= total:
                 self._last = time.monotonic()
-                progress(f"tuning: {self.count}/{total} trials")
+                progress(f"[{self.count}/{total}] tuning trials")
 
     return _Progress()

@@ -182,3 +182,19 @@ def test_tuning_runs_candidates_on_the_device(farm, tmp_path, rng):
                                                                  repeat=3, device=farm.url))
     assert report["tuning"]["trials_run"] > 0
     assert report["latency"]["method"] == "rpc" and report["accuracy"]["max_relative_error"] < 1e-3
+
+
+def test_latency_table_is_measured_on_the_device_in_parallel(farm, tmp_path):
+    from hwcompress.config import get_target
+    from hwcompress.latency_table import LatencyTable, model_layers
+    from hwcompress.passes import run_canonical
+
+    model = run_canonical(load_model(shared_model("mnist-8")))[0]
+    events: list[str] = []
+    table = LatencyTable(get_target("host"), tmp_path / "cache", trials=0, device=farm.url, progress=events.append)
+    total, per_layer = table.predict_ms(model)
+    assert table.method == "rpc" and set(per_layer) == set(model_layers(model)) and total > 0
+    assert any("on 2 server(s)" in e for e in events), events  # every free server of the key took work
+    saved = json.loads(table.cache.path.read_text())
+    assert {v["device"] for v in saved.values()} == {farm.url}
+    assert LatencyTable(get_target("host"), tmp_path / "cache", device=farm.url).predict_ms(model)[1] == per_layer

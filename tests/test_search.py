@@ -29,7 +29,54 @@ def mnist_files(tmp_path_factory):
           lowrank: {enabled: true, energies: [0.9], methods: [svd, spatial, tucker2]}
           quantize: {enabled: true, schemes: [int8]}
     """))
+    (folder / "profiles" / "layers.yaml").write_text(textwrap.dedent("""
+        name: layers
+        target: host
+        accuracy_budget: {max_top1_drop: 1.0}
+        search: {max_rounds: 3, layer_candidates: 2}
+        passes:
+          prune: {enabled: true, per_layer: true, ratios: [0.25, 0.5], reconstruct: true}
+          lowrank: {enabled: false}
+          quantize: {enabled: false}
+    """))
     return folder
+
+
+def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp_path, mnist_files):
+    args = [str(shared_model("mnist-8")), "--target", "host", "--tune-trials", "0", "--profile", "layers",
+            "--profiles-dir", str(mnist_files / "profiles"), "--calib", str(mnist_files / "calib.npz"),
+            "--val", str(mnist_files / "val.npz"), "--labels", str(mnist_files / "labels.npy"), "--repeat", "10",
+            "--cache-dir", str(tmp_path / "cache"), "--json"]
+    result = hwc("compile", *args, "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    search = json.loads(result.stdout)["search"]
+    table, trials = search["latency_table"], search["trials"]
+    assert table["method"] == "local" and table["figures_made_in_this_run"] > 0
+    assert trials[0]["predicted_ms"] > 0  # the baseline's layers, summed
+    steps = [t for t in trials[1:] if t["layers"]]
+    assert steps and all(t["predicted_ms"] is not None for t in steps)
+    for t in steps:
+        for before, after in t["layers"].values():
+            assert after < before
+    # Scored steps were ranked by the table; only an end-to-end measurement lets one be applied.
+    checked = [t for t in steps if t["latency_ms"] is not None]
+    for t in checked:
+        assert t["latency_method"] == "local"
+        assert t["chosen"] == t["accepted"]
+    chosen = [t for t in trials if t["chosen"]]
+    assert [t["latency_ms"] for t in chosen] == sorted((t["latency_ms"] for t in chosen), reverse=True)
+    assert search["applied"] == [t["candidate"] for t in chosen[1:]]
+    assert not any(t["chosen"] for t in steps if t["latency_ms"] is None)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Per-layer latency table" in markdown and "| table predicts ms |" in markdown
+    if checked:
+        assert "Latency table vs end-to-end measurement" in (tmp_path / "out" / "report.html").read_text()
+    # [k/n] counters on stderr (a bar on a terminal).
+    assert "] search round 1: prune " in result.stderr and "latency table: timing" in result.stderr
+
+    again = hwc("compile", *args, "-o", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["search"]["latency_table"]["figures_made_in_this_run"] == 0
 
 
 def test_search_keeps_only_measured_gains_within_budget(tmp_path, mnist_files):

@@ -112,6 +112,33 @@ class ChannelGraph:
             out.setdefault(self.find(a), []).append(a)
         return out
 
+    def coupled_layers(self) -> list[list[str]]:
+        """Prunable layers that lose channels together (a residual group, a Concat's inputs), each
+        group once: the units a per-layer search prunes."""
+        blocked = self.blocked_roots()
+        owner = np.zeros(len(self.parent), dtype=int)
+        for i, s in enumerate(self.sources):
+            owner[s.offset: s.offset + s.channels] = i
+        parent = list(range(len(self.sources)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        usable = set()
+        for root, atoms in self.classes().items():
+            touched = sorted(set(owner[atoms].tolist()))
+            if root in blocked or not all(self.sources[t].prunable for t in touched):
+                continue
+            usable.update(touched)
+            for t in touched[1:]:
+                parent[find(t)] = find(touched[0])
+        groups: dict[int, list[str]] = {}
+        for i in sorted(usable):
+            groups.setdefault(find(i), []).append(self.sources[i].node)
+        return list(groups.values())
+
     def blocked_roots(self) -> dict[int, str]:
         roots: dict[int, str] = {}
         for atom, reason in self.blocked.items():

@@ -56,7 +56,8 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
     which output channels of which layers to remove (used to test exactness); it bypasses the
     importance ranking but not the dependency rules.
     """
-    for r in [ratio, *(layer_ratios or {}).values()]:
+    # ratio 0 with layer_ratios: only the named layers lose channels (a per-layer search step).
+    for r in [*([ratio] if ratio or not layer_ratios else []), *(layer_ratios or {}).values()]:
         if not 0.0 < r < 1.0:
             raise HwcError(f"pruning ratio {r} must be between 0 and 1 (exclusive)")
     if multiple < 1:
@@ -122,7 +123,7 @@ def _plan(cg: ChannelGraph, scores: np.ndarray, ratio: float, layer_ratios: dict
     classes = cg.classes()
     quota: dict[int, int] = {}
     for i, s in enumerate(cg.sources):
-        if not s.prunable:
+        if not s.prunable or (ratio == 0 and s.node not in layer_ratios):
             continue
         keep = kept_channels(s.channels, layer_ratios.get(s.node, ratio), multiple)
         if s.channels <= multiple:

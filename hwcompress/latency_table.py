@@ -1,0 +1,266 @@
+"""Per-layer latency tables (NetAdapt): each layer shape compiled alone for the target and timed there.
+
+A layer is a Conv, Gemm or MatMul with constant weights, identified by a ``LayerSpec``: op type,
+attributes, input and weight shapes, bias, dtype, and the elementwise ops that TVM fuses into it
+(a constant bias Add, Relu, Clip, a residual Add). With that epilogue the one-layer model compiles to the very kernel
+TVM builds for the layer inside the whole model, so tuning the table tunes the model too. Its latency is that of a one-layer model built by
+TVM for the target (tuned with the table's trial budget into the target's tuning database) and
+measured the way the target is measured: on this machine, on a device through the RPC tracker
+(every missing layer of a batch in parallel over the device's servers), or with the target's cycle
+model. Figures are cached in one file per (target, TVM version, measuring method), keyed by the
+spec and the tuning budget, and written after each new figure, so a second search and other models
+with the same layers reuse them, and an interrupted fill resumes.
+
+The table predicts a model's latency change as the sum of its layers' changes; the search checks
+every prediction it acts on against an end-to-end measurement of the whole compiled model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .config import Target, physical_cores
+from .errors import HwcError
+from .graph import Graph
+from .measure import Latency, LocalMeasurer, MeasurementCache
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What determines a layer's latency on a target (not its weights' values)."""
+
+    op: str
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    attributes: tuple[tuple[str, Any], ...]
+    bias: bool
+    epilogue: tuple[tuple, ...] = ()  # ("Relu",), ("Clip", lo, hi), ("Add",): residual R, ("AddConst", shape)
+    dtype: str = "float32"
+
+    def key(self) -> str:
+        return json.dumps([self.op, self.input_shape, self.weight_shape, self.attributes, self.bias,
+                           self.epilogue, self.dtype], separators=(",", ":"))
+
+    def describe(self) -> str:
+        tail = "".join(f"+{op[0]}" for op in self.epilogue)
+        return f"{self.op}{tail} {'x'.join(map(str, self.input_shape))} * {'x'.join(map(str, self.weight_shape))}"
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["X"] + (["R"] if any(op[0] == "Add" for op in self.epilogue) else [])
+
+    def to_model(self) -> onnx.ModelProto:
+        """The layer alone, with random weights of its shapes."""
+        rng = np.random.default_rng(0)
+        weight = onnx.numpy_helper.from_array(rng.standard_normal(self.weight_shape).astype(np.float32), "W")
+        inits = [weight]
+        inputs = ["X", "W"]
+        if self.bias:
+            channels = self.weight_shape[0] if self.op == "Conv" or dict(self.attributes).get("transB") else self.weight_shape[-1]
+            inits.append(onnx.numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "B"))
+            inputs.append("B")
+        nodes = [helper.make_node(self.op, inputs, ["Y0"], name="layer", **dict(self.attributes))]
+        graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, self.input_shape)]
+        for i, op in enumerate(self.epilogue):
+            extra = []
+            if op[0] == "Add":
+                extra = ["R"]
+                graph_inputs.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, None))
+            elif op[0] == "AddConst":
+                inits.append(onnx.numpy_helper.from_array(rng.standard_normal(op[1]).astype(np.float32), f"C{i}"))
+                extra = [f"C{i}"]
+            elif op[0] == "Clip":
+                inits += [onnx.numpy_helper.from_array(np.array(op[1], np.float32), "lo"),
+                          onnx.numpy_helper.from_array(np.array(op[2], np.float32), "hi")]
+                extra = ["lo", "hi"]
+            op_type = "Add" if op[0] == "AddConst" else op[0]
+            nodes.append(helper.make_node(op_type, [f"Y{i}", *extra], [f"Y{i + 1}"], name=f"epilogue{i}"))
+        nodes[-1].output[0] = "Y"
+        graph = helper.make_graph(nodes, "layer", graph_inputs,
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        model = onnx.shape_inference.infer_shapes(model)
+        if len(graph_inputs) > 1:  # the residual input has the layer's output shape
+            shape = next(v for v in model.graph.value_info if v.name == "Y0").type.tensor_type.shape
+            model.graph.input[1].type.tensor_type.shape.CopyFrom(shape)
+            model = onnx.shape_inference.infer_shapes(model)
+        return model
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        model = self.to_model()
+        rng = np.random.default_rng(1)
+        return {v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim]).astype(np.float32)
+                for v in model.graph.input}
+
+
+def layer_spec(graph: Graph, node: onnx.NodeProto) -> LayerSpec | None:
+    """The spec of a Conv/Gemm/MatMul with a constant weight and a static input shape, else None."""
+    if node.op_type not in LAYER_OPS or len(node.input) < 2 or not graph.is_constant(node.input[1]):
+        return None
+    shape = graph.shape(node.input[0])
+    if not shape or not all(isinstance(d, int) for d in shape):
+        return None
+    attributes = tuple(sorted((a.name, _plain(helper.get_attribute_value(a))) for a in node.attribute))
+    bias = len(node.input) > 2 and bool(node.input[2])
+    return LayerSpec(node.op_type, tuple(shape), tuple(graph.initializer(node.input[1]).shape), attributes, bias,
+                     _epilogue(graph, node))
+
+
+def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple, ...]:
+    """The elementwise ops after the layer that TVM fuses into its kernel."""
+    ops: list[tuple] = []
+    tensor = node.output[0]
+    while len(ops) < 3:
+        user = graph.sole_consumer(tensor)
+        if user is None or tensor in graph.output_names:
+            break
+        if user.op_type == "Relu":
+            ops.append(("Relu",))
+        elif (user.op_type == "Clip" and len(user.input) == 3
+              and all(graph.is_constant(i) for i in user.input[1:])):
+            ops.append(("Clip", float(graph.initializer(user.input[1])), float(graph.initializer(user.input[2]))))
+        elif (user.op_type == "Add" and not any(graph.is_constant(i) for i in user.input)
+              and graph.shape(user.input[0]) == graph.shape(user.input[1])):
+            ops.append(("Add",))
+        elif user.op_type == "Add" and sum(graph.is_constant(i) for i in user.input) == 1:  # a bias
+            constant = next(i for i in user.input if graph.is_constant(i))
+            ops.append(("AddConst", tuple(graph.initializer(constant).shape)))
+        else:
+            break
+        tensor = user.output[0]
+    return tuple(ops)
+
+
+def model_layers(model: onnx.ModelProto) -> dict[str, LayerSpec]:
+    """Every timed layer of a model, by node name."""
+    graph = Graph(model)
+    graph.infer_shapes()
+    specs = {n.name: layer_spec(graph, n) for n in graph.nodes}
+    return {name: spec for name, spec in specs.items() if spec is not None}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+class LatencyTable:
+    """Milliseconds per layer spec on one target, filled on demand and cached on disk."""
+
+    def __init__(self, target: Target, cache_dir: Path, trials: int = 0, device: str | None = None,
+                 progress: Callable[[str], None] = lambda _: None):
+        import tvm
+
+        from . import tvm_build
+
+        self.target, self.trials, self.progress = target, trials, progress
+        self.device = device or target.latency.get("device")
+        if target.latency["method"] == "model":
+            self.method = "model"
+        elif self.device:
+            self.method = "rpc"
+        elif target.latency["method"] == "local" and not tvm_build.is_cross(target):
+            self.method = "local"
+        else:
+            raise HwcError(f"the layers of {target.name} can only be timed on a device: give "
+                           f"--device rpc://HOST:PORT/KEY")
+        self.threads = self._threads()
+        identity = json.dumps({"tvm": tvm.__version__, "target": target.tvm_target_dict(), "method": self.method,
+                               "device": self.device, "threads": self.threads,
+                               "model": target.latency.get("model") if self.method == "model" else None},
+                              sort_keys=True)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        self.cache = MeasurementCache(Path(cache_dir) / "latency-tables" / f"{target.name}-{digest}.json")
+        self.db_dir = tvm_build.tuning_db_dir(Path(cache_dir), target)
+        self.measured = 0  # figures this instance had to make (not found in the cache)
+
+    def _threads(self) -> int | None:
+        if self.method != "local":
+            return None
+        threads = self.target.latency.get("threads", "auto")
+        return physical_cores() if threads == "auto" else int(threads)
+
+    def _entry_key(self, spec: LayerSpec) -> str:
+        return spec.key() if self.method == "model" else f"{spec.key()}|trials={self.trials}"
+
+    def latencies(self, specs: Iterable[LayerSpec]) -> dict[LayerSpec, float]:
+        """Milliseconds for each spec, timing those not yet in the table."""
+        specs = list(dict.fromkeys(specs))
+        missing = [s for s in specs if self.cache.get(self._entry_key(s)) is None]
+        if missing:
+            self._fill(missing)
+        return {s: self.cache.get(self._entry_key(s)).median_ms for s in specs}
+
+    def predict_ms(self, model: onnx.ModelProto) -> tuple[float, dict[str, float]]:
+        """The sum of the model's layer latencies, and each layer's figure by node name."""
+        layers = model_layers(model)
+        table = self.latencies(layers.values())
+        per_layer = {name: table[spec] for name, spec in layers.items()}
+        return float(sum(per_layer.values())), per_layer
+
+    # ------------------------------------------------------------------ filling
+    def _fill(self, specs: list[LayerSpec]) -> None:
+        how = {"local": f"on this machine ({self.threads} threads)", "rpc": f"on {self.device}",
+               "model": "with the cycle model"}[self.method]
+        tuned = f", tuned with {self.trials} trials each" if self.trials and self.method != "model" else ""
+        self.progress(f"latency table: timing {len(specs)} new layer shape(s) {how}{tuned}")
+        if self.method == "model":
+            for spec in specs:
+                self.cache.put(self._entry_key(spec), self._modelled(spec))
+        else:
+            with tempfile.TemporaryDirectory(prefix="hwc-layers-") as scratch:
+                libraries = []
+                for index, spec in enumerate(specs, 1):
+                    libraries.append(self._compile(spec, Path(scratch) / f"layer{index}.so"))
+                    if self.method == "local":  # time at once: the figure is kept even if a later layer fails
+                        latency, _ = LocalMeasurer(self.threads, repeat=10, min_repeat_ms=20).measure(
+                            libraries[-1], spec.feeds(), spec.input_names)
+                        self.cache.put(self._entry_key(spec), latency)
+                    self.progress(f"[{index}/{len(specs)}] layer {spec.describe()}"
+                                  + (f": {self.cache.get(self._entry_key(spec)).median_ms:.4f} ms" if self.method == "local" else " compiled"))
+                if self.method == "rpc":
+                    self._measure_remote(specs, libraries)
+        self.measured += len(specs)
+
+    def _compile(self, spec: LayerSpec, path: Path) -> Path:
+        from . import tvm_build
+
+        mod = tvm_build.import_onnx(spec.to_model())
+        if self.trials > 0:
+            tvm_build.tune(mod, self.target, self.trials, self.db_dir, device=self.device)
+        executable = tvm_build.build(mod, self.target, self.db_dir)
+        tvm_build.export(executable, self.target, path.parent, path.name)
+        return path
+
+    def _measure_remote(self, specs: list[LayerSpec], libraries: list[Path]) -> None:
+        from .remote import Job, measure_all, parse_device
+
+        jobs = [Job(self._entry_key(s), lib, s.feeds(), s.input_names) for s, lib in zip(specs, libraries)]
+        measure_all(jobs, parse_device(self.device), self.cache, self.target.tvm["target"]["kind"],
+                    progress=self.progress)
+
+    def _modelled(self, spec: LayerSpec) -> Latency:
+        from .latency_model import layer_cycles
+
+        params = self.target.latency["model"]
+        graph = Graph(spec.to_model())
+        graph.infer_shapes()
+        cycles = layer_cycles(graph, graph.nodes[0], params)
+        ms = cycles / (params["clock_mhz"] * 1e3)
+        return Latency(method="model", median_ms=ms, p90_ms=ms, min_ms=ms, repeat=1, number=1,
+                       device=f"{self.target.name} cycle model")

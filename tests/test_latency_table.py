@@ -1,0 +1,93 @@
+"""Per-layer latency tables: real one-layer TVM builds, timed here, cached, and shared with whole models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import shared_model
+from hwcompress import ort, tvm_build
+from hwcompress.config import get_target
+from hwcompress.examples import mobilenetv2, resnet18
+from hwcompress.latency_model import modelled_latency
+from hwcompress.latency_table import LatencyTable, model_layers
+from hwcompress.loading import load_model
+from hwcompress.passes import run_canonical
+
+
+@pytest.fixture(scope="module")
+def small_resnet():
+    return run_canonical(resnet18(input_size=32, classes=10))[0]
+
+
+def test_layer_specs_carry_the_fused_epilogue_and_run(small_resnet):
+    specs = model_layers(small_resnet)
+    convs = [s for s in specs.values() if s.op == "Conv"]
+    assert len(specs) == 21 and len(convs) == 20
+    epilogues = {s.epilogue for s in convs}
+    assert (("Relu",),) in epilogues and (("Add",), ("Relu",)) in epilogues  # plain and residual blocks
+    residual = next(s for s in convs if s.epilogue == (("Add",), ("Relu",)))
+    model = residual.to_model()
+    feeds = residual.feeds()
+    assert list(feeds) == ["X", "R"] == residual.input_names
+    (out,) = ort.run(model, feeds)
+    assert out.shape == feeds["R"].shape and out.min() >= 0.0  # Relu after the residual Add
+    clipped = [s for s in model_layers(run_canonical(mobilenetv2(input_size=32, classes=10))[0]).values()
+               if s.epilogue and s.epilogue[0][0] == "Clip"]
+    assert clipped and clipped[0].epilogue[0][1:] == (0.0, 6.0)
+
+
+def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
+    target = get_target("host")
+    table = LatencyTable(target, tmp_path, trials=0)
+    total, per_layer = table.predict_ms(small_resnet)
+    distinct = len(set(model_layers(small_resnet).values()))
+    assert table.measured == distinct and total == pytest.approx(sum(per_layer.values())) and total > 0
+    saved = json.loads(table.cache.path.read_text())
+    assert len(saved) == distinct and all(v["method"] == "local" and v["median_ms"] > 0 for v in saved.values())
+
+    again = LatencyTable(target, tmp_path, trials=0)  # a second run: everything from the file
+    assert again.predict_ms(small_resnet)[1] == per_layer and again.measured == 0
+    # A wider ResNet shares only the stem's input shape; its new shapes are timed, nothing else.
+    wide = run_canonical(resnet18(input_size=32, classes=10, width=0.5))[0]
+    other = LatencyTable(target, tmp_path, trials=0)
+    other.predict_ms(wide)
+    shared = set(model_layers(wide).values()) & set(model_layers(small_resnet).values())
+    assert other.measured == len(set(model_layers(wide).values())) - len(shared)
+    # Another tuning budget is another figure, in the same file.
+    assert LatencyTable(target, tmp_path, trials=0).cache.path == LatencyTable(target, tmp_path, trials=8).cache.path
+
+
+def test_tuning_the_table_tunes_the_models_own_kernels(tmp_path):
+    """Each layer is built with its fused epilogue, so its tuned kernel is the whole model's."""
+    target = get_target("host")
+    model = run_canonical(load_model(shared_model("mnist-8")))[0]
+    table = LatencyTable(target, tmp_path, trials=2)
+    table.predict_ms(model)
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import relax
+
+    tasks = ms.relax_integration.extract_tasks(relax.get_pipeline("zero")(tvm_build.import_onnx(model)),
+                                               target.tvm_target())
+    layer_tasks = [t for t in tasks if "conv2d" in t.task_name or "matmul" in t.task_name]
+    assert len(layer_tasks) == len(model_layers(model)) == 3
+    database = tvm_build._open_database(table.db_dir)
+    assert all(tvm_build._has_record(database, t, target.tvm_target()) for t in layer_tasks)
+
+
+def test_npu16_table_is_its_cycle_model(tmp_path, small_resnet):
+    target = get_target("npu16")
+    table = LatencyTable(target, tmp_path)
+    _, per_layer = table.predict_ms(small_resnet)
+    _, rows = modelled_latency(small_resnet, target)
+    modelled = {r["layer"]: r["cycles"] / (target.latency["model"]["clock_mhz"] * 1e3) for r in rows}
+    assert per_layer == pytest.approx({name: modelled[name] for name in per_layer})
+    assert all(v["method"] == "model" for v in json.loads(table.cache.path.read_text()).values())
+
+
+def test_cross_target_without_device_is_refused(tmp_path):
+    from hwcompress.errors import HwcError
+
+    with pytest.raises(HwcError, match="timed on a device"):
+        LatencyTable(get_target("arm-a72"), tmp_path)

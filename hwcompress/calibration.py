@@ -1,7 +1,8 @@
 """Calibration data: what pruning reconstruction, low-rank fitting and quantization learn from.
 
 A ``.npz`` holds one array per model input (named after it; a single-input model may use any name),
-with samples along the first axis: shape ``[S, *input_shape[1:]]`` for a batch-1 model. ``random``
+with samples along the first axis: shape ``[S, *input_shape[1:]]`` for a batch-1 model. A folder of
+images serves a model with one image input, read with a preprocessing spec (``images``). ``random``
 asks for standard-normal data instead, and every report then says so.
 """
 
@@ -34,8 +35,9 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[list[int], np.dtype]
             for v in model.graph.input if v.name not in weights}
 
 
-def load_calibration(spec: str | Path, model: onnx.ModelProto, max_samples: int = 64, seed: int = 0) -> Calibration:
-    """Read ``spec`` (an .npz path or ``random``) into per-run feed dicts for ``model``."""
+def load_calibration(spec: str | Path, model: onnx.ModelProto, max_samples: int = 64, seed: int = 0,
+                     preprocess: str | None = None) -> Calibration:
+    """Read ``spec`` (an .npz path, a folder of images, or ``random``) into per-run feeds for ``model``."""
     inputs = model_inputs(model)
     if str(spec) == "random":
         rng = np.random.default_rng(seed)
@@ -45,11 +47,15 @@ def load_calibration(spec: str | Path, model: onnx.ModelProto, max_samples: int 
     path = Path(spec)
     if not path.exists():
         raise HwcError(f"calibration data {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise HwcError(f"calibration data {path}: not a readable .npz file ({exc})") from exc
+    source = str(path)
+    if path.is_dir():
+        arrays, source = _image_folder(path, inputs, preprocess, max_samples)
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise HwcError(f"calibration data {path}: not a readable .npz file ({exc})") from exc
     if len(inputs) == 1 and len(arrays) == 1:
         arrays = {next(iter(inputs)): next(iter(arrays.values()))}
     missing = [n for n in inputs if n not in arrays]
@@ -76,4 +82,19 @@ def load_calibration(spec: str | Path, model: onnx.ModelProto, max_samples: int 
     runs = min(next(iter(counts.values())), max_samples)
     feeds = [{name: arrays[name][i * shape[0]:(i + 1) * shape[0]].astype(dtype)
               for name, (shape, dtype) in inputs.items()} for i in range(runs)]
-    return Calibration(feeds, str(path))
+    return Calibration(feeds, source)
+
+
+def _image_folder(path: Path, inputs: dict, preprocess: str | None, max_samples: int) -> tuple[dict, str]:
+    from .images import load_image_folder, parse_preprocessing
+
+    if len(inputs) != 1:
+        raise HwcError(f"calibration folder {path}: the model has {len(inputs)} inputs; a folder of images "
+                       f"serves one image input (use an .npz with one array per input)")
+    if not preprocess:
+        raise HwcError(f"calibration folder {path}: say how to preprocess the images with --preprocess "
+                       f"(a preset: torch, caffe, mnist; or resize=256,crop=224,scale=255,mean=a:b:c,std=a:b:c,"
+                       f"order=rgb,layout=nchw)")
+    name, (shape, _) = next(iter(inputs.items()))
+    array = load_image_folder(path, parse_preprocessing(preprocess), name, shape, max_samples * max(shape[0], 1))
+    return {name: array}, f"{path} ({len(array)} images, preprocessing {preprocess})"

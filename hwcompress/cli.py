@@ -134,7 +134,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              tolerance=args.tolerance, repeat=args.repeat, device=args.device)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
-                           labels=args.labels, max_accuracy_drop=args.max_accuracy_drop,
+                           labels=args.labels, preprocess=args.preprocess, max_accuracy_drop=args.max_accuracy_drop,
                            max_latency_ms=args.max_latency_ms,
                            search=args.search or bool(args.calib or args.val))
     report = compile_for_target(args.model, args.output, options, search, progress.step)
@@ -166,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              repeat=args.repeat)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
-                           labels=args.labels, search=bool(args.calib or args.val))
+                           labels=args.labels, preprocess=args.preprocess, search=bool(args.calib or args.val))
     rows = compare(args.model, [t for t in args.targets.split(",") if t], args.output, options, search, devices,
                    progress.step)
     text = "\n".join(f"{r['target']:10} {('%.3f ms' % r['latency_ms']) if r['latency_ms'] is not None else 'n/a':>12} "
@@ -201,7 +201,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     layer_ratios = _parse_layer_ratios(args.layer_ratio)
     progress.step(f"loading {args.model}")
     model = canonicalize_reshape(eliminate_identity(load_model(args.model, parse_input_shapes(args.input_shape))))
-    calibration = load_calibration(args.calib, model) if args.calib else None
+    calibration = load_calibration(args.calib, model, preprocess=args.preprocess) if args.calib else None
     progress.step(f"pruning {args.ratio:g} of the channels (multiple {multiple}, importance {args.importance})")
     pruned, report = prune_model(model, args.ratio, multiple, args.importance, layer_ratios, calibration,
                                  reconstruct=not args.no_reconstruct)
@@ -233,7 +233,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     multiple = get_target(args.target, args.targets_dir).rank_multiple if args.target else 1
     progress.step(f"loading {args.model}")
     model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
-    calibration = load_calibration(args.calib, model) if args.calib else None
+    calibration = load_calibration(args.calib, model, preprocess=args.preprocess) if args.calib else None
     rank = None if args.rank is None else (int(args.rank) if args.rank > 1 else float(args.rank))
     methods = tuple(args.method.split(",")) if args.method else ("svd", "spatial", "tucker2")
     progress.step(f"factorizing (energy {args.energy:g}, methods {', '.join(methods)}, rank multiple {multiple})")
@@ -293,7 +293,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                        "--calib random to accept scales from random data")
     progress.step(f"loading {args.model}")
     model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
-    calibration = load_calibration(args.calib, model, max_samples=args.max_samples)
+    calibration = load_calibration(args.calib, model, max_samples=args.max_samples, preprocess=args.preprocess)
     progress.step(f"calibrating ({args.method}) on {len(calibration.feeds)} sample(s) from {calibration.source}")
     quantized, report = quantize_model(model, calibration, args.scheme, args.method,
                                        target.int8.get("activation") == "symmetric", args.min_sqnr,
@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = argparse.ArgumentParser(add_help=False)
     shapes.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
                         help="static shape for a dynamic model input (repeatable)")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--preprocess", metavar="SPEC",
+                      help="how to read a folder of images given as --calib/--val: a preset (torch, caffe, mnist) "
+                           "and/or resize=256,crop=224,scale=255,mean=a:b:c,std=a:b:c,order=rgb|bgr,layout=nchw")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, fn: Callable, help_text: str, parents=(common,)) -> argparse.ArgumentParser:
@@ -368,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compile import DEFAULT_TUNE_TRIALS
 
     p = add("compile", cmd_compile, "compile for a target with TVM: tune, build, export, measure, check",
-            parents=(common, shapes))
+            parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("--target", "-t", default="host", help="target name (see 'hwc targets'; default host)")
     p.add_argument("-o", "--output", required=True, help="output directory (replaced atomically)")
@@ -386,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="default", help="compression profile for the target (default 'default')")
     p.add_argument("--search", action="store_true",
                    help="choose compression by measured latency (on by default with --calib or --val)")
-    p.add_argument("--calib", help="calibration data (.npz) for pruning reconstruction, low-rank and int8")
-    p.add_argument("--val", help="validation inputs (.npz, same format as --calib) to score accuracy on")
+    p.add_argument("--calib", help="calibration data (.npz, or a folder of images with --preprocess) for pruning "
+                                   "reconstruction, low-rank and int8")
+    p.add_argument("--val", help="validation inputs (.npz or image folder, as --calib) to score accuracy on")
     p.add_argument("--labels", help="class indices (.npy) of the --val samples; without: agreement with "
                                     "the uncompressed model")
     p.add_argument("--max-accuracy-drop", type=float, help="accuracy budget in points (default: the profile's); "
@@ -395,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=float, help="latency budget; exceeding it exits 3 after writing the report")
 
     p = add("prune", cmd_prune, "remove whole channels of Conv/Gemm layers (structured pruning)",
-            parents=(common, shapes))
+            parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--ratio", type=float, required=True, help="fraction of each layer's channels to remove (0..1)")
@@ -406,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reconstruct", action="store_true", help="with --calib: measure only, do not refit")
 
     p = add("lowrank", cmd_lowrank, "factorize Gemm/MatMul/Conv layers into smaller ones (SVD, spatial SVD, "
-            "Tucker-2)", parents=(common, shapes))
+            "Tucker-2)", parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--energy", type=float, default=0.95, help="singular-value energy to keep (default 0.95)")
@@ -418,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration data (.npz) for data-aware factors, or 'random'")
 
     p = add("quantize", cmd_quantize, "quantize Conv/Gemm/MatMul layers: int8 QDQ or pow2 (log) weights",
-            parents=(common, shapes))
+            parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--scheme", choices=["int8", "pow2"], default="int8")
@@ -432,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=64, help="calibration samples to use (default 64)")
 
     p = add("compare", cmd_compare, "compile one model for several targets and compare them side by side",
-            parents=(common, shapes))
+            parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("--targets", default="host,arm-a72,nvidia-t4,npu16")
     p.add_argument("-o", "--output", required=True, help="output directory (one folder per target + comparison.*)")

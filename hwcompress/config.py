@@ -65,6 +65,8 @@ PROFILE_SCHEMA: dict[str, Any] = {
         "description": {"type": "string"},
         "accuracy_budget": {"type": "object", "additionalProperties": False, "properties": {
             "max_top1_drop": {"type": "number", "minimum": 0}}},
+        "calibration": {"type": "object", "additionalProperties": False, "properties": {
+            "preprocess": {"type": "string"}}},
         "search": {"type": "object", "additionalProperties": False, "properties": {
             "max_rounds": _POSITIVE_INT, "layer_candidates": _POSITIVE_INT}},
         "passes": {
@@ -138,6 +140,7 @@ class Profile:
     accuracy_budget: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     search: dict[str, Any] = field(default_factory=dict)  # max_rounds, layer_candidates
+    calibration: dict[str, Any] = field(default_factory=dict)  # preprocess: how to read image folders
 
 
 def search_dirs(kind: str, extra: list[str | os.PathLike] | None = None) -> list[Path]:
@@ -201,7 +204,7 @@ def get_profile(target: str, name: str = "default", extra_dirs: list | None = No
     path, data = profiles[(target, name)]
     return Profile(name=data["name"], target=data["target"], description=data.get("description", ""),
                    passes=data["passes"], accuracy_budget=data.get("accuracy_budget", {}), source=path,
-                   search=data.get("search", {}))
+                   search=data.get("search", {}), calibration=data.get("calibration", {}))
 
 
 def _builtin_dir(folder: str) -> Path:

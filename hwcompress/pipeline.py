@@ -27,6 +27,7 @@ class SearchOptions:
     calib: str | None = None
     val: str | None = None
     labels: str | None = None
+    preprocess: str | None = None  # for image folders; default: the profile's calibration.preprocess
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
     search: bool = True
@@ -49,8 +50,9 @@ def compile_for_target(model_path: str | Path, out_dir: str | Path, options: Com
 
     profile = get_profile(target.name, search_options.profile, search_options.profiles_dirs)
     model, _ = run_canonical(load_model(model_path, options.input_shapes))
-    calibration = load_calibration(search_options.calib, model) if search_options.calib else None
-    val_inputs, labels = _validation(search_options, model)
+    preprocess = search_options.preprocess or profile.calibration.get("preprocess")
+    calibration = load_calibration(search_options.calib, model, preprocess=preprocess) if search_options.calib else None
+    val_inputs, labels = _validation(search_options, model, preprocess)
     budget = search_options.max_accuracy_drop
     if budget is None:
         budget = profile.accuracy_budget.get("max_top1_drop", 1.0)
@@ -67,12 +69,12 @@ def compile_for_target(model_path: str | Path, out_dir: str | Path, options: Com
     return report
 
 
-def _validation(options: SearchOptions, model) -> tuple[list | None, np.ndarray | None]:
+def _validation(options: SearchOptions, model, preprocess: str | None) -> tuple[list | None, np.ndarray | None]:
     if options.labels and not options.val:
         raise HwcError("--labels needs --val (the inputs they label)")
     if not options.val:
         return None, None
-    inputs = load_calibration(options.val, model, max_samples=100_000).feeds
+    inputs = load_calibration(options.val, model, max_samples=100_000, preprocess=preprocess).feeds
     if not options.labels:
         return inputs, None
     try:

@@ -132,7 +132,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     options = CompileOptions(target=args.target, tune_trials=args.tune_trials, cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
-                             tolerance=args.tolerance, repeat=args.repeat, device=args.device)
+                             tolerance=args.tolerance, repeat=args.repeat, device=args.device,
+                             int8_compute=not args.no_int8_lowering)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
                            labels=args.labels, preprocess=args.preprocess, max_accuracy_drop=args.max_accuracy_drop,
                            max_latency_ms=args.max_latency_ms,
@@ -387,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=30, help="timed samples (default 30)")
     p.add_argument("--device", metavar="rpc://HOST:PORT/KEY",
                    help="measure on a device behind a TVM RPC tracker (overrides the target YAML's device)")
+    p.add_argument("--no-int8-lowering", action="store_true",
+                   help="compile QDQ layers as TVM imports them (float arithmetic) instead of int8 compute")
     p.add_argument("--profile", default="default", help="compression profile for the target (default 'default')")
     p.add_argument("--search", action="store_true",
                    help="choose compression by measured latency (on by default with --calib or --val)")

@@ -40,6 +40,7 @@ class CompileOptions:
     tolerance: float = 1e-3
     repeat: int = 30
     device: str | None = None  # rpc://HOST:PORT/KEY; default: the target YAML's latency.device
+    int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
 
 
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions,
@@ -63,6 +64,12 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
 
     progress("importing into TVM Relax")
     mod = tvm_build.import_onnx(canonical)
+    int8_layers = None
+    if options.int8_compute and any(n.op_type == "QuantizeLinear" for n in canonical.graph.node):
+        from .int8_lowering import lower_qdq
+
+        mod, int8_layers = lower_qdq(mod)
+        progress(f"int8 lowering: {len(int8_layers)} QDQ layer(s) run as int8 x int8 -> int32")
     cache_dir = Path(options.cache_dir) if options.cache_dir else tvm_build.default_cache_dir()
     db_dir = None
     tuning = None
@@ -109,6 +116,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             "passes": [l.to_dict() for l in logs],
             "tuning": tuning.__dict__ if tuning else None,
             "tuning_note": tuning_note,
+            "int8_lowering": None if int8_layers is None else {
+                "layers": int8_layers, "note": "QDQ Conv/MatMul run as int8 x int8 -> int32, then scaled per channel"},
             "build_seconds": build_seconds,
             "latency": latency.to_dict(),
             "accuracy": accuracy,

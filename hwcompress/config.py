@@ -68,14 +68,15 @@ PROFILE_SCHEMA: dict[str, Any] = {
         "calibration": {"type": "object", "additionalProperties": False, "properties": {
             "preprocess": {"type": "string"}}},
         "search": {"type": "object", "additionalProperties": False, "properties": {
-            "max_rounds": _POSITIVE_INT, "layer_candidates": _POSITIVE_INT}},
+            "max_rounds": _POSITIVE_INT, "layer_candidates": _POSITIVE_INT,
+            "layer_trials": {"type": "integer", "minimum": 0}}},
         "passes": {
             "type": "object", "additionalProperties": False,
             "properties": {
                 "prune": {"type": "object", "additionalProperties": False, "properties": {
                     **_PASS_SWITCH, "ratios": {"type": "array", "items": _RATIO},
                     "importance": {"enum": ["l1", "l2", "bn_gamma"]}, "reconstruct": {"type": "boolean"},
-                    "per_layer": {"type": "boolean"}, "layer_trials": {"type": "integer", "minimum": 0}}},
+                    "per_layer": {"type": "boolean"}}},
                 "lowrank": {"type": "object", "additionalProperties": False, "properties": {
                     **_PASS_SWITCH, "energies": {"type": "array", "items": {
                         "type": "number", "exclusiveMinimum": 0, "maximum": 1}},
@@ -84,7 +85,7 @@ PROFILE_SCHEMA: dict[str, Any] = {
                 "quantize": {"type": "object", "additionalProperties": False, "properties": {
                     **_PASS_SWITCH, "schemes": {"type": "array", "items": {"enum": ["int8", "pow2"]}},
                     "calibration": {"enum": ["minmax", "percentile", "entropy"]},
-                    "measure_first": {"type": "boolean"}}},
+                    "per_layer": {"type": "boolean"}}},
             },
         },
     },

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -46,7 +46,11 @@ class LayerSpec:
     attributes: tuple[tuple[str, Any], ...]
     bias: bool
     epilogue: tuple[tuple, ...] = ()  # ("Relu",), ("Clip", lo, hi), ("Add",): residual R, ("AddConst", shape)
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "int8/uint8", "int8/int8": int8 QDQ with that activation type, lowered
+
+    def as_int8(self, symmetric_activations: bool) -> "LayerSpec":
+        """The same layer quantized as the int8 pass would (per-channel weights, per-tensor input)."""
+        return replace(self, dtype="int8/int8" if symmetric_activations else "int8/uint8")
 
     def key(self) -> str:
         return json.dumps([self.op, self.input_shape, self.weight_shape, self.attributes, self.bias,
@@ -54,7 +58,8 @@ class LayerSpec:
 
     def describe(self) -> str:
         tail = "".join(f"+{op[0]}" for op in self.epilogue)
-        return f"{self.op}{tail} {'x'.join(map(str, self.input_shape))} * {'x'.join(map(str, self.weight_shape))}"
+        kind = "" if self.dtype == "float32" else f" [{self.dtype}]"
+        return f"{self.op}{kind}{tail} {'x'.join(map(str, self.input_shape))} * {'x'.join(map(str, self.weight_shape))}"
 
     @property
     def input_names(self) -> list[str]:
@@ -96,7 +101,17 @@ class LayerSpec:
             shape = next(v for v in model.graph.value_info if v.name == "Y0").type.tensor_type.shape
             model.graph.input[1].type.tensor_type.shape.CopyFrom(shape)
             model = onnx.shape_inference.infer_shapes(model)
+        if self.dtype.startswith("int8"):
+            model = self._quantized(model)
         return model
+
+    def _quantized(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        from .passes.quantize import ActivationStats, quantize
+
+        channels = self.input_shape[1] if self.op == "Conv" else self.input_shape[-1]
+        stats = {"X": ActivationStats(-3.0, 3.0, np.zeros(channels))}
+        return quantize.apply(model, stats=stats, scheme="int8", symmetric_activations=self.dtype == "int8/int8",
+                              bias_correction=False).model
 
     def feeds(self) -> dict[str, np.ndarray]:
         model = self.to_model()
@@ -241,6 +256,10 @@ class LatencyTable:
         from . import tvm_build
 
         mod = tvm_build.import_onnx(spec.to_model())
+        if spec.dtype.startswith("int8"):
+            from .int8_lowering import lower_qdq
+
+            mod, _ = lower_qdq(mod)
         if self.trials > 0:
             tvm_build.tune(mod, self.target, self.trials, self.db_dir, device=self.device)
         executable = tvm_build.build(mod, self.target, self.db_dir)

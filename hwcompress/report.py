@@ -76,6 +76,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{tuning['seconds']:.0f} s. Database: `{tuning['database']}`.")
     else:
         lines.append(report.get("tuning_note", "no tuning"))
+    lowering = report.get("int8_lowering")
+    if lowering is not None:
+        lines += ["", "## int8", "", f"{len(lowering['layers'])} layer(s) lowered to integer compute "
+                  f"({lowering['note']}): {', '.join(lowering['layers']) or 'none matched'}."]
     search = report.get("search")
     if search:
         lines += ["", "## Search", "",

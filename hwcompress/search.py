@@ -92,8 +92,28 @@ class SearchResult:
     table_info: dict[str, Any] | None = None
 
 
-def candidates(profile: Profile, target: Target, calibration: Calibration | None) -> list[Candidate]:
-    """The profile's passes as candidates, with the target's multiples and dtypes."""
+class NotFaster(HwcError):
+    """The latency table predicts no saving: the candidate is not built (a decision, not a failure)."""
+
+
+def int8_layers_to_keep_fp32(model: onnx.ModelProto, table, symmetric: bool, min_gain: float = 0.02) -> list[str]:
+    """Layers whose int8 form (lowered to integer compute) is not measured faster than fp32."""
+    from .graph import Graph
+    from .latency_table import model_layers
+    from .passes.quantize import quantizable_layers
+
+    layers = model_layers(model)
+    names = [n.name for n in quantizable_layers(Graph(model)) if n.name in layers]
+    figures = table.latencies([layers[n] for n in names] + [layers[n].as_int8(symmetric) for n in names])
+    slower = [n for n in names if figures[layers[n].as_int8(symmetric)] >= figures[layers[n]] * (1 - min_gain)]
+    if len(slower) == len(names):
+        raise NotFaster(f"the latency table measures int8 no faster than fp32 in any of the {len(names)} layers")
+    return slower
+
+
+def candidates(profile: Profile, target: Target, calibration: Calibration | None, table=None) -> list[Candidate]:
+    """The profile's passes as candidates, with the target's multiples and dtypes. With a latency
+    table and ``quantize.per_layer``, int8 is applied only to the layers it makes faster."""
     from .factorization import lowrank_model
     from .pruning import prune_model
     from .quantization import quantize_model
@@ -115,11 +135,16 @@ def candidates(profile: Profile, target: Target, calibration: Calibration | None
                 calibration=calibration if lowrank.get("data_aware", True) else None)[0]))
     quantize = passes.get("quantize", {})
     if quantize.get("enabled") and calibration is not None:
+        symmetric = target.int8.get("activation") == "symmetric"
+        per_layer = table is not None and quantize.get("per_layer", False)
         for scheme in quantize.get("schemes", ["int8"]):
             if scheme in target.dtypes:
-                found.append(Candidate(scheme, "quantize", lambda m, s=scheme: quantize_model(
-                    m, calibration, s, quantize.get("calibration", "percentile"),
-                    target.int8.get("activation") == "symmetric")[0]))
+                def apply(m, s=scheme):
+                    keep = int8_layers_to_keep_fp32(m, table, symmetric) if per_layer and s == "int8" else ()
+                    return quantize_model(m, calibration, s, quantize.get("calibration", "percentile"), symmetric,
+                                          keep_fp32=tuple(keep))[0]
+                found.append(Candidate(scheme + (" (per layer)" if per_layer and scheme == "int8" else ""),
+                                       "quantize", apply))
     return found
 
 
@@ -234,11 +259,11 @@ def _layer_table(profile: Profile, target: Target, options: CompileOptions, prog
     from .latency_table import LatencyTable
     from .tvm_build import default_cache_dir
 
-    prune = profile.passes.get("prune", {})
-    if not (prune.get("enabled") and prune.get("per_layer")):
+    prune, quantize = profile.passes.get("prune", {}), profile.passes.get("quantize", {})
+    if not any(p.get("enabled") and p.get("per_layer") for p in (prune, quantize)):
         return None
     cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
-    trials = prune.get("layer_trials", 32) if options.tune_trials > 0 else 0
+    trials = profile.search.get("layer_trials", 32) if options.tune_trials > 0 else 0
     return LatencyTable(target, cache, trials, options.device, progress)
 
 
@@ -253,8 +278,8 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, options: Co
         raise HwcError(f"--labels has {len(labels)} entries for {len(inputs)} validation samples")
     settings = profile.search
     max_rounds = max_rounds or settings.get("max_rounds", 3)
-    pool = candidates(profile, target, calibration)
     table = _layer_table(profile, target, options, progress)
+    pool = candidates(profile, target, calibration, table)
     layer_steps = LayerSteps(profile, target, table, calibration) if table else None
     with tempfile.TemporaryDirectory(prefix="hwc-search-") as scratch:
         evaluate = Evaluator(target, options, inputs, labels, model, Path(scratch), progress)
@@ -305,6 +330,11 @@ def _measured_trial(candidate: Candidate, round_index: int, result: SearchResult
     try:
         trial_model = candidate.apply(result.model)
         latency, method, accuracy, trial_report = evaluate(trial_model)
+    except NotFaster as exc:
+        trial = Trial(round_index, candidate.name, None, "table", float("nan"), reason=str(exc))
+        result.trials.append(trial)
+        progress(f"{counter} search round {round_index}: {candidate.name}: not built: {exc}")
+        return trial, None
     except HwcError as exc:
         trial = Trial(round_index, candidate.name, None, "failed", float("nan"), reason=str(exc))
         result.trials.append(trial)

@@ -74,3 +74,13 @@ def hwc(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def assert_matches_report_schema(report: dict) -> None:
+    """``report.json`` as documented in docs/report.schema.json."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((ROOT / "docs" / "report.schema.json").read_text())
+    jsonschema.validate(report, schema)

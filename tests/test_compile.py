@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import SHARED, hwc, make_model, shared_model
+from conftest import SHARED, assert_matches_report_schema, hwc, make_model, shared_model
 from hwcompress import datasets, ort
 from hwcompress.compile import CompileOptions, compile_model
 from hwcompress.errors import HwcError
@@ -44,6 +44,7 @@ def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist
     out, report, stderr = host_mnist
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.so", "report.html", "report.json", "report.md"]
     assert json.loads((out / "report.json").read_text()) == report
+    assert_matches_report_schema(report)
     assert elf_machine(out / "model.so") == "x86-64"
     lat = report["latency"]
     assert lat["method"] == "local" and lat["repeat"] == 10 and lat["threads"] >= 1

@@ -33,7 +33,11 @@ def test_profiles_differ_where_the_hardware_does():
     npu = config.get_profile("npu16").passes
     assert "pow2" in npu["quantize"]["schemes"]
     assert "pow2" not in config.get_profile("host").passes["quantize"]["schemes"]
-    assert config.get_profile("arm-a72").passes["quantize"]["measure_first"] is True
+    # arm-a72 has no dot-product: int8 is applied per layer, only where its latency table measures it faster.
+    assert config.get_profile("arm-a72").passes["quantize"]["per_layer"] is True
+    assert "per_layer" not in npu["quantize"]  # the NPU's cycle model prices int8 weights already
+    for name in ("host", "arm-a72", "nvidia-t4", "npu16"):
+        assert config.get_profile(name).passes["prune"]["per_layer"] is True
 
 
 def test_unknown_target_lists_known_ones():

@@ -127,7 +127,9 @@ def test_compiled_int8_model_agrees_with_onnx_runtime_qdq(tmp_path, mnist_task):
     model, calibration, x, y = mnist_task
     quantized, _ = quantize_model(model, calibration, "int8", "percentile")
     save_model(quantized, tmp_path / "q.onnx")
-    compile_model(tmp_path / "q.onnx", tmp_path / "out", CompileOptions(tune_trials=0, cache_dir=tmp_path / "c", repeat=3))
+    report = compile_model(tmp_path / "q.onnx", tmp_path / "out",
+                           CompileOptions(tune_trials=0, cache_dir=tmp_path / "c", repeat=3))
+    assert report["int8_lowering"]["layers"] == ["conv2d (8, 1, 5, 5)", "conv2d (16, 8, 5, 5)", "matmul (256, 10)"]
     session = ort.session(quantized)
     agree = 0
     for image in x[:200]:
@@ -158,3 +160,37 @@ def test_quantize_command_errors_and_pow2_sidecar(tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "e.onnx")).metadata_props}
     assert meta["hwc.pow2_codes"] == "e.onnx.pow2.npz"
     assert not any(tmp_path.glob("[abcd].onnx"))
+
+
+def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
+    """Asymmetric activations, zero padding, stride: the int8 layers give ORT's QDQ values."""
+    import tvm
+
+    from hwcompress import tvm_build
+    from hwcompress.config import get_target
+    from hwcompress.int8_lowering import lower_qdq
+
+    inits = {"W1": rng.normal(0, 0.3, (12, 3, 3, 3)), "b1": rng.normal(0, 0.1, 12),
+             "W2": rng.normal(0, 0.3, (8, 12, 3, 3)), "b2": np.zeros(8), "W3": rng.normal(0, 0.3, (8 * 4 * 4, 5))}
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2", "b2"], ["c2"], pads=[1, 0, 1, 0], strides=[2, 2], name="c2"),
+             helper.make_node("Flatten", ["c2"], ["f"]),
+             helper.make_node("MatMul", ["f", "W3"], ["y"], name="fc")]
+    model = make_model(nodes, [("x", [1, 3, 8, 10])], [("y", [1, 5])], inits)
+    feeds = [{"x": (rng.normal(0, 1, (1, 3, 8, 10)) + 0.7).astype(np.float32)} for _ in range(16)]
+    quantized, _ = quantize_model(model, Calibration(feeds, "synthetic"), "int8", "minmax", symmetric_activations=False)
+    zero_points = [onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer if "zero" in t.name]
+    assert any(np.any(z != 0) for z in zero_points if z.ndim == 0), "the test needs asymmetric activations"
+    mod, layers = lower_qdq(tvm_build.import_onnx(quantized))
+    assert len(layers) == 3
+    text = mod.script()
+    assert text.count('out_dtype="int32"') == 3 and "R.dequantize" not in text  # no float weights left
+    exe = tvm_build.build(mod, get_target("host"), None)
+    exe.export_library(str(tmp_path / "m.so"))
+    session = ort.session(quantized, exact=True)
+    for feed in feeds[:4]:
+        vm, _, args = tvm_build.run_local(tmp_path / "m.so", feed, ["x"])
+        got = tvm_build.outputs_to_numpy(vm["main"](*args))[0]
+        want = session.run(None, feed)[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import SHARED, hwc, shared_model
+from conftest import SHARED, assert_matches_report_schema, hwc, shared_model
 from hwcompress import datasets
 
 
@@ -37,7 +37,7 @@ def mnist_files(tmp_path_factory):
         passes:
           prune: {enabled: true, per_layer: true, ratios: [0.25, 0.5], reconstruct: true}
           lowrank: {enabled: false}
-          quantize: {enabled: false}
+          quantize: {enabled: true, schemes: [int8], per_layer: true}
     """))
     return folder
 
@@ -49,7 +49,9 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
             "--cache-dir", str(tmp_path / "cache"), "--json"]
     result = hwc("compile", *args, "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    search = json.loads(result.stdout)["search"]
+    report = json.loads(result.stdout)
+    assert_matches_report_schema(report)
+    search = report["search"]
     table, trials = search["latency_table"], search["trials"]
     assert table["method"] == "local" and table["figures_made_in_this_run"] > 0
     assert trials[0]["predicted_ms"] > 0  # the baseline's layers, summed
@@ -71,6 +73,10 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
     assert "Per-layer latency table" in markdown and "| table predicts ms |" in markdown
     if checked:
         assert "Latency table vs end-to-end measurement" in (tmp_path / "out" / "report.html").read_text()
+    # int8 is decided per layer from the table's int8 (lowered) and fp32 figures of each layer.
+    int8 = [t for t in trials if t["candidate"] == "int8 (per layer)"]
+    assert int8 and all(t["latency_method"] in ("local", "table") for t in int8)
+    assert all("no faster than fp32" in t["reason"] for t in int8 if t["latency_method"] == "table")
     # [k/n] counters on stderr (a bar on a terminal).
     assert "] search round 1: prune " in result.stderr and "latency table: timing" in result.stderr
 
@@ -87,6 +93,7 @@ def test_search_keeps_only_measured_gains_within_budget(tmp_path, mnist_files):
                  "--labels", str(mnist_files / "labels.npy"), "--repeat", "10", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
+    assert_matches_report_schema(report)
     search = report["search"]
     trials = search["trials"]
     assert trials[0]["candidate"] == "baseline"

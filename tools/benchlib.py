@@ -87,11 +87,13 @@ def score(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> flo
     return datasets.top1(outputs, labels)
 
 
-def tvm_latency_ms(model: onnx.ModelProto, trials: int, cache_dir: Path | None, repeat: int = 20) -> float:
+def tvm_latency_ms(model: onnx.ModelProto, trials: int, cache_dir: Path | None, repeat: int = 20,
+                   int8_compute: bool = True) -> float:
     """Median latency of the model compiled and measured on this machine (host target)."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "model.onnx"
         save_model(model, path)
         report = compile_model(path, Path(scratch) / "out",
-                               CompileOptions(target="host", tune_trials=trials, cache_dir=cache_dir, repeat=repeat))
+                               CompileOptions(target="host", tune_trials=trials, cache_dir=cache_dir, repeat=repeat,
+                                              int8_compute=int8_compute))
     return report["latency"]["median_ms"]

@@ -10,10 +10,11 @@ import onnx
 from .base import ModelPass, PassLog, PassResult, model_pass
 from .canonicalize_reshape import canonicalize_reshape
 from .eliminate_identity import eliminate_identity
+from .explicit_pads import explicit_pads
 from .fold_batchnorm import fold_batchnorm
 from .prune_channels import prune_channels
 
-CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape)
+CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape, explicit_pads)
 
 
 def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog]]:
@@ -27,4 +28,4 @@ def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog
 
 
 __all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_reshape",
-           "eliminate_identity", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical"]
+           "eliminate_identity", "explicit_pads", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical"]

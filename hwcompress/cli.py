@@ -58,7 +58,9 @@ class Progress:
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else text)
+    from .report import to_json
+
+    print(to_json(data) if args.json else text)
 
 
 # --------------------------------------------------------------------- commands

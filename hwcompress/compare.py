@@ -13,6 +13,7 @@ from .compile import CompileOptions
 from .errors import HwcError
 from .fileio import atomic_dir, write_text
 from .pipeline import SearchOptions, compile_for_target
+from .report import to_json
 
 
 class SomeTargetsFailed(HwcError):
@@ -52,7 +53,7 @@ def compare(model_path: str | Path, targets: list[str], out_dir: str | Path, opt
                 "onnx_bytes": report["files"]["model.onnx"]["bytes"], "library_bytes": report["files"]["model.so"]["bytes"],
                 "budget": report.get("budget"),
             })
-        write_text(tmp / "comparison.json", json.dumps(rows, indent=2) + "\n")
+        write_text(tmp / "comparison.json", to_json(rows) + "\n")
         write_text(tmp / "comparison.md", _markdown(model_path, rows))
         write_text(tmp / "comparison.html", report_html.render(
             f"hwc compare: {Path(model_path).name}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,22 @@ from .fileio import write_text
 SCHEMA_VERSION = 1
 
 
+def to_json(data: Any) -> str:
+    """Strict JSON (RFC 8259) for machines: NaN and infinities, which it cannot hold, become null."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, default=str, allow_nan=False)
+
+
 def write_reports(report: dict[str, Any], directory: Path) -> None:
-    write_text(directory / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text(directory / "report.json", to_json(report) + "\n")
     write_text(directory / "report.md", render_markdown(report))
 
 

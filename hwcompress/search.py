@@ -7,7 +7,9 @@ Greedy search over the candidates of the target's profile. Two kinds of candidat
   measured there (locally, over RPC, or with the target's cycle model);
 - per-layer pruning steps (NetAdapt): for every group of coupled layers and every step, the new
   layer shapes are looked up in the target's latency table (``latency_table``), which predicts the
-  latency saved; the most promising steps are applied (with reconstruction) and scored.
+  latency saved; the most promising steps are applied (with reconstruction) and scored. With
+  ``quantize.per_layer``, the int8 candidate likewise quantizes only the layers whose int8 form
+  (lowered to integer compute) the table measures faster than fp32.
 
 A candidate is kept only if it makes the latency lower and keeps the accuracy within the budget;
 of those, the one with the most latency saved per accuracy lost wins the round. A per-layer winner
@@ -74,6 +76,7 @@ class SearchResult:
     accuracy_metric: str
     accuracy_measured_on: str
     trials: list[Trial] = field(default_factory=list)
+    table_info: dict[str, Any] | None = None  # the per-layer latency table used, if any
 
     def pareto(self) -> list[dict[str, Any]]:
         points = [t for t in self.trials if t.latency_ms is not None]
@@ -88,8 +91,6 @@ class SearchResult:
                 "accuracy_metric": self.accuracy_metric, "accuracy_measured_on": self.accuracy_measured_on,
                 "trials": [asdict(t) for t in self.trials], "pareto": self.pareto(),
                 "latency_table": self.table_info}
-
-    table_info: dict[str, Any] | None = None
 
 
 class NotFaster(HwcError):

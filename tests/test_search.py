@@ -51,6 +51,8 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert_matches_report_schema(report)
+    for text in (result.stdout, (tmp_path / "out" / "report.json").read_text()):
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # unscored: null
     search = report["search"]
     table, trials = search["latency_table"], search["trials"]
     assert table["method"] == "local" and table["figures_made_in_this_run"] > 0

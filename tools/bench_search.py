@@ -4,6 +4,7 @@ original, TVM on the original, and hwc's chosen model (search on the host profil
 ratios to ONNX Runtime, with the top-1 drop of the chosen model.
 
     python tools/bench_search.py [--tasks squeezenet,mobilenetv2,resnet18] [--trials 300] [--calib 32]
+                                 [--layer-trials 32] [--max-rounds 6] [--layer-candidates 4]
 
 SqueezeNet and MobileNetV2 are scored on the ImageNet samples not used for calibration; the
 generated ResNet-18 has random weights, so its "top-1" is agreement with the uncompressed model.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 from benchlib import bench_parser, load_task, ort_latency_ms
@@ -30,8 +32,15 @@ def main() -> int:
     parser = bench_parser(__doc__)
     parser.set_defaults(tasks="squeezenet,mobilenetv2,resnet18", trials=300, calib=32)
     parser.add_argument("--val", type=int, default=100, help="validation images scored per trial")
+    parser.add_argument("--layer-trials", type=int, help="tuning trials per latency-table layer (default: profile's)")
+    parser.add_argument("--max-rounds", type=int, help="search rounds (default: the profile's)")
+    parser.add_argument("--layer-candidates", type=int, help="per-layer steps scored per round (default: profile's)")
     args = parser.parse_args()
     target, threads = get_target("host"), physical_cores()
+    profile = get_profile("host")
+    overrides = {"layer_trials": args.layer_trials, "max_rounds": args.max_rounds,
+                 "layer_candidates": args.layer_candidates}
+    profile = replace(profile, search={**profile.search, **{k: v for k, v in overrides.items() if v is not None}})
     rows = []
     for name in args.tasks.split(","):
         if name == "resnet18":
@@ -48,7 +57,7 @@ def main() -> int:
         onnx_runtime = ort_latency_ms(model, {input_name: val[:1]}, threads)
         options = CompileOptions(target="host", tune_trials=args.trials, cache_dir=args.cache_dir, repeat=20)
         started = time.monotonic()
-        result = search(model, target, get_profile("host"), options, calibration,
+        result = search(model, target, profile, options, calibration,
                         [{input_name: x[None]} for x in val], labels, max_accuracy_drop=1.0,
                         progress=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
         rows.append((name, onnx_runtime, result.baseline_latency_ms, result.latency_ms,

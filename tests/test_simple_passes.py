@@ -6,7 +6,7 @@ import numpy as np
 from onnx import helper
 
 from conftest import assert_same_outputs, make_model, op_count
-from hwcompress.passes import canonicalize_reshape, eliminate_identity
+from hwcompress.passes import canonicalize_reshape, eliminate_identity, explicit_pads
 
 
 def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
@@ -49,3 +49,18 @@ def test_reshape_that_mixes_dimensions_is_kept(rng):
     out = canonicalize_reshape(model2)
     assert op_count(out, "Reshape") == 1
     assert_same_outputs(model2, out)
+
+
+def test_auto_pad_becomes_the_explicit_pads_it_stands_for(rng):
+    """SAME_UPPER / SAME_LOWER put the odd pad on opposite sides; VALID pads nothing. Exact."""
+    inits = {"W1": rng.normal(0, 1, (4, 3, 4, 3)), "W2": rng.normal(0, 1, (5, 4, 3, 3))}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], auto_pad="SAME_UPPER", strides=[2, 1], name="up"),
+             helper.make_node("MaxPool", ["a"], ["b"], auto_pad="SAME_LOWER", kernel_shape=[2, 2], name="pool"),
+             helper.make_node("Conv", ["b", "W2"], ["y"], auto_pad="VALID", name="valid")]
+    model = make_model(nodes, [("x", [1, 3, 9, 8])], [("y", [1, 5, 3, 6])], inits)
+    result = explicit_pads.apply(model)
+    pads = {n.name: list(helper.get_attribute_value(a) for a in n.attribute if a.name == "pads")[0]
+            for n in result.model.graph.node}
+    assert pads == {"up": [1, 1, 2, 1], "pool": [1, 1, 0, 0], "valid": [0, 0, 0, 0]}
+    assert len(result.log.applied) == 3
+    assert_same_outputs(model, result.model, tol=1e-6)

@@ -81,7 +81,7 @@ PROFILE_SCHEMA: dict[str, Any] = {
                     **_PASS_SWITCH, "energies": {"type": "array", "items": {
                         "type": "number", "exclusiveMinimum": 0, "maximum": 1}},
                     "methods": {"type": "array", "items": {"enum": ["svd", "spatial", "tucker2"]}},
-                    "data_aware": {"type": "boolean"}}},
+                    "data_aware": {"type": "boolean"}, "per_layer": {"type": "boolean"}}},
                 "quantize": {"type": "object", "additionalProperties": False, "properties": {
                     **_PASS_SWITCH, "schemes": {"type": "array", "items": {"enum": ["int8", "pow2"]}},
                     "calibration": {"enum": ["minmax", "percentile", "entropy"]},

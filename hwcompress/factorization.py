@@ -14,10 +14,11 @@ from . import ort
 
 def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | float | None = None,
                   methods: tuple[str, ...] = ("svd", "spatial", "tucker2"), multiple: int = 1,
-                  min_saving: float | None = 0.2, calibration: Calibration | None = None
-                  ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Factorize; with calibration data, also the data-aware variant, and keep the better one."""
-    knobs = dict(energy=energy, rank=rank, methods=methods, multiple=multiple, min_saving=min_saving)
+                  min_saving: float | None = 0.2, calibration: Calibration | None = None,
+                  layers: tuple[str, ...] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Factorize (every layer, or only ``layers``); with calibration data, also the data-aware
+    variant, and keep the better one."""
+    knobs = dict(energy=energy, rank=rank, methods=methods, multiple=multiple, min_saving=min_saving, layers=layers)
     plain = lowrank.apply(model, **knobs)
     report: dict[str, Any] = {"energy": energy, "rank": rank, "methods": list(methods), "multiple": multiple,
                               "lowrank": plain.log.to_dict()}

@@ -128,7 +128,7 @@ def candidates(profile: Profile, target: Target, calibration: Calibration | None
                 m, r, target.channel_multiple, prune.get("importance", "l1"), calibration=calibration,
                 reconstruct=prune.get("reconstruct", True) and calibration is not None)[0]))
     lowrank = passes.get("lowrank", {})
-    if lowrank.get("enabled"):
+    if lowrank.get("enabled") and not lowrank.get("per_layer"):
         for energy in lowrank.get("energies", [0.95]):
             found.append(Candidate(f"lowrank {energy:g}", "lowrank", lambda m, e=energy: lowrank_model(
                 m, e, methods=tuple(lowrank.get("methods", ("svd", "spatial", "tucker2"))),
@@ -204,64 +204,93 @@ class Evaluator:
 
 @dataclass
 class LayerStep:
-    """Prune one group of coupled layers by one step, with the table's prediction."""
+    """One per-layer rewrite (prune a group of coupled layers by a step, or factorize one layer),
+    with the latency table's prediction of what it saves."""
 
     name: str
-    layer_ratios: dict[str, float]
-    shapes: dict[str, list[int]]
-    saving_ms: float
+    apply: Callable[[onnx.ModelProto], onnx.ModelProto]  # the full rewrite (reconstruction, data-aware)
+    shapes: dict[str, list[int]]  # pruning: layer -> [channels before, after]; low-rank: layer -> ranks
+    saving_ms: float = 0.0
 
 
 class LayerSteps:
-    """Per-layer pruning candidates of the current model, ranked by the latency table."""
+    """Per-layer candidates of the current model, ranked by the latency table.
+
+    Every step is first applied cheaply (no reconstruction) to learn the layer shapes it leaves;
+    the table prices those shapes, so pruning and factorization are compared on one scale."""
 
     def __init__(self, profile: Profile, target: Target, table, calibration: Calibration | None):
-        self.prune = profile.passes["prune"]
+        self.prune, self.lowrank = profile.passes.get("prune", {}), profile.passes.get("lowrank", {})
         self.target, self.table, self.calibration = target, table, calibration
 
     def propose(self, model: onnx.ModelProto) -> list[LayerStep]:
+        current, _ = self.table.predict_ms(model)
+        steps = []
+        if self.prune.get("enabled") and self.prune.get("per_layer"):
+            steps += self._prune_steps(model)
+        if self.lowrank.get("enabled") and self.lowrank.get("per_layer"):
+            steps += self._lowrank_steps(model)
+        for step, preview in steps:
+            step.saving_ms = current - self.table.predict_ms(preview)[0]
+        return sorted((step for step, _ in steps), key=lambda st: -st.saving_ms)
+
+    def _prune_steps(self, model: onnx.ModelProto) -> list[tuple[LayerStep, onnx.ModelProto]]:
         from .graph import Graph
         from .passes import prune_channels
         from .passes.channel_groups import analyze
+        from .pruning import prune_model
 
-        current, _ = self.table.predict_ms(model)
-        steps: dict[tuple, LayerStep] = {}
-        pending = []
+        found: dict[tuple, tuple[LayerStep, onnx.ModelProto]] = {}
+        multiple, reconstruct = self.target.channel_multiple, self.prune.get("reconstruct", True)
         for group in analyze(Graph(model)).coupled_layers():
             for ratio in self.prune.get("ratios", [0.25]):
                 ratios = {node: ratio for node in group}
                 try:
-                    applied = prune_channels.apply(model, ratio=0.0, layer_ratios=ratios,
-                                                   multiple=self.target.channel_multiple)
-                    pruned, layers = applied.model, applied.log.details["layers"]
+                    applied = prune_channels.apply(model, ratio=0.0, layer_ratios=ratios, multiple=multiple)
                 except HwcError:
                     continue  # nothing to remove at this step (at the channel multiple)
-                shapes = {n: [v["before"], v["after"]] for n, v in layers.items() if v["before"] != v["after"]}
+                shapes = {n: [v["before"], v["after"]] for n, v in applied.log.details["layers"].items()
+                          if v["before"] != v["after"]}
                 key = tuple(sorted((n, a) for n, (_, a) in shapes.items()))
-                if key and key not in steps:
+                if key and key not in found:
                     first = group[0] + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
                     before, after = shapes.get(group[0], next(iter(shapes.values())))
-                    steps[key] = LayerStep(f"prune {first} {before}->{after}", ratios, shapes, 0.0)
-                    pending.append((steps[key], pruned))
-        for step, pruned in pending:
-            predicted, _ = self.table.predict_ms(pruned)
-            step.saving_ms = current - predicted
-        return sorted(steps.values(), key=lambda st: -st.saving_ms)
+                    apply = (lambda m, r=ratios: prune_model(
+                        m, 0.0, multiple, self.prune.get("importance", "l1"), layer_ratios=r,
+                        calibration=self.calibration, reconstruct=reconstruct and self.calibration is not None)[0])
+                    found[key] = (LayerStep(f"prune {first} {before}->{after}", apply, shapes), applied.model)
+        return list(found.values())
 
-    def apply(self, model: onnx.ModelProto, step: LayerStep) -> onnx.ModelProto:
-        from .pruning import prune_model
+    def _lowrank_steps(self, model: onnx.ModelProto) -> list[tuple[LayerStep, onnx.ModelProto]]:
+        from .factorization import lowrank_model
+        from .passes.lowrank import lowrank
 
-        return prune_model(model, 0.0, self.target.channel_multiple, self.prune.get("importance", "l1"),
-                           layer_ratios=step.layer_ratios, calibration=self.calibration,
-                           reconstruct=self.prune.get("reconstruct", True) and self.calibration is not None)[0]
+        found = []
+        methods = tuple(self.lowrank.get("methods", ("svd", "spatial", "tucker2")))
+        knobs = dict(methods=methods, multiple=self.target.rank_multiple)
+        for name in model_layer_names(model):
+            for energy in self.lowrank.get("energies", [0.95]):
+                applied = lowrank.apply(model, energy=energy, layers=(name,), **knobs)
+                done = applied.log.details["layers"].get(name)
+                if not done:
+                    continue  # no method saves enough here
+                calibration = self.calibration if self.lowrank.get("data_aware", True) else None
+                apply = (lambda m, e=energy, n=name: lowrank_model(m, e, layers=(n,), calibration=calibration,
+                                                                   **knobs)[0])
+                label = f"lowrank {name} {done['method']} rank {'x'.join(map(str, done['ranks']))} (energy {energy:g})"
+                found.append((LayerStep(label, apply, {name: list(done["ranks"])}), applied.model))
+        return found
+
+
+def model_layer_names(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
 
 
 def _layer_table(profile: Profile, target: Target, options: CompileOptions, progress):
     from .latency_table import LatencyTable
     from .tvm_build import default_cache_dir
 
-    prune, quantize = profile.passes.get("prune", {}), profile.passes.get("quantize", {})
-    if not any(p.get("enabled") and p.get("per_layer") for p in (prune, quantize)):
+    if not any(p.get("enabled") and p.get("per_layer") for p in profile.passes.values()):
         return None
     cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
     trials = profile.search.get("layer_trials", 32) if options.tune_trials > 0 else 0
@@ -301,13 +330,16 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, options: Co
             families = {c.family for c in pool if c.name in result.applied}
             eligible = [c for c in pool if c.name not in result.applied and "quantize" not in families
                         and (c.family == "prune" or c.family not in families)]
-            kept: list[tuple[float, Trial, Any]] = []
+            kept: list[tuple[bool, float, Trial, Any]] = []  # (quantizes, gain, trial, model)
             total = len(eligible) + (settings.get("layer_candidates", 4) if layer_steps and "quantize" not in families else 0)
             for index, candidate in enumerate(eligible, 1):
                 trial, trial_model = _measured_trial(candidate, round_index, result, evaluate, base_accuracy,
                                                      max_accuracy_drop, min_gain, progress, f"[{index}/{total}]")
                 if trial.accepted:
-                    kept.append((_gain(result, trial.latency_ms, trial.accuracy), trial, trial_model))
+                    # Precision last: a quantized (QDQ) model is not pruned or factorized any further,
+                    # so int8/pow2 wins a round only when no structural candidate is left.
+                    kept.append((candidate.family == "quantize", _gain(result, trial.latency_ms, trial.accuracy),
+                                 trial, trial_model))
             if layer_steps and "quantize" not in families:
                 kept += _layer_trials(layer_steps, round_index, result, evaluate, base_accuracy, max_accuracy_drop,
                                       min_gain, settings.get("layer_candidates", 4), progress, len(eligible), total)
@@ -361,7 +393,7 @@ def _judge(trial: Trial, result: SearchResult, base_accuracy: float, max_accurac
 
 def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, evaluate: Evaluator,
                   base_accuracy: float, max_accuracy_drop: float, min_gain: float, how_many: int, progress,
-                  done: int, total: int) -> list[tuple[float, Trial, Any]]:
+                  done: int, total: int) -> list[tuple[bool, float, Trial, Any]]:
     """Score the per-layer steps the table predicts to save the most; the rest are recorded as such."""
     proposals = steps.propose(result.model)
     threshold = result.latency_ms * min_gain
@@ -378,7 +410,7 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
         start = time.monotonic()
         predicted = result.latency_ms - st.saving_ms
         try:
-            model = steps.apply(result.model, st)
+            model = st.apply(result.model)
             accuracy = evaluate.score_ort(model)
         except HwcError as exc:
             result.trials.append(Trial(round_index, st.name, None, "failed", float("nan"), reason=str(exc),
@@ -389,7 +421,7 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
             trial.reason = f"accuracy drop {base_accuracy - accuracy:.2f} pt exceeds the budget {max_accuracy_drop:g}"
         else:
             trial.accepted = True
-            kept.append((_gain(result, predicted, accuracy), trial, model))
+            kept.append((False, _gain(result, predicted, accuracy), trial, model))
         result.trials.append(trial)
         progress(f"[{index}/{total}] search round {round_index}: {st.name}: table predicts {predicted:.3f} ms, "
                  f"accuracy {accuracy:.2f} (ONNX Runtime) -> {'kept' if trial.accepted else 'rejected: ' + trial.reason} "
@@ -397,10 +429,13 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
     return kept
 
 
-def _choose(kept: list[tuple[float, Trial, Any]], result: SearchResult, evaluate: Evaluator, base_accuracy: float,
-            max_accuracy_drop: float, min_gain: float, progress) -> bool:
-    """Apply the best kept candidate whose end-to-end measurement confirms it; False if none does."""
-    for _, trial, model in sorted(kept, key=lambda item: -item[0]):
+def _choose(kept: list[tuple[bool, float, Trial, Any]], result: SearchResult, evaluate: Evaluator,
+            base_accuracy: float, max_accuracy_drop: float, min_gain: float, progress) -> bool:
+    """Apply the best kept candidate whose end-to-end measurement confirms it; False if none does.
+
+    Structure before precision: a quantized (QDQ) model is not pruned or factorized any further, so
+    a quantizing candidate is taken only when no structural one is left (ties: most gain first)."""
+    for _, _, trial, model in sorted(kept, key=lambda item: (item[0], -item[1])):
         if trial.latency_ms is None:  # a table prediction: measure the whole compiled model now
             latency, method, accuracy, report = evaluate(model)
             trial.latency_ms, trial.latency_method, trial.accuracy = latency, method, accuracy

@@ -117,3 +117,12 @@ def test_lowrank_command_on_real_squeezenet(tmp_path):
                           for r, full in zip(info["ranks"], info["full_ranks"]))
     assert sum(i["macs_after"] for i in layers.values()) < sum(i["macs_before"] for i in layers.values())
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_one_layer_at_a_time_for_the_per_layer_search():
+    model = fold_batchnorm(resnet18(input_size=32, classes=10))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    result = lowrank.apply(model, energy=1.0, methods=("tucker2",), min_saving=None, layers=(convs[3],))
+    assert list(result.log.details["layers"]) == [convs[3]]
+    assert op_count(result.model, "Conv") == len(convs) + 2  # one conv became three
+    assert_same_outputs(model, result.model, tol=1e-4)  # full rank: exact

@@ -33,10 +33,10 @@ def mnist_files(tmp_path_factory):
         name: layers
         target: host
         accuracy_budget: {max_top1_drop: 1.0}
-        search: {max_rounds: 3, layer_candidates: 2}
+        search: {max_rounds: 2, layer_candidates: 2}
         passes:
           prune: {enabled: true, per_layer: true, ratios: [0.25, 0.5], reconstruct: true}
-          lowrank: {enabled: false}
+          lowrank: {enabled: true, per_layer: true, energies: [0.9]}
           quantize: {enabled: true, schemes: [int8], per_layer: true}
     """))
     return folder
@@ -59,7 +59,10 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
     assert trials[0]["predicted_ms"] > 0  # the baseline's layers, summed
     steps = [t for t in trials[1:] if t["layers"]]
     assert steps and all(t["predicted_ms"] is not None for t in steps)
-    for t in steps:
+    prunes = [t for t in steps if t["candidate"].startswith("prune ")]
+    factorizations = [t for t in steps if t["candidate"].startswith("lowrank ")]
+    assert prunes and factorizations  # both priced by the same table
+    for t in prunes:
         for before, after in t["layers"].values():
             assert after < before
     # Scored steps were ranked by the table; only an end-to-end measurement lets one be applied.
@@ -79,6 +82,9 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
     int8 = [t for t in trials if t["candidate"] == "int8 (per layer)"]
     assert int8 and all(t["latency_method"] in ("local", "table") for t in int8)
     assert all("no faster than fp32" in t["reason"] for t in int8 if t["latency_method"] == "table")
+    for t in int8:  # structure before precision: int8 wins a round only if no structural step survived it
+        if t["chosen"]:
+            assert not [o for o in trials if o["round"] == t["round"] and o["accepted"] and o is not t]
     # [k/n] counters on stderr (a bar on a terminal).
     assert "] search round 1: prune " in result.stderr and "latency table: timing" in result.stderr
 

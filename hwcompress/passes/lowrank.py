@@ -64,8 +64,9 @@ def choose_rank(singular: np.ndarray, energy: float | None, rank: int | float | 
 @model_pass
 def lowrank(graph: Graph, log: PassLog, energy: float = 0.95, rank: int | float | None = None,
             methods: tuple[str, ...] = METHODS, multiple: int = 1, min_saving: float | None = 0.2,
-            covariances: dict[str, np.ndarray] | None = None) -> None:
-    """Factorize every Gemm/MatMul/Conv where a method saves at least ``min_saving`` of its MACs.
+            covariances: dict[str, np.ndarray] | None = None, layers: tuple[str, ...] | None = None) -> None:
+    """Factorize every Gemm/MatMul/Conv (or only ``layers``) where a method saves at least
+    ``min_saving`` of its MACs.
 
     ``min_saving=None`` factorizes regardless (used to check exactness at full rank).
     ``covariances`` maps a layer name to the covariance of its input vectors (see
@@ -80,7 +81,7 @@ def lowrank(graph: Graph, log: PassLog, energy: float = 0.95, rank: int | float 
     table = {}
     for node in list(graph.topological_order()):
         reason = _unsupported(graph, node)
-        if reason == "":
+        if reason == "" or (layers is not None and node.name not in layers):
             continue
         if reason:
             log.skipped.append(f"{node.name}: {reason}")

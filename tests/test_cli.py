@@ -116,3 +116,24 @@ def test_installed_wheel_finds_builtin_targets_and_profiles(tmp_path):
     assert module.startswith(str(site)) and profile.startswith(str(site))
     assert names_line == "['arm-a72', 'host', 'npu16', 'nvidia-t4']"
     assert Path(profile).name == "npu16.yaml"
+
+
+def test_counted_progress_drives_a_bar_on_a_terminal_and_lines_elsewhere():
+    import io
+
+    from hwcompress.cli import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = Progress(stream=stream)
+        for k in range(1, 4):
+            progress.step(f"[{k}/3] tuning trials")
+        progress.step("done")
+        progress.close()
+    assert "%|" in terminal.getvalue() and "3/3" in terminal.getvalue()  # a tqdm bar
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4 and "%|" not in log.getvalue() and lines[0].endswith("[1/3] tuning trials")

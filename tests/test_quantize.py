@@ -164,8 +164,6 @@ def test_quantize_command_errors_and_pow2_sidecar(tmp_path):
 
 def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
     """Asymmetric activations, zero padding, stride: the int8 layers give ORT's QDQ values."""
-    import tvm
-
     from hwcompress import tvm_build
     from hwcompress.config import get_target
     from hwcompress.int8_lowering import lower_qdq

@@ -192,3 +192,26 @@ def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
         got = tvm_build.outputs_to_numpy(vm["main"](*args))[0]
         want = session.run(None, feed)[0]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_compiled_int8_squeezenet_has_onnx_runtimes_top1_on_imagenet_samples(tmp_path):
+    """The lowered int8 artifact and ORT's QDQ model pick the same class on real images."""
+    from hwcompress.compile import CompileOptions, compile_model
+    from hwcompress.fileio import save_model
+    from hwcompress.tvm_build import outputs_to_numpy, run_local
+
+    model, _ = run_canonical(load_model(shared_model("squeezenet1.1-caffe2")))
+    x, _ = datasets.imagenet_samples(IMAGENET, "caffe")
+    quantized, _ = quantize_model(model, Calibration([{"data_0": im[None]} for im in x[:32]], "imagenet"), "int8")
+    save_model(quantized, tmp_path / "q.onnx")
+    report = compile_model(tmp_path / "q.onnx", tmp_path / "out",
+                           CompileOptions(tune_trials=0, cache_dir=tmp_path / "c", repeat=1))
+    assert len(report["int8_lowering"]["layers"]) == 26  # every conv runs as integer compute
+    session = ort.session(quantized, exact=True)
+    vm, device, _ = run_local(tmp_path / "out" / "model.so", {"data_0": x[:1]}, ["data_0"])
+    import tvm
+
+    held_out = x[200:232]
+    compiled = [outputs_to_numpy(vm["main"](tvm.runtime.tensor(im[None], device)))[0].argmax() for im in held_out]
+    reference = [session.run(None, {"data_0": im[None]})[0].argmax() for im in held_out]
+    assert compiled == reference

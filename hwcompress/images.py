@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .datasets import IMAGENET_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from .errors import HwcError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
@@ -36,9 +37,10 @@ class Preprocessing:
     layout: str = "nchw"
 
 
-PRESETS = {
-    "torch": Preprocessing(resize=256, scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    "caffe": Preprocessing(resize=256, mean=(104.0, 117.0, 123.0), order="bgr"),
+PRESETS = {  # the conventions ``datasets.imagenet_samples`` applies, for image files
+    "torch": Preprocessing(resize=256, scale=255.0, mean=tuple(map(float, IMAGENET_MEAN_RGB)),
+                           std=tuple(map(float, IMAGENET_STD_RGB))),
+    "caffe": Preprocessing(resize=256, mean=tuple(map(float, IMAGENET_MEAN_BGR)), order="bgr"),
     "mnist": Preprocessing(scale=255.0, order="grey"),
 }
 

@@ -53,8 +53,12 @@ def modelled_latency(model: onnx.ModelProto, target: Target) -> tuple[Latency, l
     graph.infer_shapes()
     table = [{"layer": n.name, "op": n.op_type, "cycles": layer_cycles(graph, n, params)}
              for n in graph.topological_order()]
-    cycles = sum(row["cycles"] for row in table)
-    ms = cycles / (params["clock_mhz"] * 1e3)
-    latency = Latency(method="model", median_ms=ms, p90_ms=ms, min_ms=ms, repeat=1, number=1,
-                      device=f"{target.name} cycle model ({cycles:,} cycles at {params['clock_mhz']} MHz)")
-    return latency, table
+    return cycles_latency(sum(row["cycles"] for row in table), target), table
+
+
+def cycles_latency(cycles: int, target: Target) -> Latency:
+    """A cycle count as the target's modelled latency (never labelled as measured)."""
+    clock = target.latency["model"]["clock_mhz"]
+    ms = cycles / (clock * 1e3)
+    return Latency(method="model", median_ms=ms, p90_ms=ms, min_ms=ms, repeat=1, number=1,
+                   device=f"{target.name} cycle model ({cycles:,} cycles at {clock} MHz)")

@@ -274,12 +274,8 @@ class LatencyTable:
                     progress=self.progress)
 
     def _modelled(self, spec: LayerSpec) -> Latency:
-        from .latency_model import layer_cycles
+        from .latency_model import cycles_latency, layer_cycles
 
-        params = self.target.latency["model"]
         graph = Graph(spec.to_model())
         graph.infer_shapes()
-        cycles = layer_cycles(graph, graph.nodes[0], params)
-        ms = cycles / (params["clock_mhz"] * 1e3)
-        return Latency(method="model", median_ms=ms, p90_ms=ms, min_ms=ms, repeat=1, number=1,
-                       device=f"{self.target.name} cycle model")
+        return cycles_latency(layer_cycles(graph, graph.nodes[0], self.target.latency["model"]), self.target)

@@ -69,7 +69,8 @@ PROFILE_SCHEMA: dict[str, Any] = {
             "preprocess": {"type": "string"}}},
         "search": {"type": "object", "additionalProperties": False, "properties": {
             "max_rounds": _POSITIVE_INT, "layer_candidates": _POSITIVE_INT,
-            "layer_trials": {"type": "integer", "minimum": 0}}},
+            "layer_trials": {"type": "integer", "minimum": 0},
+            "table_budget_s": {"type": "number", "minimum": 0}}},
         "passes": {
             "type": "object", "additionalProperties": False,
             "properties": {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -60,6 +61,29 @@ class LayerSpec:
         tail = "".join(f"+{op[0]}" for op in self.epilogue)
         kind = "" if self.dtype == "float32" else f" [{self.dtype}]"
         return f"{self.op}{kind}{tail} {'x'.join(map(str, self.input_shape))} * {'x'.join(map(str, self.weight_shape))}"
+
+    def macs(self) -> int:
+        """Multiply-accumulates of the layer: only the order in which a budgeted table times shapes."""
+        weights = int(np.prod(self.weight_shape))
+        attributes = dict(self.attributes)
+        if self.op == "Gemm":
+            return self.input_shape[1 if attributes.get("transA") else 0] * weights
+        if self.op == "MatMul":
+            return int(np.prod(self.input_shape[:-1])) * weights
+        kernel = self.weight_shape[2:]
+        count = len(kernel)
+        strides = attributes.get("strides", (1,) * count)
+        dilations = attributes.get("dilations", (1,) * count)
+        pads = attributes.get("pads", (0,) * 2 * count)
+        auto_pad = attributes.get("auto_pad", "NOTSET")
+        positions = self.input_shape[0]
+        for i, (size, k) in enumerate(zip(self.input_shape[2:], kernel)):
+            if auto_pad.startswith("SAME"):
+                positions *= -(-size // strides[i])
+            else:
+                padded = size + (0 if auto_pad == "VALID" else pads[i] + pads[i + count])
+                positions *= (padded - dilations[i] * (k - 1) - 1) // strides[i] + 1
+        return positions * weights
 
     @property
     def input_names(self) -> list[str]:
@@ -178,7 +202,7 @@ class LatencyTable:
     """Milliseconds per layer spec on one target, filled on demand and cached on disk."""
 
     def __init__(self, target: Target, cache_dir: Path, trials: int = 0, device: str | None = None,
-                 progress: Callable[[str], None] = lambda _: None):
+                 progress: Callable[[str], None] = lambda _: None, budget_s: float | None = None):
         import tvm
 
         from . import tvm_build
@@ -203,6 +227,11 @@ class LatencyTable:
         self.cache = MeasurementCache(Path(cache_dir) / "latency-tables" / f"{target.name}-{digest}.json")
         self.db_dir = tvm_build.tuning_db_dir(Path(cache_dir), target)
         self.measured = 0  # figures this instance had to make (not found in the cache)
+        self.budget_s, self.spent_s = budget_s, 0.0  # seconds for new figures: only optional ones stop at it
+
+    def budget_left(self) -> bool:
+        """The cycle model is instant: only timing on hardware is budgeted."""
+        return self.method == "model" or self.budget_s is None or self.spent_s < self.budget_s
 
     def _threads(self) -> int | None:
         if self.method != "local":
@@ -213,13 +242,17 @@ class LatencyTable:
     def _entry_key(self, spec: LayerSpec) -> str:
         return spec.key() if self.method == "model" else f"{spec.key()}|trials={self.trials}"
 
-    def latencies(self, specs: Iterable[LayerSpec]) -> dict[LayerSpec, float]:
-        """Milliseconds for each spec, timing those not yet in the table."""
+    def latencies(self, specs: Iterable[LayerSpec], within_budget: bool = False) -> dict[LayerSpec, float]:
+        """Milliseconds for each spec, timing those not yet in the table, in the order given.
+
+        ``within_budget``: stop timing new shapes once the table's budget is spent; the result then
+        holds only the specs that have a figure."""
         specs = list(dict.fromkeys(specs))
         missing = [s for s in specs if self.cache.get(self._entry_key(s)) is None]
-        if missing:
-            self._fill(missing)
-        return {s: self.cache.get(self._entry_key(s)).median_ms for s in specs}
+        if missing and (self.budget_left() or not within_budget):
+            self._fill(missing, within_budget)
+        figures = {s: self.cache.get(self._entry_key(s)) for s in specs}
+        return {s: latency.median_ms for s, latency in figures.items() if latency is not None}
 
     def predict_ms(self, model: onnx.ModelProto) -> tuple[float, dict[str, float]]:
         """The sum of the model's layer latencies, and each layer's figure by node name."""
@@ -228,8 +261,23 @@ class LatencyTable:
         per_layer = {name: table[spec] for name, spec in layers.items()}
         return float(sum(per_layer.values())), per_layer
 
+    def predict_layers_ms(self, layers: dict[str, LayerSpec]) -> float | None:
+        """The sum of these layers' latencies, or None if the budget ran out before all had a figure."""
+        table = self.latencies(layers.values(), within_budget=True)
+        if len(table) < len(set(layers.values())):
+            return None
+        return float(sum(table[spec] for spec in layers.values()))
+
     # ------------------------------------------------------------------ filling
-    def _fill(self, specs: list[LayerSpec]) -> None:
+    def _fill(self, specs: list[LayerSpec], within_budget: bool = False) -> None:
+        started = time.monotonic()
+        try:
+            self._fill_timed(specs, lambda: not within_budget or self.method == "model" or self.budget_s is None
+                             or self.spent_s + time.monotonic() - started < self.budget_s)
+        finally:
+            self.spent_s += time.monotonic() - started
+
+    def _fill_timed(self, specs: list[LayerSpec], time_left: Callable[[], bool]) -> None:
         how = {"local": f"on this machine ({self.threads} threads)", "rpc": f"on {self.device}",
                "model": "with the cycle model"}[self.method]
         tuned = f", tuned with {self.trials} trials each" if self.trials and self.method != "model" else ""
@@ -241,6 +289,11 @@ class LatencyTable:
             with tempfile.TemporaryDirectory(prefix="hwc-layers-") as scratch:
                 libraries = []
                 for index, spec in enumerate(specs, 1):
+                    if not time_left():
+                        self.progress(f"latency table: budget of {self.budget_s:g} s spent; "
+                                      f"{len(specs) - index + 1} shape(s) left for a later run")
+                        specs = specs[:index - 1]
+                        break
                     libraries.append(self._compile(spec, Path(scratch) / f"layer{index}.so"))
                     if self.method == "local":  # time at once: the figure is kept even if a later layer fails
                         latency, _ = LocalMeasurer(self.threads, repeat=10, min_repeat_ms=20).measure(

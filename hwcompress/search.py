@@ -104,11 +104,16 @@ def int8_layers_to_keep_fp32(model: onnx.ModelProto, table, symmetric: bool, min
     from .passes.quantize import quantizable_layers
 
     layers = model_layers(model)
-    names = [n.name for n in quantizable_layers(Graph(model)) if n.name in layers]
-    figures = table.latencies([layers[n] for n in names] + [layers[n].as_int8(symmetric) for n in names])
-    slower = [n for n in names if figures[layers[n].as_int8(symmetric)] >= figures[layers[n]] * (1 - min_gain)]
+    names = sorted((n.name for n in quantizable_layers(Graph(model)) if n.name in layers),
+                   key=lambda n: -layers[n].macs())  # within a budget, the biggest layers are timed first
+    figures = table.latencies([layers[n] for n in names])
+    figures.update(table.latencies([layers[n].as_int8(symmetric) for n in names], within_budget=True))
+    # A layer whose int8 form has no figure (the table's budget ran out) stays fp32.
+    slower = [n for n in names if figures.get(layers[n].as_int8(symmetric), float("inf"))
+              >= figures[layers[n]] * (1 - min_gain)]
     if len(slower) == len(names):
-        raise NotFaster(f"the latency table measures int8 no faster than fp32 in any of the {len(names)} layers")
+        raise NotFaster(f"the latency table measures int8 no faster than fp32 in any of the {len(names)} layers"
+                        + ("" if table.budget_left() else " it had the budget to time"))
     return slower
 
 
@@ -210,7 +215,7 @@ class LayerStep:
     name: str
     apply: Callable[[onnx.ModelProto], onnx.ModelProto]  # the full rewrite (reconstruction, data-aware)
     shapes: dict[str, list[int]]  # pruning: layer -> [channels before, after]; low-rank: layer -> ranks
-    saving_ms: float = 0.0
+    saving_ms: float | None = None  # None: not priced (the table's budget ran out before its shapes)
 
 
 class LayerSteps:
@@ -223,16 +228,30 @@ class LayerSteps:
         self.prune, self.lowrank = profile.passes.get("prune", {}), profile.passes.get("lowrank", {})
         self.target, self.table, self.calibration = target, table, calibration
 
-    def propose(self, model: onnx.ModelProto) -> list[LayerStep]:
+    def propose(self, model: onnx.ModelProto) -> tuple[list[LayerStep], list[LayerStep]]:
+        """The priced steps, most saving first, and those the table's budget left unpriced.
+
+        Steps are priced in order of multiply-accumulates removed, so a budget spends itself on the
+        steps most likely to matter; the decision itself is the table's latency, never the MACs."""
+        from .latency_table import model_layers
+
         current, _ = self.table.predict_ms(model)
         steps = []
         if self.prune.get("enabled") and self.prune.get("per_layer"):
             steps += self._prune_steps(model)
         if self.lowrank.get("enabled") and self.lowrank.get("per_layer"):
             steps += self._lowrank_steps(model)
-        for step, preview in steps:
-            step.saving_ms = current - self.table.predict_ms(preview)[0]
-        return sorted((step for step, _ in steps), key=lambda st: -st.saving_ms)
+        previews = [(step, model_layers(preview)) for step, preview in steps]
+        previews.sort(key=lambda item: sum(spec.macs() for spec in item[1].values()))
+        priced, unpriced = [], []
+        for step, layers in previews:
+            predicted = self.table.predict_layers_ms(layers)
+            if predicted is None:
+                unpriced.append(step)
+            else:
+                step.saving_ms = current - predicted
+                priced.append(step)
+        return sorted(priced, key=lambda st: -st.saving_ms), unpriced
 
     def _prune_steps(self, model: onnx.ModelProto) -> list[tuple[LayerStep, onnx.ModelProto]]:
         from .graph import Graph
@@ -282,6 +301,9 @@ class LayerSteps:
         return found
 
 
+DEFAULT_TABLE_BUDGET_S = 1200  # per search run, for layer shapes beyond the model's own
+
+
 def model_layer_names(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
 
@@ -294,7 +316,8 @@ def _layer_table(profile: Profile, target: Target, options: CompileOptions, prog
         return None
     cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
     trials = profile.search.get("layer_trials", 32) if options.tune_trials > 0 else 0
-    return LatencyTable(target, cache, trials, options.device, progress)
+    return LatencyTable(target, cache, trials, options.device, progress,
+                        budget_s=profile.search.get("table_budget_s", DEFAULT_TABLE_BUDGET_S))
 
 
 def search(model: onnx.ModelProto, target: Target, profile: Profile, options: CompileOptions,
@@ -331,8 +354,12 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, options: Co
             eligible = [c for c in pool if c.name not in result.applied and "quantize" not in families
                         and (c.family == "prune" or c.family not in families)]
             kept: list[tuple[bool, float, Trial, Any]] = []  # (quantizes, gain, trial, model)
-            total = len(eligible) + (settings.get("layer_candidates", 4) if layer_steps and "quantize" not in families else 0)
-            for index, candidate in enumerate(eligible, 1):
+            structural = settings.get("layer_candidates", 4) if layer_steps and "quantize" not in families else 0
+            total = structural + len(eligible)
+            if structural:  # first: the table's budget goes to structure before precision
+                kept += _layer_trials(layer_steps, round_index, result, evaluate, base_accuracy, max_accuracy_drop,
+                                      min_gain, structural, progress, 0, total)
+            for index, candidate in enumerate(eligible, structural + 1):
                 trial, trial_model = _measured_trial(candidate, round_index, result, evaluate, base_accuracy,
                                                      max_accuracy_drop, min_gain, progress, f"[{index}/{total}]")
                 if trial.accepted:
@@ -340,14 +367,12 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, options: Co
                     # so int8/pow2 wins a round only when no structural candidate is left.
                     kept.append((candidate.family == "quantize", _gain(result, trial.latency_ms, trial.accuracy),
                                  trial, trial_model))
-            if layer_steps and "quantize" not in families:
-                kept += _layer_trials(layer_steps, round_index, result, evaluate, base_accuracy, max_accuracy_drop,
-                                      min_gain, settings.get("layer_candidates", 4), progress, len(eligible), total)
             if not _choose(kept, result, evaluate, base_accuracy, max_accuracy_drop, min_gain, progress):
                 break
         if table is not None:
             result.table_info = {"file": str(table.cache.path), "method": table.method, "layer_trials": table.trials,
                                  "figures_made_in_this_run": table.measured,
+                                 "budget_s": table.budget_s, "spent_s": round(table.spent_s, 1),
                                  "chosen_predicted_ms": table.predict_ms(result.model)[0],
                                  "baseline_predicted_ms": baseline.predicted_ms}
     return result
@@ -395,7 +420,13 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
                   base_accuracy: float, max_accuracy_drop: float, min_gain: float, how_many: int, progress,
                   done: int, total: int) -> list[tuple[bool, float, Trial, Any]]:
     """Score the per-layer steps the table predicts to save the most; the rest are recorded as such."""
-    proposals = steps.propose(result.model)
+    proposals, unpriced = steps.propose(result.model)
+    for st in unpriced:
+        result.trials.append(Trial(round_index, st.name, None, "table", float("nan"), layers=st.shapes,
+                                   reason=f"not priced: the latency table's budget ({steps.table.budget_s:g} s "
+                                          f"per run) was spent first; a later run continues from the cache"))
+    if unpriced:
+        progress(f"search round {round_index}: {len(unpriced)} per-layer step(s) not priced (table budget spent)")
     threshold = result.latency_ms * min_gain
     promising = [st for st in proposals if st.saving_ms > threshold][:how_many]
     for st in proposals:

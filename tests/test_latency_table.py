@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import shared_model
@@ -91,3 +92,34 @@ def test_cross_target_without_device_is_refused(tmp_path):
 
     with pytest.raises(HwcError, match="timed on a device"):
         LatencyTable(get_target("arm-a72"), tmp_path)
+
+
+def test_layer_macs_match_the_shapes_onnx_infers(small_resnet):
+    from hwcompress.graph import Graph
+
+    graph = Graph(small_resnet)
+    graph.infer_shapes()
+    for node in graph.nodes:
+        spec = model_layers(small_resnet).get(node.name)
+        if spec is None:
+            continue
+        out = graph.shape(node.output[0])
+        per_output = int(np.prod(spec.weight_shape)) // out[1]  # MACs per output value
+        assert spec.macs() == int(np.prod(out)) * per_output, node.name
+
+
+def test_budget_stops_optional_shapes_never_the_models_own(tmp_path, small_resnet):
+    target = get_target("host")
+    table = LatencyTable(target, tmp_path, trials=0, budget_s=0)
+    total, _ = table.predict_ms(small_resnet)  # the model's own layers: always timed
+    assert total > 0 and table.spent_s > 0 and not table.budget_left()
+    wide = run_canonical(resnet18(input_size=32, classes=10, width=0.5))[0]
+    layers = model_layers(wide)
+    assert table.predict_layers_ms(layers) is None  # new shapes, budget spent: not priced
+    measured = table.measured
+    priced = table.latencies(layers.values(), within_budget=True)
+    assert table.measured == measured and set(priced) <= set(model_layers(small_resnet).values())
+    assert table.predict_layers_ms(model_layers(small_resnet)) == pytest.approx(total)  # known shapes still priced
+    # The cycle model is not budgeted: it costs nothing.
+    npu = LatencyTable(get_target("npu16"), tmp_path, budget_s=0)
+    assert npu.predict_layers_ms(layers) > 0

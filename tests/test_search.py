@@ -39,7 +39,32 @@ def mnist_files(tmp_path_factory):
           lowrank: {enabled: true, per_layer: true, energies: [0.9]}
           quantize: {enabled: true, schemes: [int8], per_layer: true}
     """))
+    (folder / "profiles" / "nobudget.yaml").write_text(textwrap.dedent("""
+        name: nobudget
+        target: host
+        search: {max_rounds: 1, table_budget_s: 0}
+        passes:
+          prune: {enabled: true, per_layer: true, ratios: [0.5]}
+          lowrank: {enabled: true, per_layer: true, energies: [0.9]}
+          quantize: {enabled: true, schemes: [int8], per_layer: true}
+    """))
     return folder
+
+
+def test_spent_table_budget_leaves_steps_unpriced_and_unapplied(tmp_path, mnist_files):
+    result = hwc("compile", str(shared_model("mnist-8")), "--target", "host", "--tune-trials", "0", "--profile",
+                 "nobudget", "--profiles-dir", str(mnist_files / "profiles"), "--calib",
+                 str(mnist_files / "calib.npz"), "--repeat", "5", "--cache-dir", str(tmp_path / "cache"), "--json",
+                 "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    search = json.loads(result.stdout)["search"]
+    assert search["latency_table"]["budget_s"] == 0 and search["latency_table"]["spent_s"] > 0
+    steps = [t for t in search["trials"] if t["layers"]]
+    assert steps and all(t["reason"].startswith("not priced") and t["predicted_ms"] is None for t in steps)
+    # No int8 figure was made either, so every layer stays fp32 and int8 is not built.
+    (int8,) = [t for t in search["trials"] if t["candidate"] == "int8 (per layer)"]
+    assert int8["latency_ms"] is None and "it had the budget to time" in int8["reason"]
+    assert search["applied"] == [] and "not priced (table budget spent)" in result.stderr
 
 
 def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp_path, mnist_files):

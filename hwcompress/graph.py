@@ -259,6 +259,15 @@ class Graph:
         self._value_info = {v.name: v for v in itertools.chain(model.graph.value_info, model.graph.output)}
 
     # ------------------------------------------------------------------ output
+    def set_metadata(self, key: str, value: str) -> None:
+        """A model-level note (``metadata_props``) that travels with the model through later passes."""
+        props = self._template.metadata_props
+        for prop in props:
+            if prop.key == key:
+                prop.value = value
+                return
+        props.add(key=key, value=value)
+
     def to_model(self, infer: bool = True) -> onnx.ModelProto:
         """A fresh ModelProto: topologically sorted, unused initializers dropped, shapes inferred."""
         model = copy.deepcopy(self._template)

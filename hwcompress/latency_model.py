@@ -5,8 +5,11 @@ Each layer costs ``max(compute, memory) + layer_overhead_cycles``:
 - compute: a ``mac_array`` of R x C MACs per cycle consumes R input channels and produces C
   output channels at once, so channel counts are padded up to the array:
   ``groups * ceil(Cin_g / R) * ceil(Cout_g / C) * Hout * Wout * kh * kw`` (Gemm/MatMul: rows x 1 x 1);
-- memory: int8 weights, input and output bytes over ``bytes_per_cycle``;
-- other ops move their int8 output: ``bytes / bytes_per_cycle``.
+- memory: weights (int8; at ``weight_bits.pow2`` bits in the layers a pow2 quantization left with
+  power-of-two codes), input and output bytes (int8) over ``bytes_per_cycle``;
+- other ops move their int8 output: ``bytes / bytes_per_cycle``; QuantizeLinear/DequantizeLinear
+  cost nothing (they only annotate the int8 that the NPU runs in any case), and a layer whose weight
+  is a DequantizeLinear of constant codes is priced like one with constant weights.
 
 Milliseconds are cycles at ``clock_mhz``. Every figure from here is reported as ``model``, never as
 a measurement.
@@ -24,13 +27,16 @@ from .graph import Graph
 from .measure import Latency
 
 
-def layer_cycles(graph: Graph, node: onnx.NodeProto, params: dict[str, Any]) -> int:
+def layer_cycles(graph: Graph, node: onnx.NodeProto, params: dict[str, Any], weights: str = "int8") -> int:
+    """Cycles of one op; ``weights`` is how a layer's weights are stored (int8 or pow2)."""
     rows, cols = params["mac_array"]
     per_cycle = params["bytes_per_cycle"]
     out = graph.shape(node.output[0]) or ()
     out_bytes = math.prod(d for d in out if isinstance(d, int))
-    if node.op_type in ("Conv", "Gemm", "MatMul") and graph.is_constant(node.input[1]):
-        weight = graph.initializer(node.input[1])
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        return 0
+    weight = _constant_weight(graph, node) if node.op_type in ("Conv", "Gemm", "MatMul") else None
+    if weight is not None:
         in_shape = graph.shape(node.input[0]) or ()
         in_bytes = math.prod(d for d in in_shape if isinstance(d, int))
         if node.op_type == "Conv":
@@ -42,16 +48,32 @@ def layer_cycles(graph: Graph, node: onnx.NodeProto, params: dict[str, Any]) -> 
             transposed = node.op_type == "Gemm" and graph.attr(node, "transB", 0)
             k, n = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
             compute = math.ceil(k / rows) * math.ceil(n / cols) * (out_bytes // max(n, 1))
-        memory = (weight.size + in_bytes + out_bytes) / per_cycle
+        weight_bytes = weight.size * params.get("weight_bits", {}).get(weights, 8) / 8
+        memory = (weight_bytes + in_bytes + out_bytes) / per_cycle
         return int(max(compute, memory)) + params["layer_overhead_cycles"]
     return int(out_bytes / per_cycle)
 
 
+def _constant_weight(graph: Graph, node: onnx.NodeProto):
+    """The layer's constant weight, looking through the DequantizeLinear of an int8 QDQ layer."""
+    name = node.input[1]
+    if graph.is_constant(name):
+        return graph.initializer(name)
+    producer = graph.producer(name)
+    if producer is not None and producer.op_type == "DequantizeLinear" and graph.is_constant(producer.input[0]):
+        return graph.initializer(producer.input[0])
+    return None
+
+
 def modelled_latency(model: onnx.ModelProto, target: Target) -> tuple[Latency, list[dict[str, Any]]]:
+    from .passes.quantize import pow2_layer_names
+
     params = target.latency["model"]
+    pow2 = pow2_layer_names(model)
     graph = Graph(model)
     graph.infer_shapes()
-    table = [{"layer": n.name, "op": n.op_type, "cycles": layer_cycles(graph, n, params)}
+    table = [{"layer": n.name, "op": n.op_type,
+              "cycles": layer_cycles(graph, n, params, "pow2" if n.name in pow2 else "int8")}
              for n in graph.topological_order()]
     return cycles_latency(sum(row["cycles"] for row in table), target), table
 

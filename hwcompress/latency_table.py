@@ -47,11 +47,15 @@ class LayerSpec:
     attributes: tuple[tuple[str, Any], ...]
     bias: bool
     epilogue: tuple[tuple, ...] = ()  # ("Relu",), ("Clip", lo, hi), ("Add",): residual R, ("AddConst", shape)
-    dtype: str = "float32"  # or "int8/uint8", "int8/int8": int8 QDQ with that activation type, lowered
+    dtype: str = "float32"  # or "int8/uint8", "int8/int8": int8 QDQ with that activation type, lowered;
+    # or "pow2": power-of-two weights (a float layer to TVM; 4-bit codes to a cycle model)
 
     def as_int8(self, symmetric_activations: bool) -> "LayerSpec":
         """The same layer quantized as the int8 pass would (per-channel weights, per-tensor input)."""
         return replace(self, dtype="int8/int8" if symmetric_activations else "int8/uint8")
+
+    def as_pow2(self) -> "LayerSpec":
+        return replace(self, dtype="pow2")
 
     def key(self) -> str:
         return json.dumps([self.op, self.input_shape, self.weight_shape, self.attributes, self.bias,
@@ -331,4 +335,6 @@ class LatencyTable:
 
         graph = Graph(spec.to_model())
         graph.infer_shapes()
-        return cycles_latency(layer_cycles(graph, graph.nodes[0], self.target.latency["model"]), self.target)
+        weights = "pow2" if spec.dtype == "pow2" else "int8"
+        layer = next(n for n in graph.nodes if n.op_type == spec.op)  # int8 specs start with a QDQ pair
+        return cycles_latency(layer_cycles(graph, layer, self.target.latency["model"], weights), self.target)

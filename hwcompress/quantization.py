@@ -15,13 +15,13 @@ from .pruning import output_error, split_feeds
 def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str = "int8",
                    method: str = "percentile", symmetric_activations: bool = False,
                    min_sqnr_db: float | None = None, bias_correction: bool = True,
-                   keep_fp32: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                   keep_fp32: tuple[str, ...] = (), pow2_layers: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize every layer but ``keep_fp32`` (e.g. those measured slower in int8), and, with
     ``min_sqnr_db``, those whose own quantization error is too large."""
     fit, held_out, where = split_feeds(calibration)
     stats = calibrate(model, fit, method)
     knobs = dict(stats=stats, scheme=scheme, symmetric_activations=symmetric_activations,
-                 bias_correction=bias_correction)
+                 bias_correction=bias_correction, pow2_layers=tuple(pow2_layers))
     result = quantize.apply(model, **knobs, keep_fp32=tuple(keep_fp32))
     graph = Graph(model)
     layers = [n.name for n in quantizable_layers(graph)]

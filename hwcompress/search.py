@@ -9,7 +9,9 @@ Greedy search over the candidates of the target's profile. Two kinds of candidat
   layer shapes are looked up in the target's latency table (``latency_table``), which predicts the
   latency saved; the most promising steps are applied (with reconstruction) and scored. With
   ``quantize.per_layer``, the int8 candidate likewise quantizes only the layers whose int8 form
-  (lowered to integer compute) the table measures faster than fp32.
+  (lowered to integer compute) the table measures faster than fp32; where the target and profile
+  allow pow2, "int8 + pow2 (per layer)" gives pow2 weights to the layers whose pow2 form the table
+  prices faster than int8 (a cycle model counts their 4-bit weights), int8 to the rest.
 
 A candidate is kept only if it makes the latency lower and keeps the accuracy within the budget;
 of those, the one with the most latency saved per accuracy lost wins the round. A per-layer winner
@@ -117,6 +119,24 @@ def int8_layers_to_keep_fp32(model: onnx.ModelProto, table, symmetric: bool, min
     return slower
 
 
+def pow2_layers_faster(model: onnx.ModelProto, table, symmetric: bool, min_gain: float = 0.02) -> list[str]:
+    """Layers whose pow2 form the latency table prices faster than their int8 form."""
+    from .graph import Graph
+    from .latency_table import model_layers
+    from .passes.quantize import quantizable_layers
+
+    layers = model_layers(model)
+    names = sorted((n.name for n in quantizable_layers(Graph(model)) if n.name in layers),
+                   key=lambda n: -layers[n].macs())
+    figures = table.latencies([layers[n].as_int8(symmetric) for n in names])
+    figures.update(table.latencies([layers[n].as_pow2() for n in names], within_budget=True))
+    faster = [n for n in names if figures.get(layers[n].as_pow2(), float("inf"))
+              < figures[layers[n].as_int8(symmetric)] * (1 - min_gain)]
+    if not faster:
+        raise NotFaster(f"the latency table prices pow2 weights no faster than int8 in any of the {len(names)} layers")
+    return faster
+
+
 def candidates(profile: Profile, target: Target, calibration: Calibration | None, table=None) -> list[Candidate]:
     """The profile's passes as candidates, with the target's multiples and dtypes. With a latency
     table and ``quantize.per_layer``, int8 is applied only to the layers it makes faster."""
@@ -151,6 +171,12 @@ def candidates(profile: Profile, target: Target, calibration: Calibration | None
                                           keep_fp32=tuple(keep))[0]
                 found.append(Candidate(scheme + (" (per layer)" if per_layer and scheme == "int8" else ""),
                                        "quantize", apply))
+        if per_layer and {"int8", "pow2"} <= set(quantize.get("schemes", [])) & set(target.dtypes):
+            def mixed(m):  # int8, with pow2 weights where the table prices them faster
+                pow2 = pow2_layers_faster(m, table, symmetric)
+                return quantize_model(m, calibration, "int8", quantize.get("calibration", "percentile"), symmetric,
+                                      pow2_layers=tuple(pow2))[0]
+            found.append(Candidate("int8 + pow2 (per layer)", "quantize", mixed))
     return found
 
 

@@ -85,6 +85,16 @@ def test_npu16_table_is_its_cycle_model(tmp_path, small_resnet):
     modelled = {r["layer"]: r["cycles"] / (target.latency["model"]["clock_mhz"] * 1e3) for r in rows}
     assert per_layer == pytest.approx({name: modelled[name] for name in per_layer})
     assert all(v["method"] == "model" for v in json.loads(table.cache.path.read_text()).values())
+    # pow2 entries: 4-bit weights pay off only where moving weights, not MACs, bounds the layer.
+    from hwcompress.search import pow2_layers_faster
+
+    specs = model_layers(small_resnet)
+    fc = next(name for name, spec in specs.items() if spec.op == "Gemm")
+    stem = next(iter(specs))  # 3 -> 64 channels at full resolution: MAC-bound
+    faster = pow2_layers_faster(small_resnet, table, symmetric=True)
+    assert fc in faster and stem not in faster
+    pow2 = table.latencies([specs[fc].as_pow2(), specs[fc].as_int8(True)])
+    assert pow2[specs[fc].as_pow2()] < pow2[specs[fc].as_int8(True)]
 
 
 def test_cross_target_without_device_is_refused(tmp_path):

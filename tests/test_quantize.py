@@ -16,7 +16,7 @@ from hwcompress.calibration import Calibration
 from hwcompress.graph import Graph
 from hwcompress.loading import load_model
 from hwcompress.passes import run_canonical
-from hwcompress.passes.quantize import POW2_EXPONENTS, calibrate, entropy_threshold, quantize
+from hwcompress.passes.quantize import POW2_EXPONENTS, calibrate, entropy_threshold, pow2_layer_names, quantize
 from hwcompress.quantization import quantize_model
 
 IMAGENET = SHARED / "data" / "imagenet_samples_224" / "imagenet_samples_224_every4th_class.npz"
@@ -78,6 +78,29 @@ def test_pow2_weights_are_signed_powers_of_two(mnist_task):
     pow2_top1 = _top1(quantized, "Input3", x[:500], y[:500])
     int8_top1 = _top1(quantize_model(model, calibration, "int8")[0], "Input3", x[:500], y[:500])
     assert pow2_top1 <= int8_top1 and pow2_top1 > 80
+    assert pow2_layer_names(quantized) == set(codes)  # travels with the model, for the cycle model
+
+
+def test_mixed_int8_and_pow2_layers(mnist_task):
+    from hwcompress.config import get_target
+    from hwcompress.latency_model import modelled_latency
+
+    model, calibration, x, y = mnist_task
+    layers = [n.name for n in Graph(model).nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
+    mixed, report = quantize_model(model, calibration, "int8", pow2_layers=(layers[-1],))
+    assert report["pow2_layers"] == [layers[-1]] and pow2_layer_names(mixed) == {layers[-1]}
+    graph = Graph(mixed)
+    int8_weights = [n for n in graph.nodes if n.op_type == "DequantizeLinear" and graph.is_constant(n.input[0])]
+    assert len(int8_weights) == len(layers) - 1  # the rest stay int8 QDQ
+    assert not graph.is_constant(graph.node(layers[0]).input[1])
+    assert graph.is_constant(graph.node(layers[-1]).input[1])  # pow2: dequantized constant weights
+    int8, _ = quantize_model(model, calibration, "int8")
+    assert abs(_top1(mixed, "Input3", x[:500], y[:500]) - _top1(int8, "Input3", x[:500], y[:500])) <= 1.0
+    # The NPU's cycle model reads 4-bit weights for the pow2 layer: never slower than all-int8.
+    npu16 = get_target("npu16")
+    rows = {r["layer"]: r["cycles"] for r in modelled_latency(mixed, npu16)[1]}
+    int8_rows = {r["layer"]: r["cycles"] for r in modelled_latency(int8, npu16)[1]}
+    assert rows[layers[-1]] < int8_rows[layers[-1]] and rows[layers[0]] == int8_rows[layers[0]]
 
 
 def test_bias_correction_removes_the_mean_output_shift(rng):

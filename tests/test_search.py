@@ -188,3 +188,41 @@ def test_compare_labels_every_latency_and_survives_a_failing_target(tmp_path):
     assert "| host | none |" in markdown and "modelled" in markdown and "not measured" in markdown
     assert (out / "comparison.html").read_text().count("<img") == 1
     assert (out / "arm-a72" / "model.so").exists() and (out / "host" / "report.json").exists()
+
+
+def test_npu16_gives_pow2_weights_only_where_its_cycle_model_prices_them_faster(tmp_path):
+    from dataclasses import replace
+
+    from hwcompress.calibration import Calibration
+    from hwcompress.compile import CompileOptions
+    from hwcompress.config import get_profile, get_target
+    from hwcompress.examples import resnet18
+    from hwcompress.passes import run_canonical
+    from hwcompress.passes.quantize import pow2_layer_names
+    from hwcompress.latency_model import modelled_latency
+    from hwcompress.latency_table import LatencyTable
+    from hwcompress.search import candidates, search
+
+    model = run_canonical(resnet18(input_size=32, classes=10))[0]
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(8)]
+    target, profile = get_target("npu16"), get_profile("npu16")
+    profile = replace(profile, passes={**profile.passes, "prune": {"enabled": False}})
+    result = search(model, target, profile, CompileOptions(target="npu16", tune_trials=0, cache_dir=tmp_path),
+                    Calibration(feeds, "random"), feeds, None, max_accuracy_drop=100.0, max_rounds=1)
+    trials = {t.candidate: t for t in result.trials}
+    # int8 alone: the NPU runs int8 anyway, so its model prices it like fp32 and it is not built.
+    assert trials["int8 (per layer)"].latency_method == "table"
+    assert "no faster than fp32" in trials["int8 (per layer)"].reason
+    mixed = trials["int8 + pow2 (per layer)"]
+    assert mixed.latency_method == "model" and mixed.latency_ms < result.baseline_latency_ms
+    assert mixed.accepted and trials["pow2"].latency_ms <= mixed.latency_ms  # pow2 everywhere: fewer bytes still
+    assert result.applied[0] in ("pow2", "int8 + pow2 (per layer)")  # the one with more gain per point lost
+    table = LatencyTable(target, tmp_path)
+    (candidate,) = [c for c in candidates(profile, target, Calibration(feeds, "random"), table)
+                    if c.name == "int8 + pow2 (per layer)"]
+    quantized = candidate.apply(model)
+    pow2 = pow2_layer_names(quantized)
+    layers = [n.name for n in quantized.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert pow2 and set(layers) - pow2 and layers[0] not in pow2  # weight-bound layers pow2, the stem int8
+    assert modelled_latency(quantized, target)[0].median_ms == pytest.approx(mixed.latency_ms)

@@ -5,9 +5,11 @@
   with a QuantizeLinear -> DequantizeLinear pair in front of the layer. Activation ranges come from
   calibration: ``minmax``, ``percentile`` (99.99th of |x|) or ``entropy`` (the clipping threshold
   that minimizes the KL divergence between the float and the 8-bit histogram, as in TensorRT).
-- ``pow2`` (log quantization): weights ``scale[o] * sign * 2^-e`` with e in 0..6 or zero, so a
-  multiply is a shift on hardware that supports it; stored dequantized so ONNX Runtime runs it, with
-  the codes returned for the exported artifact. Activations are int8 as above.
+- ``pow2`` (log quantization): weights ``scale[o] * sign * 2^-e`` with e in 0..6 or zero (4-bit
+  codes), so a multiply is a shift on hardware that supports it; stored dequantized so ONNX Runtime
+  runs it, with the codes returned for the exported artifact and the layers named in the model's
+  ``hwc.pow2_layers`` metadata (a cycle model prices their weights at 4 bits). Activations are int8
+  as above. ``pow2_layers`` mixes the two: int8, but pow2 weights in the layers named.
 - Bias correction: the expected output shift of the rounded weights, ``(W_q - W) E[x]``, is
   subtracted from the bias, with E[x] from the calibration data.
 - Mixed precision: layers whose own quantization costs more than ``min_sqnr_db`` of output signal
@@ -15,6 +17,8 @@
 """
 
 from __future__ import annotations
+
+import json
 
 from dataclasses import dataclass
 from typing import Any
@@ -163,7 +167,7 @@ def quantize_weight_pow2(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.
 @model_pass
 def quantize(graph: Graph, log: PassLog, stats: dict[str, ActivationStats] | None = None, scheme: str = "int8",
              symmetric_activations: bool = False, bias_correction: bool = True,
-             keep_fp32: tuple[str, ...] = ()) -> None:
+             keep_fp32: tuple[str, ...] = (), pow2_layers: tuple[str, ...] = ()) -> None:
     """Rewrite every quantizable layer (but ``keep_fp32``) into QDQ form with the given ranges."""
     if scheme not in ("int8", "pow2"):
         raise HwcError(f"unknown quantization scheme {scheme!r}; use int8 or pow2")
@@ -181,7 +185,7 @@ def quantize(graph: Graph, log: PassLog, stats: dict[str, ActivationStats] | Non
             continue
         weight = graph.initializer(node.input[1])
         axis = weight_axis(graph, node)
-        if scheme == "int8":
+        if scheme == "int8" and node.name not in pow2_layers:
             q, scale = quantize_weight_int8(weight, axis)
             shape = [1] * weight.ndim
             shape[axis] = -1
@@ -209,9 +213,23 @@ def quantize(graph: Graph, log: PassLog, stats: dict[str, ActivationStats] | Non
                 graph.make_node("DequantizeLinear", [quantized, s_name, z_name], [dequant], name=f"{source}_DQ")])
             activations[source] = dequant
         graph.set_input(node, 0, activations[source])
-        log.applied.append(f"{node.name}: {scheme} weights (per channel), {'int8' if symmetric_activations else 'uint8'} "
+        kind = "pow2" if node.name in codes else "int8"
+        log.applied.append(f"{node.name}: {kind} weights (per channel), {'int8' if symmetric_activations else 'uint8'} "
                            f"input [{stats[source].low:.3g}, {stats[source].high:.3g}]")
     log.details["pow2_codes"] = codes
+    if codes:
+        graph.set_metadata(POW2_METADATA, json.dumps(sorted(codes)))
+
+
+POW2_METADATA = "hwc.pow2_layers"
+
+
+def pow2_layer_names(model: onnx.ModelProto) -> set[str]:
+    """The layers a pow2 quantization left with power-of-two weights (from the model's metadata)."""
+    for prop in model.metadata_props:
+        if prop.key == POW2_METADATA:
+            return set(json.loads(prop.value))
+    return set()
 
 
 def _correct_bias(graph: Graph, node: onnx.NodeProto, weight: np.ndarray, dequantized: np.ndarray, axis: int,

@@ -21,7 +21,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -49,6 +49,9 @@ class LayerSpec:
     epilogue: tuple[tuple, ...] = ()  # ("Relu",), ("Clip",), ("Add",): residual R, ("AddConst", shape)
     dtype: str = "float32"  # or "int8/uint8", "int8/int8": int8 QDQ with that activation type, lowered;
     # or "pow2": power-of-two weights (a float layer to TVM; 4-bit codes to a cycle model)
+    # The bounds of each Clip: not part of the entry (they do not change latency), but the one-layer
+    # model keeps them, so its kernel is the model's own one and reuses the model's tuning records.
+    clip_bounds: tuple[tuple[float, float], ...] = field(default=(), compare=False)
 
     def as_int8(self, symmetric_activations: bool) -> "LayerSpec":
         """The same layer quantized as the int8 pass would (per-channel weights, per-tensor input)."""
@@ -105,6 +108,7 @@ class LayerSpec:
             inputs.append("B")
         nodes = [helper.make_node(self.op, inputs, ["Y0"], name="layer", **dict(self.attributes))]
         graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, self.input_shape)]
+        bounds = iter(self.clip_bounds)
         for i, op in enumerate(self.epilogue):
             extra = []
             if op[0] == "Add":
@@ -114,8 +118,9 @@ class LayerSpec:
                 inits.append(onnx.numpy_helper.from_array(rng.standard_normal(op[1]).astype(np.float32), f"C{i}"))
                 extra = [f"C{i}"]
             elif op[0] == "Clip":
-                inits += [onnx.numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-                          onnx.numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+                low, high = next(bounds, (0.0, 6.0))
+                inits += [onnx.numpy_helper.from_array(np.array(low, np.float32), "lo"),
+                          onnx.numpy_helper.from_array(np.array(high, np.float32), "hi")]
                 extra = ["lo", "hi"]
             op_type = "Add" if op[0] == "AddConst" else op[0]
             nodes.append(helper.make_node(op_type, [f"Y{i}", *extra], [f"Y{i + 1}"], name=f"epilogue{i}"))
@@ -158,7 +163,8 @@ def layer_spec(graph: Graph, node: onnx.NodeProto) -> LayerSpec | None:
     weight_shape = tuple(graph.initializer(node.input[1]).shape)
     attributes = _canonical_attributes(node, weight_shape)
     bias = len(node.input) > 2 and bool(node.input[2])
-    return LayerSpec(node.op_type, tuple(shape), weight_shape, attributes, bias, _epilogue(graph, node))
+    epilogue, clip_bounds = _epilogue(graph, node)
+    return LayerSpec(node.op_type, tuple(shape), weight_shape, attributes, bias, epilogue, clip_bounds=clip_bounds)
 
 
 def _canonical_attributes(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> tuple[tuple[str, Any], ...]:
@@ -177,9 +183,10 @@ def _canonical_attributes(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -
     return tuple(sorted((defaults | given).items()))
 
 
-def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple, ...]:
-    """The elementwise ops after the layer that TVM fuses into its kernel."""
+def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple[tuple, ...], tuple[tuple[float, float], ...]]:
+    """The elementwise ops after the layer that TVM fuses into its kernel, and the Clips' bounds."""
     ops: list[tuple] = []
+    bounds: list[tuple[float, float]] = []
     tensor = node.output[0]
     while len(ops) < 3:
         user = graph.sole_consumer(tensor)
@@ -189,7 +196,8 @@ def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple, ...]:
             ops.append(("Relu",))
         elif (user.op_type == "Clip" and len(user.input) == 3
               and all(graph.is_constant(i) for i in user.input[1:])):
-            ops.append(("Clip",))  # its bounds do not change the kernel's latency
+            ops.append(("Clip",))
+            bounds.append((float(graph.initializer(user.input[1])), float(graph.initializer(user.input[2]))))
         elif (user.op_type == "Add" and not any(graph.is_constant(i) for i in user.input)
               and graph.shape(user.input[0]) == graph.shape(user.input[1])):
             ops.append(("Add",))
@@ -199,7 +207,7 @@ def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple, ...]:
         else:
             break
         tensor = user.output[0]
-    return tuple(ops)
+    return tuple(ops), tuple(bounds)
 
 
 def model_layers(model: onnx.ModelProto) -> dict[str, LayerSpec]:

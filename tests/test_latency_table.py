@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -37,7 +38,11 @@ def test_layer_specs_carry_the_fused_epilogue_and_run(small_resnet):
     assert out.shape == feeds["R"].shape and out.min() >= 0.0  # Relu after the residual Add
     clipped = [s for s in model_layers(run_canonical(mobilenetv2(input_size=32, classes=10))[0]).values()
                if s.epilogue and s.epilogue[0][0] == "Clip"]
-    assert clipped and clipped[0].epilogue[0] == ("Clip",)  # bounds do not change latency: one entry
+    assert clipped and clipped[0].epilogue[0] == ("Clip",) and clipped[0].clip_bounds[0] == (0.0, 6.0)
+    other = replace(clipped[0], clip_bounds=((0.0, 1.5),))  # bounds do not change latency: one entry
+    assert other == clipped[0] and other.key() == clipped[0].key()
+    (out,) = ort.run(other.to_model(), other.feeds())  # but the layer keeps its own bounds
+    assert out.max() <= 1.5 and out.max() > 1.0
     # Layers that differ only in how attributes are spelled (defaults, kernel_shape) share an entry.
     stem = next(n for n in small_resnet.graph.node if n.op_type == "Conv")
     spelled = onnx.ModelProto()

@@ -203,7 +203,7 @@ def test_npu16_gives_pow2_weights_only_where_its_cycle_model_prices_them_faster(
     from hwcompress.latency_table import LatencyTable
     from hwcompress.search import candidates, search
 
-    model = run_canonical(resnet18(input_size=32, classes=10))[0]
+    model = run_canonical(resnet18(input_size=32, classes=10, width=0.5))[0]
     rng = np.random.default_rng(0)
     feeds = [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(8)]
     target, profile = get_target("npu16"), get_profile("npu16")

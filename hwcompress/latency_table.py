@@ -33,6 +33,7 @@ from .config import Target, physical_cores
 from .errors import HwcError
 from .graph import Graph
 from .measure import Latency, LocalMeasurer, MeasurementCache
+from .summary import layer_macs
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -52,6 +53,8 @@ class LayerSpec:
     # The bounds of each Clip: not part of the entry (they do not change latency), but the one-layer
     # model keeps them, so its kernel is the model's own one and reuses the model's tuning records.
     clip_bounds: tuple[tuple[float, float], ...] = field(default=(), compare=False)
+    # Multiply-accumulates: only the order in which a budgeted table times shapes, never a price.
+    macs: int = field(default=0, compare=False)
 
     def as_int8(self, symmetric_activations: bool) -> "LayerSpec":
         """The same layer quantized as the int8 pass would (per-channel weights, per-tensor input)."""
@@ -68,29 +71,6 @@ class LayerSpec:
         tail = "".join(f"+{op[0]}" for op in self.epilogue)
         kind = "" if self.dtype == "float32" else f" [{self.dtype}]"
         return f"{self.op}{kind}{tail} {'x'.join(map(str, self.input_shape))} * {'x'.join(map(str, self.weight_shape))}"
-
-    def macs(self) -> int:
-        """Multiply-accumulates of the layer: only the order in which a budgeted table times shapes."""
-        weights = int(np.prod(self.weight_shape))
-        attributes = dict(self.attributes)
-        if self.op == "Gemm":
-            return self.input_shape[1 if attributes.get("transA") else 0] * weights
-        if self.op == "MatMul":
-            return int(np.prod(self.input_shape[:-1])) * weights
-        kernel = self.weight_shape[2:]
-        count = len(kernel)
-        strides = attributes.get("strides", (1,) * count)
-        dilations = attributes.get("dilations", (1,) * count)
-        pads = attributes.get("pads", (0,) * 2 * count)
-        auto_pad = attributes.get("auto_pad", "NOTSET")
-        positions = self.input_shape[0]
-        for i, (size, k) in enumerate(zip(self.input_shape[2:], kernel)):
-            if auto_pad.startswith("SAME"):
-                positions *= -(-size // strides[i])
-            else:
-                padded = size + (0 if auto_pad == "VALID" else pads[i] + pads[i + count])
-                positions *= (padded - dilations[i] * (k - 1) - 1) // strides[i] + 1
-        return positions * weights
 
     @property
     def input_names(self) -> list[str]:
@@ -164,7 +144,8 @@ def layer_spec(graph: Graph, node: onnx.NodeProto) -> LayerSpec | None:
     attributes = _canonical_attributes(node, weight_shape)
     bias = len(node.input) > 2 and bool(node.input[2])
     epilogue, clip_bounds = _epilogue(graph, node)
-    return LayerSpec(node.op_type, tuple(shape), weight_shape, attributes, bias, epilogue, clip_bounds=clip_bounds)
+    return LayerSpec(node.op_type, tuple(shape), weight_shape, attributes, bias, epilogue, clip_bounds=clip_bounds,
+                     macs=layer_macs(graph, node) or 0)
 
 
 def _canonical_attributes(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> tuple[tuple[str, Any], ...]:
@@ -257,9 +238,10 @@ class LatencyTable:
         self.measured = 0  # figures this instance had to make (not found in the cache)
         self.budget_s, self.spent_s = budget_s, 0.0  # seconds for new figures: only optional ones stop at it
 
-    def budget_left(self) -> bool:
-        """The cycle model is instant: only timing on hardware is budgeted."""
-        return self.method == "model" or self.budget_s is None or self.spent_s < self.budget_s
+    def budget_left(self, pending_s: float = 0.0) -> bool:
+        """Whether the budget still has time after ``pending_s`` more seconds of filling. The cycle
+        model is instant: only timing on hardware is budgeted."""
+        return self.method == "model" or self.budget_s is None or self.spent_s + pending_s < self.budget_s
 
     def _threads(self) -> int | None:
         if self.method != "local":
@@ -300,8 +282,7 @@ class LatencyTable:
     def _fill(self, specs: list[LayerSpec], within_budget: bool = False) -> None:
         started = time.monotonic()
         try:
-            self._fill_timed(specs, lambda: not within_budget or self.method == "model" or self.budget_s is None
-                             or self.spent_s + time.monotonic() - started < self.budget_s)
+            self._fill_timed(specs, lambda: not within_budget or self.budget_left(time.monotonic() - started))
         finally:
             if within_budget:  # the model's own layers are always timed and not counted
                 self.spent_s += time.monotonic() - started

@@ -99,39 +99,38 @@ class NotFaster(HwcError):
     """The latency table predicts no saving: the candidate is not built (a decision, not a failure)."""
 
 
-def int8_layers_to_keep_fp32(model: onnx.ModelProto, table, symmetric: bool, min_gain: float = 0.02) -> list[str]:
-    """Layers whose int8 form (lowered to integer compute) is not measured faster than fp32."""
+def _faster_forms(model: onnx.ModelProto, table, reference: Callable, candidate: Callable,
+                  min_gain: float) -> tuple[list[str], list[str]]:
+    """The quantizable layers, and those whose ``candidate`` form the latency table prices at least
+    ``min_gain`` faster than their ``reference`` form. Candidate forms are timed within the table's
+    budget, biggest layers first; a layer left without a figure counts as not faster."""
     from .graph import Graph
     from .latency_table import model_layers
     from .passes.quantize import quantizable_layers
 
     layers = model_layers(model)
     names = sorted((n.name for n in quantizable_layers(Graph(model)) if n.name in layers),
-                   key=lambda n: -layers[n].macs())  # within a budget, the biggest layers are timed first
-    figures = table.latencies([layers[n] for n in names])
-    figures.update(table.latencies([layers[n].as_int8(symmetric) for n in names], within_budget=True))
-    # A layer whose int8 form has no figure (the table's budget ran out) stays fp32.
-    slower = [n for n in names if figures.get(layers[n].as_int8(symmetric), float("inf"))
-              >= figures[layers[n]] * (1 - min_gain)]
-    if len(slower) == len(names):
+                   key=lambda n: -layers[n].macs)
+    figures = table.latencies([reference(layers[n]) for n in names])
+    figures.update(table.latencies([candidate(layers[n]) for n in names], within_budget=True))
+    faster = [n for n in names if figures.get(candidate(layers[n]), float("inf"))
+              < figures[reference(layers[n])] * (1 - min_gain)]
+    return names, faster
+
+
+def int8_layers_to_keep_fp32(model: onnx.ModelProto, table, symmetric: bool, min_gain: float = 0.02) -> list[str]:
+    """Layers whose int8 form (lowered to integer compute) is not measured faster than fp32."""
+    names, faster = _faster_forms(model, table, lambda spec: spec, lambda spec: spec.as_int8(symmetric), min_gain)
+    if not faster:
         raise NotFaster(f"the latency table measures int8 no faster than fp32 in any of the {len(names)} layers"
                         + ("" if table.budget_left() else " it had the budget to time"))
-    return slower
+    return [n for n in names if n not in faster]
 
 
 def pow2_layers_faster(model: onnx.ModelProto, table, symmetric: bool, min_gain: float = 0.02) -> list[str]:
     """Layers whose pow2 form the latency table prices faster than their int8 form."""
-    from .graph import Graph
-    from .latency_table import model_layers
-    from .passes.quantize import quantizable_layers
-
-    layers = model_layers(model)
-    names = sorted((n.name for n in quantizable_layers(Graph(model)) if n.name in layers),
-                   key=lambda n: -layers[n].macs())
-    figures = table.latencies([layers[n].as_int8(symmetric) for n in names])
-    figures.update(table.latencies([layers[n].as_pow2() for n in names], within_budget=True))
-    faster = [n for n in names if figures.get(layers[n].as_pow2(), float("inf"))
-              < figures[layers[n].as_int8(symmetric)] * (1 - min_gain)]
+    names, faster = _faster_forms(model, table, lambda spec: spec.as_int8(symmetric), lambda spec: spec.as_pow2(),
+                                  min_gain)
     if not faster:
         raise NotFaster(f"the latency table prices pow2 weights no faster than int8 in any of the {len(names)} layers")
     return faster
@@ -268,7 +267,7 @@ class LayerSteps:
         if self.lowrank.get("enabled") and self.lowrank.get("per_layer"):
             steps += self._lowrank_steps(model)
         previews = [(step, model_layers(preview)) for step, preview in steps]
-        previews.sort(key=lambda item: sum(spec.macs() for spec in item[1].values()))
+        previews.sort(key=lambda item: sum(spec.macs for spec in item[1].values()))
         priced, unpriced = [], []
         for step, layers in previews:
             predicted = self.table.predict_layers_ms(layers)

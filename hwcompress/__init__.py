@@ -1,3 +1,7 @@
 """hwcompress: hardware-aware compression and compilation of ONNX models with Apache TVM."""
 
+from .cpu_threads import use_all_cores
+
 __version__ = "0.1.0"
+
+use_all_cores()  # before TVM's thread pool starts in this process or in its workers

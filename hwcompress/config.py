@@ -9,7 +9,6 @@ so a user can add or override a target or profile by dropping a YAML file in a d
 from __future__ import annotations
 
 import copy
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .cpu_threads import physical_cores  # noqa: F401  (re-exported: targets resolve num-cores with it)
 from .errors import HwcError
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
@@ -224,15 +224,3 @@ def _resolve_auto(target: dict[str, Any]) -> dict[str, Any]:
     if target.get("num-cores") == "auto":
         target["num-cores"] = physical_cores()
     return target
-
-
-@functools.lru_cache(maxsize=1)
-def physical_cores() -> int:
-    """Cores TVM's thread pool should use: the CPUs this process may run on.
-
-    Cached: TVM's runtime pins its threads, after which the affinity of this thread is one core.
-    """
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -65,11 +65,17 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
+# Bumped when the kernels handed to MetaSchedule change form (layout, hand schedules, thread
+# count of the runner), so that records tuned for the old form are not mixed with new ones.
+KERNEL_FORM = "nhwc-blocked-conv-1"
+
+
 def tuning_db_dir(cache_dir: Path, target: Target) -> Path:
-    """One MetaSchedule database per (TVM version, resolved target)."""
+    """One MetaSchedule database per (TVM version, resolved target, kernel form, runner threads)."""
     import tvm
 
-    key = json.dumps({"tvm": tvm.__version__, "target": target.tvm_target_dict()}, sort_keys=True)
+    key = json.dumps({"tvm": tvm.__version__, "target": target.tvm_target_dict(), "kernels": KERNEL_FORM,
+                      "threads": os.environ.get("TVM_NUM_THREADS")}, sort_keys=True)
     return Path(cache_dir) / "tuning" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -78,9 +84,40 @@ def import_onnx(model: onnx.ModelProto):
     from tvm.relax.frontend.onnx import from_onnx
 
     try:
-        return from_onnx(model, keep_params_in_input=False)
+        with _clip_as_relax_ops():
+            return from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the importer raises many types for unsupported constructs
         raise HwcError(f"TVM cannot import the model: {type(exc).__name__}: {first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _clip_as_relax_ops():
+    """Import Clip with constant bounds as Relax ``maximum``/``minimum`` ops.
+
+    TVM 0.27's importer emits every Clip as opaque ``call_tir`` kernels; layout conversion cannot
+    see through them, so each ReLU6 of an NHWC MobileNetV2 sat between two transposes (a fifth of
+    its run time). Bounds that are not constants keep the importer's own conversion."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend.Clip._impl_v13
+
+    def clip(cls, bb, inputs, attr, params):
+        bounds = inputs[1:3] + [None] * (3 - len(inputs))
+        if not all(b is None or isinstance(b, tvm.ir.expr.Constant) and b.value.numpy().size == 1 for b in bounds):
+            return original.__func__(cls, bb, inputs, attr, params)
+        result = inputs[0]
+        for bound, op in zip(bounds, (relax.op.maximum, relax.op.minimum)):
+            if bound is not None and not np.isnan(bound.value.numpy()).any():  # NaN: unbounded, as in ORT
+                result = bb.emit(op(result, relax.const(bound.value.numpy().reshape(()), bound.value.dtype)))
+        return result
+
+    onnx_frontend.Clip._impl_v13 = classmethod(clip)
+    try:
+        yield
+    finally:
+        onnx_frontend.Clip._impl_v13 = original
 
 
 @dataclass
@@ -100,15 +137,16 @@ def tune(mod, target: Target, trials: int, db_dir: Path,
     Candidates run on this machine, or on ``device`` (rpc://HOST:PORT/KEY) through TVM's
     RPCRunner; a cross target is only tuned on its device."""
     import tvm.s_tir.meta_schedule as ms
-    from tvm import relax
+
+    from .cpu_schedules import is_scheduled
 
     tvm_target = target.tvm_target()
     if "num-cores" not in target.tvm_target_dict():
         raise HwcError(f"target {target.name} cannot be tuned: its TVM target has no num-cores "
                        f"(add num-cores: auto to {target.source})")
     start = time.monotonic()
-    lowered = relax.get_pipeline("zero")(mod)
-    tasks = ms.relax_integration.extract_tasks(lowered, tvm_target)
+    tasks = [task for task in ms.relax_integration.extract_tasks(cpu_kernels(mod, tvm_target), tvm_target)
+             if not is_scheduled(task.dispatched[0]["main"])]
     db_dir.mkdir(parents=True, exist_ok=True)
     database = _open_database(db_dir)
     known = [t for t in tasks if _has_record(database, t, tvm_target)]
@@ -148,6 +186,19 @@ def tune(mod, target: Target, trials: int, db_dir: Path,
                         seconds=time.monotonic() - start, database=str(db_dir))
 
 
+def cpu_kernels(mod, tvm_target):
+    """The fused kernels of ``mod`` for a CPU: convolutions in NHWC and register-blocked by
+    ``cpu_schedules``, the rest left for MetaSchedule. Tuning and building both start here, so
+    that the database's records match the kernels that are built."""
+    from tvm import relax
+
+    from .cpu_schedules import nhwc_layout, schedule_convolutions
+
+    lowered = relax.get_pipeline("zero")(nhwc_layout(mod))
+    with tvm_target:
+        return schedule_convolutions(lowered, tvm_target)
+
+
 def build(mod, target: Target, db_dir: Path | None):
     """Compile ``mod``: tuned kernels from ``db_dir`` on CPUs, dlight schedules on GPUs."""
     import tvm
@@ -162,9 +213,10 @@ def build(mod, target: Target, db_dir: Path | None):
                 mod = relax.get_pipeline("zero")(mod)
                 mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-            elif db_dir is not None and (db_dir / "database_tuning_record.json").exists():
-                mod = relax.get_pipeline("zero")(mod)
-                mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+            else:
+                mod = cpu_kernels(mod, tvm_target)
+                if db_dir is not None and (db_dir / "database_tuning_record.json").exists():
+                    mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
             return tvm.compile(mod, target=tvm_target)
     except HwcError:
         raise

@@ -1,0 +1,125 @@
+"""The hand-written NHWC convolution schedule: applied where it should be, exact against ONNX
+Runtime, register tiles that fit the target, and TVM's thread pool using every core."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from conftest import make_model
+from hwcompress import ort, tvm_build
+from hwcompress.config import get_target, physical_cores
+from hwcompress.cpu_schedules import VectorUnit, choose_tiles, is_scheduled
+
+
+def conv_node(x, w, y, bias=None, **attrs):
+    return helper.make_node("Conv", [x, w] + ([bias] if bias else []), [y], **attrs)
+
+
+def conv_models(rng):
+    """Layers as they occur in CNNs: padded 3x3 + bias + Relu, strided, 1x1 without bias,
+    residual Add after the conv, a width with no good divisor, a depthwise conv (not hand-scheduled)."""
+    w = lambda *shape: rng.normal(0, 0.1, shape)  # noqa: E731
+    return {
+        "3x3 pad bias relu": (make_model(
+            [conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+            [("x", [1, 32, 14, 14])], [("y", [1, 64, 14, 14])], {"w": w(64, 32, 3, 3), "b": w(64)}), 1),
+        "7x7 stride 2 stem": (make_model(
+            [conv_node("x", "w", "y", "b", pads=[3, 3, 3, 3], strides=[2, 2])],
+            [("x", [1, 3, 32, 32])], [("y", [1, 16, 16, 16])], {"w": w(16, 3, 7, 7), "b": w(16)}), 1),
+        "1x1 no bias, residual add": (make_model(
+            [conv_node("x", "w", "c"), helper.make_node("Add", ["c", "x"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])],
+            [("x", [1, 48, 7, 7])], [("y", [1, 48, 7, 7])], {"w": w(48, 48, 1, 1)}), 1),
+        "prime width 13, 1000 channels": (make_model(
+            [conv_node("x", "w", "y", "b")],
+            [("x", [1, 16, 13, 13])], [("y", [1, 1000, 13, 13])], {"w": w(1000, 16, 1, 1), "b": w(1000)}), 1),
+        "depthwise": (make_model(
+            [conv_node("x", "w", "y", "b", pads=[1, 1, 1, 1], group=32)],
+            [("x", [1, 32, 14, 14])], [("y", [1, 32, 14, 14])], {"w": w(32, 1, 3, 3), "b": w(32)}), 0),
+    }
+
+
+@pytest.mark.parametrize("name", list(conv_models(np.random.default_rng(0))))
+def test_convolutions_are_hand_scheduled_and_exact_against_onnxruntime(name):
+    model, expected_scheduled = conv_models(np.random.default_rng(0))[name]
+    target = get_target("host")
+    mod = tvm_build.import_onnx(model)
+    kernels = tvm_build.cpu_kernels(mod, target.tvm_target())
+    scheduled = [gv.name_hint for gv, f in kernels.functions.items() if is_scheduled(f)]
+    assert len(scheduled) == expected_scheduled, scheduled
+    executable = tvm_build.build(mod, target, None)
+    from tvm import relax
+    import tvm
+
+    feeds = ort.random_inputs(model, seed=1)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    got = tvm_build.outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
+    assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+
+
+@pytest.mark.parametrize("unit", [VectorUnit(16, 32), VectorUnit(8, 16), VectorUnit(4, 32)])
+@pytest.mark.parametrize("width,channels", [(7, 512), (14, 256), (28, 128), (56, 64), (112, 32), (13, 1000),
+                                            (55, 16), (1, 4096), (224, 24)])
+def test_register_tiles_fit_the_register_file_and_divide_the_output(unit, width, channels):
+    tiles = choose_tiles(width, channels, unit)
+    assert tiles is not None
+    assert tiles.width * tiles.vectors + tiles.vectors + 1 <= unit.registers  # accumulators, weights, broadcast
+    assert width % tiles.width == 0 and channels % tiles.channels == 0
+    assert tiles.lanes <= unit.lanes
+
+
+def test_channel_counts_that_no_vector_divides_are_left_to_metaschedule():
+    assert choose_tiles(14, 3, VectorUnit(16, 32)) is None
+    assert choose_tiles(14, 18, VectorUnit(16, 32)) is None
+
+
+def test_vector_units_of_the_shipped_cpu_targets():
+    import tvm
+
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    assert VectorUnit.of(avx512) == VectorUnit(16, 32)
+    assert VectorUnit.of(avx2) == VectorUnit(8, 16)
+    assert VectorUnit.of(get_target("arm-a72").tvm_target()) == VectorUnit(4, 32)
+
+
+def test_tvm_thread_pool_uses_every_physical_core():
+    """TVM alone would take half the CPUs on x86; hwcompress starts its pool with all cores."""
+    code = ("import hwcompress, tvm; from tvm import te; import numpy as np\n"
+            "print(tvm.get_global_func('runtime.NumThreads')())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"})
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) == physical_cores()
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 6.0), (0.0, None), (None, float("nan"))])
+def test_clip_between_convs_fuses_into_the_conv_without_layout_transposes(bounds):
+    """ReLU6 (Clip with constant bounds) must not split the NHWC region: only the model's input and
+    output are transposed, and the result matches ONNX Runtime (a NaN bound means unbounded)."""
+    rng = np.random.default_rng(3)
+    names = ["" if b is None else f"b{i}" for i, b in enumerate(bounds)]
+    inits = {"w1": rng.normal(0, 0.3, (32, 16, 3, 3)), "w2": rng.normal(0, 0.3, (32, 32, 1, 1))}
+    inits.update({n: np.array(b, dtype=np.float32) for n, b in zip(names, bounds) if n})
+    model = make_model(
+        [conv_node("x", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Clip", ["c1", *names], ["r"]),
+         conv_node("r", "w2", "y")],
+        [("x", [1, 16, 8, 8])], [("y", [1, 32, 8, 8])], inits)
+    import tvm
+    from tvm import relax
+
+    target = get_target("host")
+    kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), target.tvm_target())
+    kernel_names = [gv.name_hint for gv in kernels.functions]
+    assert sum("transpose" in n for n in kernel_names) == 2, kernel_names
+    assert not any(n.startswith(("maximum", "minimum")) for n in kernel_names), kernel_names
+    feeds = ort.random_inputs(model, seed=2)
+    vm = relax.VirtualMachine(tvm_build.build(tvm_build.import_onnx(model), target, None), tvm.cpu())
+    got = tvm_build.outputs_to_numpy(vm["main"](tvm.runtime.tensor(feeds["x"])))
+    assert ort.relative_error(ort.run(model, feeds), got) < 1e-5

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .cpu_threads import physical_cores  # noqa: F401  (re-exported: targets resolve num-cores with it)
+from .cpu_threads import physical_cores
 from .errors import HwcError
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}

@@ -1,7 +1,8 @@
 """ONNX -> TVM Relax -> (tuned) library for a target.
 
-CPU targets are tuned with MetaSchedule into a persistent database, one per target and TVM
-version under the cache directory. MetaSchedule keys records by the structural hash of each fused
+On CPU targets convolutions run in NHWC with the project's register-blocked schedule
+(``cpu_schedules``); the other kernels are tuned with MetaSchedule into a persistent database, one
+per target, TVM version, kernel form and thread count under the cache directory. MetaSchedule keys records by the structural hash of each fused
 kernel, so a later compile of the same model, or of another model with the same layer shapes, reuses
 them. GPU targets get dlight's rule-based schedules (no tuning; building needs no GPU).
 """
@@ -200,7 +201,8 @@ def cpu_kernels(mod, tvm_target):
 
 
 def build(mod, target: Target, db_dir: Path | None):
-    """Compile ``mod``: tuned kernels from ``db_dir`` on CPUs, dlight schedules on GPUs."""
+    """Compile ``mod``: hand-scheduled convs and tuned kernels from ``db_dir`` on CPUs, dlight
+    schedules on GPUs."""
     import tvm
     from tvm import relax
 

@@ -9,7 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+import tvm
 from onnx import helper
+from tvm import relax
 
 from conftest import make_model
 from hwcompress import ort, tvm_build
@@ -54,9 +56,6 @@ def test_convolutions_are_hand_scheduled_and_exact_against_onnxruntime(name):
     scheduled = [gv.name_hint for gv, f in kernels.functions.items() if is_scheduled(f)]
     assert len(scheduled) == expected_scheduled, scheduled
     executable = tvm_build.build(mod, target, None)
-    from tvm import relax
-    import tvm
-
     feeds = ort.random_inputs(model, seed=1)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = tvm_build.outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
@@ -80,8 +79,6 @@ def test_channel_counts_that_no_vector_divides_are_left_to_metaschedule():
 
 
 def test_vector_units_of_the_shipped_cpu_targets():
-    import tvm
-
     avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     assert VectorUnit.of(avx512) == VectorUnit(16, 32)
@@ -91,8 +88,7 @@ def test_vector_units_of_the_shipped_cpu_targets():
 
 def test_tvm_thread_pool_uses_every_physical_core():
     """TVM alone would take half the CPUs on x86; hwcompress starts its pool with all cores."""
-    code = ("import hwcompress, tvm; from tvm import te; import numpy as np\n"
-            "print(tvm.get_global_func('runtime.NumThreads')())")
+    code = "import hwcompress, tvm; print(tvm.get_global_func('runtime.NumThreads')())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"})
     assert result.returncode == 0, result.stderr
@@ -111,9 +107,6 @@ def test_clip_between_convs_fuses_into_the_conv_without_layout_transposes(bounds
         [conv_node("x", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Clip", ["c1", *names], ["r"]),
          conv_node("r", "w2", "y")],
         [("x", [1, 16, 8, 8])], [("y", [1, 32, 8, 8])], inits)
-    import tvm
-    from tvm import relax
-
     target = get_target("host")
     kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), target.tvm_target())
     kernel_names = [gv.name_hint for gv in kernels.functions]

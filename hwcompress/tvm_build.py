@@ -1,7 +1,7 @@
 """ONNX -> TVM Relax -> (tuned) library for a target.
 
 On CPU targets convolutions run in NHWC with the project's register-blocked schedule
-(``cpu_schedules``); the other kernels are tuned with MetaSchedule into a persistent database, one
+(``cpu_schedules``, dense and depthwise); the other kernels are tuned with MetaSchedule into a persistent database, one
 per target, TVM version, kernel form and thread count under the cache directory. MetaSchedule keys records by the structural hash of each fused
 kernel, so a later compile of the same model, or of another model with the same layer shapes, reuses
 them. GPU targets get dlight's rule-based schedules (no tuning; building needs no GPU).

@@ -12,6 +12,7 @@ import pytest
 import tvm
 from onnx import helper
 from tvm import relax
+from tvm.s_tir import Schedule
 
 from conftest import make_model
 from hwcompress import ort, tvm_build
@@ -25,7 +26,8 @@ def conv_node(x, w, y, bias=None, **attrs):
 
 def conv_models(rng):
     """Layers as they occur in CNNs: padded 3x3 + bias + Relu, strided, 1x1 without bias,
-    residual Add after the conv, a width with no good divisor, a depthwise conv (not hand-scheduled)."""
+    residual Add after the conv, a width with no good divisor, depthwise (MobileNet's, with ReLU6),
+    and grouped convs that are left to MetaSchedule (channel multiplier 2, four groups)."""
     w = lambda *shape: rng.normal(0, 0.1, shape)  # noqa: E731
     return {
         "3x3 pad bias relu": (make_model(
@@ -43,7 +45,18 @@ def conv_models(rng):
             [("x", [1, 16, 13, 13])], [("y", [1, 1000, 13, 13])], {"w": w(1000, 16, 1, 1), "b": w(1000)}), 1),
         "depthwise": (make_model(
             [conv_node("x", "w", "y", "b", pads=[1, 1, 1, 1], group=32)],
-            [("x", [1, 32, 14, 14])], [("y", [1, 32, 14, 14])], {"w": w(32, 1, 3, 3), "b": w(32)}), 0),
+            [("x", [1, 32, 14, 14])], [("y", [1, 32, 14, 14])], {"w": w(32, 1, 3, 3), "b": w(32)}), 1),
+        "depthwise stride 2, ReLU6": (make_model(
+            [conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1], strides=[2, 2], group=48),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["y"])],
+            [("x", [1, 48, 15, 15])], [("y", [1, 48, 8, 8])],
+            {"w": w(48, 1, 3, 3), "b": w(48), "lo": np.array(0.0), "hi": np.array(6.0)}), 1),
+        "channel multiplier 2": (make_model(
+            [conv_node("x", "w", "y", pads=[1, 1, 1, 1], group=16)],
+            [("x", [1, 16, 14, 14])], [("y", [1, 32, 14, 14])], {"w": w(32, 1, 3, 3)}), 0),
+        "four groups": (make_model(
+            [conv_node("x", "w", "y", pads=[1, 1, 1, 1], group=4)],
+            [("x", [1, 32, 14, 14])], [("y", [1, 32, 14, 14])], {"w": w(32, 8, 3, 3)}), 0),
     }
 
 
@@ -60,6 +73,28 @@ def test_convolutions_are_hand_scheduled_and_exact_against_onnxruntime(name):
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = tvm_build.outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
     assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["3x3 pad bias relu", "1x1 no bias, residual add", "depthwise stride 2, ReLU6"])
+def test_epilogue_reads_the_accumulators_and_writes_the_output_once(name):
+    """Bias, activation and residual add are applied to the register tile: a scheduled conv
+    writes no full-size intermediate, only its output (and a dense conv its padded input)."""
+    model, _ = conv_models(np.random.default_rng(0))[name]
+    kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), get_target("host").tvm_target())
+    (func,) = [f for f in kernels.functions.values() if is_scheduled(f)]
+    sch = Schedule(func)
+    written = {region.source for block in sch.get_child_blocks(sch.get_sblock("root"))
+               for region in sch.get(block).writes if region.source.scope() == "global"}
+    shapes = sorted(tuple(int(d) for d in buffer.shape) for buffer in written)
+    n, c, h, w = _dims(model.graph.output[0])
+    _, c_in, h_in, w_in = _dims(model.graph.input[0])
+    padded_input = (1, h_in + 2, w_in + 2, c_in)
+    expected = [(n, h, w, c)] + ([padded_input] if name == "3x3 pad bias relu" else [])
+    assert shapes == sorted(expected)
+
+
+def _dims(value_info) -> tuple[int, ...]:
+    return tuple(d.dim_value for d in value_info.type.tensor_type.shape.dim)
 
 
 @pytest.mark.parametrize("unit", [VectorUnit(16, 32), VectorUnit(8, 16), VectorUnit(4, 32)])

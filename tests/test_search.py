@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import numpy as np
@@ -110,8 +111,14 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
     for t in int8:  # structure before precision: int8 wins a round only if no structural step survived it
         if t["chosen"]:
             assert not [o for o in trials if o["round"] == t["round"] and o["accepted"] and o is not t]
-    # [k/n] counters on stderr (a bar on a terminal).
-    assert "] search round 1: prune " in result.stderr and "latency table: timing" in result.stderr
+    # [k/n] counters on stderr (a bar on a terminal) for each step scored, and the table's timing.
+    # Which steps are worth scoring depends on the timings (the table may price every step below
+    # the minimum gain), so the counters are checked for the steps this run did score.
+    assert "latency table: timing" in result.stderr
+    for t in steps:
+        if t["accuracy"] is not None and t["round"] == 1:
+            assert re.search(rf"\[\d+/\d+\] search round 1: {re.escape(t['candidate'])}: table predicts",
+                             result.stderr), t["candidate"]
 
     again = hwc("compile", *args, "-o", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr

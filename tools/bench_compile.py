@@ -4,7 +4,10 @@
     python tools/bench_compile.py [--trials N] [--threads T] [--models resnet18,mobilenetv2,squeezenet]
 
 Prints one line per model with both medians and the ratio TVM / ORT (below 1.0: TVM is faster).
-The tuning database under --cache-dir is kept, so a second run measures without re-tuning.
+After all models are compiled, the two are timed in alternating rounds (ORT, TVM, ORT, ...) with
+the same Python call loop, so that drift of a shared machine's speed hits both alike; the compile
+report's own TVM latency is printed alongside. The tuning database under --cache-dir is kept, so a
+second run measures without re-tuning.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import ort_latency_ms  # noqa: E402
+from benchlib import alternating_latency_ms  # noqa: E402
 
-from hwcompress import ort  # noqa: E402
+from hwcompress import ort, tvm_build  # noqa: E402
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
 from hwcompress.config import physical_cores  # noqa: E402
 from hwcompress.examples import resnet18  # noqa: E402
@@ -39,9 +42,14 @@ def model_path(name: str, scratch: Path) -> Path:
     return SHARED / {"mobilenetv2": "mobilenetv2-fp32", "squeezenet": "squeezenet1.1-caffe2"}[name] / "model.onnx"
 
 
-def ort_latency(path: Path, threads: int, repeat: int) -> float:
+def side_by_side(path: Path, library: Path, threads: int, repeat: int) -> dict[str, float]:
+    """Median ms of ORT on the original model and of the compiled library, alternating rounds."""
     model = load_model(path, require_supported=False, simplify=False)
-    return ort_latency_ms(model, ort.random_inputs(model), threads, repeat)
+    feeds = ort.random_inputs(model)
+    session = ort.session(model, threads=threads)
+    vm, _, args = tvm_build.run_local(library, feeds, list(feeds))
+    return alternating_latency_ms({"ort": lambda: session.run(None, feeds), "tvm": lambda: vm["main"](*args)},
+                                  rounds=max(3, repeat // 10))
 
 
 def main() -> int:
@@ -56,23 +64,26 @@ def main() -> int:
     names = args.models.split(",")
     with tempfile.TemporaryDirectory() as scratch:
         paths = {name: model_path(name, Path(scratch)) for name in names}
-        # ONNX Runtime first: once TVM's runtime has started, its pinned worker threads compete
-        # with ORT's in this process and would make ORT look slower than it is.
-        ort_ms = {name: ort_latency(paths[name], args.threads, args.repeat) for name in names}
+        reports = {}
         for name in names:
             options = CompileOptions(target="host", cache_dir=args.cache_dir, repeat=args.repeat)
             if args.trials is not None:
                 options.tune_trials = args.trials
             start = time.monotonic()
-            report = compile_model(paths[name], Path(scratch) / f"out-{name}", options,
-                                   lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
-            compile_s = time.monotonic() - start
-            tvm_ms = report["latency"]["median_ms"]
-            rows.append((name, ort_ms[name], tvm_ms, tvm_ms / ort_ms[name], report["latency"]["threads"], compile_s,
-                         report["accuracy"]["max_relative_error"]))
-    print(f"{'model':12} {'ORT ms':>9} {'TVM ms':>9} {'TVM/ORT':>8} {'threads':>7} {'compile s':>9} {'rel err':>8}")
-    for name, ort_ms, tvm_ms, ratio, threads, compile_s, err in rows:
-        print(f"{name:12} {ort_ms:9.2f} {tvm_ms:9.2f} {ratio:8.2f} {threads:7d} {compile_s:9.0f} {err:8.1e}")
+            reports[name] = compile_model(paths[name], Path(scratch) / f"out-{name}", options,
+                                          lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
+            reports[name]["compile_s"] = time.monotonic() - start
+        for name in names:
+            print(f"[{name}] timing ONNX Runtime and TVM in alternating rounds", file=sys.stderr, flush=True)
+            ms = side_by_side(paths[name], Path(scratch) / f"out-{name}" / "model.so", args.threads, args.repeat)
+            report = reports[name]
+            rows.append((name, ms["ort"], ms["tvm"], ms["tvm"] / ms["ort"], report["latency"]["median_ms"],
+                         report["latency"]["threads"], report["compile_s"], report["accuracy"]["max_relative_error"]))
+    print(f"{'model':12} {'ORT ms':>9} {'TVM ms':>9} {'TVM/ORT':>8} {'report ms':>9} {'threads':>7} {'compile s':>9} "
+          f"{'rel err':>8}")
+    for name, ort_ms, tvm_ms, ratio, report_ms, threads, compile_s, err in rows:
+        print(f"{name:12} {ort_ms:9.2f} {tvm_ms:9.2f} {ratio:8.2f} {report_ms:9.2f} {threads:7d} {compile_s:9.0f} "
+              f"{err:8.1e}")
     return 0
 
 

@@ -65,6 +65,27 @@ def bench_parser(doc: str):
     return parser
 
 
+def alternating_latency_ms(runners: dict, rounds: int = 5, repeat: int = 10, pause_s: float = 0.05) -> dict[str, float]:
+    """Median ms per call of each runner, timed in alternating rounds by the same Python loop.
+
+    A shared machine's speed drifts by tens of percent over a minute; timing A then B puts that
+    drift into the ratio. A pause before each round lets the other runtime's spinning worker
+    threads go idle."""
+    import time
+
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            time.sleep(pause_s)
+            for _ in range(3):
+                run()
+            for _ in range(repeat):
+                start = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values) * 1e3) for name, values in samples.items()}
+
+
 def ort_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, repeat: int = 50) -> float:
     """Median ONNX Runtime fp32 latency after warm-up, with ``threads`` intra-op threads."""
     import time

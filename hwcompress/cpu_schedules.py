@@ -81,7 +81,10 @@ def choose_tiles(out_width: int, out_channels: int, unit: VectorUnit) -> ConvTil
             continue
         max_width = (unit.registers - vectors - 1) // vectors
         width = max((d for d in range(1, min(out_width, max_width) + 1) if out_width % d == 0), default=1)
-        score = width * vectors if width >= 4 or width == out_width else 0
+        # Enough accumulators (a quarter of the registers) to hide the FMA latency; a narrow tile
+        # with more vectors also will do (widths like 111 = 3 x 37 have no better divisor).
+        enough = width * vectors >= unit.registers // 4 or width == out_width
+        score = width * vectors if enough else 0
         if best is None or score > best[0]:
             best = (score, ConvTiles(width, vectors, lanes))
     return best[1] if best and best[0] > 0 else None
@@ -141,6 +144,8 @@ def _is_float_hwio(sch: Schedule, conv) -> bool:
 def _schedule(sch: Schedule, conv, tiles: ConvTiles) -> None:
     depthwise = sch.get(conv).name_hint.startswith("group")
     epilogue = _fused_epilogue(sch, conv)
+    if not depthwise:
+        _pack_weights(sch, conv, tiles.channels)
     n, h, w, o, rh, rw, rc = sch.get_loops(conv)
     w_outer, w_inner = sch.split(w, [None, tiles.width])
     o_outer, o_vectors, o_lanes = sch.split(o, [None, tiles.vectors, tiles.lanes])
@@ -173,6 +178,19 @@ def _schedule(sch: Schedule, conv, tiles: ConvTiles) -> None:
     sch.vectorize(init_l)
     sch.unroll(init_v)
     sch.unroll(init_w)
+
+
+def _pack_weights(sch: Schedule, conv, channels: int) -> None:
+    """Weights in the order the kernel reads them: each channel tile's filters contiguous
+    ([O / tile][KH][KW][I][tile]), so a thread streams them from memory sequentially instead of
+    128 bytes at a stride of the channel count (HWIO). The repacking block is marked as a layout
+    rewrite: ``tvm_build.cpu_kernels`` splits it out and folds it into the constant at compile
+    time (measured on ResNet-18, whose 45 MB of weights stream from memory each run: 1.18x of
+    ONNX Runtime before, 1.00x after)."""
+    packed = sch.cache_read(conv, 1, "global")
+    sch.transform_layout(conv, ("read", 1),
+                         lambda kh, kw, i, o: (o // channels, kh, kw, i, o % channels))
+    sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
 
 
 def _weights_outweigh_input(sch: Schedule, conv) -> bool:

@@ -191,13 +191,20 @@ def cpu_kernels(mod, tvm_target):
     """The fused kernels of ``mod`` for a CPU: convolutions in NHWC and register-blocked by
     ``cpu_schedules``, the rest left for MetaSchedule. Tuning and building both start here, so
     that the database's records match the kernels that are built."""
+    import tvm
     from tvm import relax
 
-    from .cpu_schedules import nhwc_layout, schedule_convolutions
+    from .channel_padding import pad_output_channels
+    from .cpu_schedules import VectorUnit, nhwc_layout, schedule_convolutions
 
-    lowered = relax.get_pipeline("zero")(nhwc_layout(mod))
+    lanes = VectorUnit.of(tvm_target).lanes
+    lowered = relax.get_pipeline("zero")(pad_output_channels(nhwc_layout(mod), 2 * lanes))
     with tvm_target:
-        return schedule_convolutions(lowered, tvm_target)
+        scheduled = schedule_convolutions(lowered, tvm_target)
+    # The convs' weight repacking becomes functions of the constant weights, run at compile time.
+    prepack = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+                                        relax.transform.DeadCodeElimination()])
+    return prepack(scheduled)
 
 
 def build(mod, target: Target, db_dir: Path | None):

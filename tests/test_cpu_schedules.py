@@ -17,7 +17,8 @@ from tvm.s_tir import Schedule
 from conftest import make_model
 from hwcompress import ort, tvm_build
 from hwcompress.config import get_target, physical_cores
-from hwcompress.cpu_schedules import VectorUnit, choose_tiles, is_scheduled
+from hwcompress.channel_padding import pad_output_channels
+from hwcompress.cpu_schedules import VectorUnit, choose_tiles, is_scheduled, nhwc_layout
 
 
 def conv_node(x, w, y, bias=None, **attrs):
@@ -40,7 +41,7 @@ def conv_models(rng):
             [conv_node("x", "w", "c"), helper.make_node("Add", ["c", "x"], ["s"]),
              helper.make_node("Relu", ["s"], ["y"])],
             [("x", [1, 48, 7, 7])], [("y", [1, 48, 7, 7])], {"w": w(48, 48, 1, 1)}), 1),
-        "prime width 13, 1000 channels": (make_model(
+        "prime width 13, 1000 channels (padded to whole vectors)": (make_model(
             [conv_node("x", "w", "y", "b")],
             [("x", [1, 16, 13, 13])], [("y", [1, 1000, 13, 13])], {"w": w(1000, 16, 1, 1), "b": w(1000)}), 1),
         "depthwise": (make_model(
@@ -93,19 +94,48 @@ def test_epilogue_reads_the_accumulators_and_writes_the_output_once(name):
     assert shapes == sorted(expected)
 
 
+def test_conv_weights_are_repacked_per_channel_tile_at_compile_time():
+    """The kernel reads each channel tile's filters contiguously ([O / tile][KH][KW][I][tile]); the
+    repacking runs once when compiling (folded into the constant), not in every inference."""
+    model, _ = conv_models(np.random.default_rng(0))["3x3 pad bias relu"]
+    target = get_target("host").tvm_target()
+    kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), target)
+    (func,) = [f for f in kernels.functions.values() if is_scheduled(f)]
+    sch = Schedule(func)
+    reads = {tuple(int(d) for d in region.source.shape) for block in sch.get_child_blocks(sch.get_sblock("root"))
+             for region in sch.get(block).reads}
+    tile = choose_tiles(14, 64, VectorUnit.of(target)).channels
+    assert (64 // tile, 3, 3, 32, tile) in reads
+    assert not [gv.name_hint for gv in kernels.functions if "prepack" in gv.name_hint
+                and not gv.name_hint.endswith("_prepacked")]  # no repacking left to run
+
+
 def _dims(value_info) -> tuple[int, ...]:
     return tuple(d.dim_value for d in value_info.type.tensor_type.shape.dim)
 
 
 @pytest.mark.parametrize("unit", [VectorUnit(16, 32), VectorUnit(8, 16), VectorUnit(4, 32)])
 @pytest.mark.parametrize("width,channels", [(7, 512), (14, 256), (28, 128), (56, 64), (112, 32), (13, 1000),
-                                            (55, 16), (1, 4096), (224, 24)])
+                                            (55, 16), (1, 4096), (224, 24), (111, 64)])
 def test_register_tiles_fit_the_register_file_and_divide_the_output(unit, width, channels):
     tiles = choose_tiles(width, channels, unit)
     assert tiles is not None
     assert tiles.width * tiles.vectors + tiles.vectors + 1 <= unit.registers  # accumulators, weights, broadcast
     assert width % tiles.width == 0 and channels % tiles.channels == 0
     assert tiles.lanes <= unit.lanes
+
+
+@pytest.mark.parametrize("channels,lanes,padded", [(1000, 16, 1024), (1000, 4, 1000), (96, 16, 96), (40, 16, 40)])
+def test_output_channels_are_padded_to_whole_vector_tiles_and_sliced_back(channels, lanes, padded):
+    """1000 classes compute as 1024 zero-padded channels on AVX-512 (not 8-lane vectors); NEON's 4
+    lanes divide 1000 already; a multiple, or a layer too small to pay for the padding, is kept."""
+    model = make_model([conv_node("x", "w", "y", "b")], [("x", [1, 32, 5, 5])], [("y", [1, channels, 5, 5])],
+                       {"w": np.ones((channels, 32, 1, 1)), "b": np.ones(channels)})
+    mod = pad_output_channels(nhwc_layout(tvm_build.import_onnx(model)), 2 * lanes)
+    (conv,) = [b.var for b in mod["main"].body.blocks[0].bindings
+               if isinstance(b.value, relax.Call) and b.value.op.name == "relax.nn.conv2d"]
+    assert [int(d) for d in conv.ty.shape] == [1, 5, 5, padded]
+    assert [int(d) for d in mod["main"].body.body.ty.shape] == [1, channels, 5, 5]
 
 
 def test_channel_counts_that_no_vector_divides_are_left_to_metaschedule():

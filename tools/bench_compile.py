@@ -5,8 +5,8 @@
 
 Prints one line per model with both medians and the ratio TVM / ORT (below 1.0: TVM is faster).
 After all models are compiled, the two are timed in alternating rounds (ORT, TVM, ORT, ...) with
-the same Python call loop, so that drift of a shared machine's speed hits both alike; the compile
-report's own TVM latency is printed alongside. The tuning database under --cache-dir is kept, so a
+the same Python call loop; the ratio is the median of the rounds' ratios, so that drift of a shared
+machine's speed cancels out. The compile report's own TVM latency is printed alongside. The tuning database under --cache-dir is kept, so a
 second run measures without re-tuning.
 """
 
@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,14 +44,18 @@ def model_path(name: str, scratch: Path) -> Path:
     return SHARED / {"mobilenetv2": "mobilenetv2-fp32", "squeezenet": "squeezenet1.1-caffe2"}[name] / "model.onnx"
 
 
-def side_by_side(path: Path, library: Path, threads: int, repeat: int) -> dict[str, float]:
-    """Median ms of ORT on the original model and of the compiled library, alternating rounds."""
+def side_by_side(path: Path, library: Path, threads: int, repeat: int) -> tuple[float, float, float]:
+    """ORT on the original model vs the compiled library, alternating rounds: the median ms of
+    each and the median of the per-round ratios TVM / ORT."""
     model = load_model(path, require_supported=False, simplify=False)
     feeds = ort.random_inputs(model)
     session = ort.session(model, threads=threads)
     vm, _, args = tvm_build.run_local(library, feeds, list(feeds))
-    return alternating_latency_ms({"ort": lambda: session.run(None, feeds), "tvm": lambda: vm["main"](*args)},
-                                  rounds=max(3, repeat // 10))
+    main = vm["main"]
+    rounds = alternating_latency_ms({"ort": lambda: session.run(None, feeds), "tvm": lambda: main(*args)},
+                                    rounds=max(5, repeat // 5))
+    ratios = [t / o for t, o in zip(rounds["tvm"], rounds["ort"])]
+    return float(np.median(rounds["ort"])), float(np.median(rounds["tvm"])), float(np.median(ratios))
 
 
 def main() -> int:
@@ -75,10 +81,11 @@ def main() -> int:
             reports[name]["compile_s"] = time.monotonic() - start
         for name in names:
             print(f"[{name}] timing ONNX Runtime and TVM in alternating rounds", file=sys.stderr, flush=True)
-            ms = side_by_side(paths[name], Path(scratch) / f"out-{name}" / "model.so", args.threads, args.repeat)
+            ort_ms, tvm_ms, ratio = side_by_side(paths[name], Path(scratch) / f"out-{name}" / "model.so",
+                                                 args.threads, args.repeat)
             report = reports[name]
-            rows.append((name, ms["ort"], ms["tvm"], ms["tvm"] / ms["ort"], report["latency"]["median_ms"],
-                         report["latency"]["threads"], report["compile_s"], report["accuracy"]["max_relative_error"]))
+            rows.append((name, ort_ms, tvm_ms, ratio, report["latency"]["median_ms"], report["latency"]["threads"],
+                         report["compile_s"], report["accuracy"]["max_relative_error"]))
     print(f"{'model':12} {'ORT ms':>9} {'TVM ms':>9} {'TVM/ORT':>8} {'report ms':>9} {'threads':>7} {'compile s':>9} "
           f"{'rel err':>8}")
     for name, ort_ms, tvm_ms, ratio, report_ms, threads, compile_s, err in rows:

@@ -65,25 +65,31 @@ def bench_parser(doc: str):
     return parser
 
 
-def alternating_latency_ms(runners: dict, rounds: int = 5, repeat: int = 10, pause_s: float = 0.05) -> dict[str, float]:
-    """Median ms per call of each runner, timed in alternating rounds by the same Python loop.
+def alternating_latency_ms(runners: dict, rounds: int = 10, repeat: int = 10,
+                           pause_s: float = 0.4) -> dict[str, list[float]]:
+    """Per round, the median ms per call of each runner, timed in alternating rounds by the same
+    Python loop (A, B, A, B, ...).
 
-    A shared machine's speed drifts by tens of percent over a minute; timing A then B puts that
-    drift into the ratio. A pause before each round lets the other runtime's spinning worker
-    threads go idle."""
+    A shared machine's speed drifts by tens of percent within a minute; timing A then B puts that
+    drift into the ratio, while the ratio of neighbouring rounds cancels it. The pause before each
+    round lets the other runtime's worker threads stop spinning: after its last run TVM's keep a
+    core busy for about 0.18 s here, ONNX Runtime's for 0.05 s (process CPU time while sleeping);
+    with a shorter pause ORT read up to 1.7x slower."""
     import time
 
-    samples: dict[str, list[float]] = {name: [] for name in runners}
+    medians: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             time.sleep(pause_s)
             for _ in range(3):
                 run()
+            samples = []
             for _ in range(repeat):
                 start = time.perf_counter()
                 run()
-                samples[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values) * 1e3) for name, values in samples.items()}
+                samples.append(time.perf_counter() - start)
+            medians[name].append(float(np.median(samples) * 1e3))
+    return medians
 
 
 def ort_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, repeat: int = 50) -> float:

@@ -14,23 +14,25 @@ import numpy as np
 import tvm
 from tvm import relax
 
-# Layers with fewer channels than this many multiples are left alone: the padding would cost
-# more than the wider vectors win (e.g. 3 -> 32 channels).
-MIN_MULTIPLES = 4
+# Layers with fewer channels than this many vectors are left alone: the padding would cost more
+# than the wider vectors win (e.g. 3 -> 32 channels).
+MIN_VECTORS = 8
 
 
-def pad_output_channels(mod: tvm.IRModule, multiple: int) -> tvm.IRModule:
-    """Every dense float NHWC/HWIO conv with constant weights and an output channel count that is
-    not a multiple of ``multiple`` computes zero-padded channels and slices them off."""
-    return relax.transform.DeadCodeElimination()(_PadOutChannels(mod, multiple).transform())
+def pad_output_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """Every dense float NHWC/HWIO conv with constant weights whose output channels are not a
+    multiple of ``lanes`` computes zero-padded channels up to a multiple of two vectors (the
+    register tile's best width) and slices them off. Multiples of ``lanes`` (144 on 16 lanes)
+    are tiled as they are."""
+    return relax.transform.DeadCodeElimination()(_PadOutChannels(mod, lanes).transform())
 
 
 @relax.expr_functor.mutator
 class _PadOutChannels(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, multiple: int):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
         self.module = mod
-        self.multiple = multiple
+        self.lanes = lanes
 
     def transform(self) -> tvm.IRModule:
         for gvar, func in self.module.functions.items():
@@ -48,9 +50,9 @@ class _PadOutChannels(relax.PyExprMutator):
         if weight is None or weight.dtype != np.float32:  # int8 convs are not register-blocked
             return call
         channels = weight.shape[3]
-        if channels % self.multiple == 0 or channels < MIN_MULTIPLES * self.multiple:
+        if channels % self.lanes == 0 or channels < MIN_VECTORS * self.lanes:
             return call
-        padded = np.pad(weight, [(0, 0)] * 3 + [(0, -channels % self.multiple)])
+        padded = np.pad(weight, [(0, 0)] * 3 + [(0, -channels % (2 * self.lanes))])
         conv = self.builder_.emit(relax.Call(call.op, [call.args[0], relax.const(padded)], call.attrs))
         return relax.op.strided_slice(conv, axes=[3], begin=[0], end=[channels])
 

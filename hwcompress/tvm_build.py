@@ -198,7 +198,7 @@ def cpu_kernels(mod, tvm_target):
     from .cpu_schedules import VectorUnit, nhwc_layout, schedule_convolutions
 
     lanes = VectorUnit.of(tvm_target).lanes
-    lowered = relax.get_pipeline("zero")(pad_output_channels(nhwc_layout(mod), 2 * lanes))
+    lowered = relax.get_pipeline("zero")(pad_output_channels(nhwc_layout(mod), lanes))
     with tvm_target:
         scheduled = schedule_convolutions(lowered, tvm_target)
     # The convs' weight repacking becomes functions of the constant weights, run at compile time.

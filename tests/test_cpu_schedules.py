@@ -125,13 +125,15 @@ def test_register_tiles_fit_the_register_file_and_divide_the_output(unit, width,
     assert tiles.lanes <= unit.lanes
 
 
-@pytest.mark.parametrize("channels,lanes,padded", [(1000, 16, 1024), (1000, 4, 1000), (96, 16, 96), (40, 16, 40)])
+@pytest.mark.parametrize("channels,lanes,padded", [(1000, 16, 1024), (1000, 4, 1000), (1000, 8, 1000),
+                                                    (200, 16, 224), (144, 16, 144), (40, 16, 40)])
 def test_output_channels_are_padded_to_whole_vector_tiles_and_sliced_back(channels, lanes, padded):
-    """1000 classes compute as 1024 zero-padded channels on AVX-512 (not 8-lane vectors); NEON's 4
-    lanes divide 1000 already; a multiple, or a layer too small to pay for the padding, is kept."""
+    """1000 classes compute as 1024 zero-padded channels on AVX-512 (not 8-lane vectors); AVX2's 8
+    and NEON's 4 lanes divide 1000 already; a multiple of the lanes (144 = 9 x 16), or a layer too
+    small to pay for the padding, is kept."""
     model = make_model([conv_node("x", "w", "y", "b")], [("x", [1, 32, 5, 5])], [("y", [1, channels, 5, 5])],
                        {"w": np.ones((channels, 32, 1, 1)), "b": np.ones(channels)})
-    mod = pad_output_channels(nhwc_layout(tvm_build.import_onnx(model)), 2 * lanes)
+    mod = pad_output_channels(nhwc_layout(tvm_build.import_onnx(model)), lanes)
     (conv,) = [b.var for b in mod["main"].body.blocks[0].bindings
                if isinstance(b.value, relax.Call) and b.value.op.name == "relax.nn.conv2d"]
     assert [int(d) for d in conv.ty.shape] == [1, 5, 5, padded]

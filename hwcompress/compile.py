@@ -70,6 +70,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
 
         mod, int8_layers = lower_qdq(mod)
         progress(f"int8 lowering: {len(int8_layers)} QDQ layer(s) run as int8 x int8 -> int32")
+    progress(f"lowering for {target.name}")
+    kernels = tvm_build.lower(mod, target)
     cache_dir = Path(options.cache_dir) if options.cache_dir else tvm_build.default_cache_dir()
     db_dir = None
     tuning = None
@@ -82,7 +84,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         db_dir = tvm_build.tuning_db_dir(cache_dir, target)
         device = options.device or target.latency.get("device")
         if options.tune_trials > 0 and (device or not tvm_build.is_cross(target)):
-            tuning = tvm_build.tune(mod, target, options.tune_trials, db_dir, progress, device)
+            tuning = tvm_build.tune(kernels, target, options.tune_trials, db_dir, progress, device)
         elif options.tune_trials > 0:
             tuning_note = (f"{target.name} code cannot run here, so it is tuned only on its device "
                            f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")
@@ -91,7 +93,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             tuning_note = f"--tune-trials 0: no tuning; records already in {db_dir} are used"
     progress(f"building for {target.name}")
     start = time.monotonic()
-    executable = tvm_build.build(mod, target, db_dir)
+    executable = tvm_build.build(kernels, target, db_dir)
     build_seconds = time.monotonic() - start
 
     feeds = random_inputs(canonical, seed=0)

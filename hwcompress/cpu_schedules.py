@@ -7,7 +7,7 @@ below is the classic register-blocked direct convolution (the structure of oneDN
 kernels): an output tile of ``width_tile`` pixels x ``channel_tile`` channels lives in vector
 registers while the reduction runs over kernel rows, columns and input channels; each step
 broadcasts one input value (depthwise: loads the matching input lanes) and does one FMA per
-accumulator vector with contiguous weights (HWIO). The epilogue (bias, activation, residual add)
+accumulator vector with contiguous weights (dense convs: repacked per channel tile at compile time). The epilogue (bias, activation, residual add)
 is applied to the tile in registers and the output written once. Tile sizes follow from the
 target's vector width and register count, so the kernel is good without tuning, also for targets
 that cannot be tuned from here (arm-a72 cross-compiled).
@@ -250,7 +250,8 @@ def is_scheduled(func) -> bool:
 
 
 def schedule_convolutions(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Every fused function of ``mod`` with a dense float NHWC conv, register-blocked for ``target``."""
+    """Every fused function of ``mod`` with a dense or depthwise float NHWC conv, register-blocked
+    for ``target``."""
     unit = VectorUnit.of(target)
     updates = {}
     for gvar, func in mod.functions.items():

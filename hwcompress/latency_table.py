@@ -323,9 +323,10 @@ class LatencyTable:
             from .int8_lowering import lower_qdq
 
             mod, _ = lower_qdq(mod)
+        kernels = tvm_build.lower(mod, self.target)
         if self.trials > 0:
-            tvm_build.tune(mod, self.target, self.trials, self.db_dir, device=self.device)
-        executable = tvm_build.build(mod, self.target, self.db_dir)
+            tvm_build.tune(kernels, self.target, self.trials, self.db_dir, device=self.device)
+        executable = tvm_build.build(kernels, self.target, self.db_dir)
         tvm_build.export(executable, self.target, path.parent, path.name)
         return path
 

@@ -1,10 +1,11 @@
 """ONNX -> TVM Relax -> (tuned) library for a target.
 
-On CPU targets convolutions run in NHWC with the project's register-blocked schedule
-(``cpu_schedules``, dense and depthwise); the other kernels are tuned with MetaSchedule into a persistent database, one
-per target, TVM version, kernel form and thread count under the cache directory. MetaSchedule keys records by the structural hash of each fused
-kernel, so a later compile of the same model, or of another model with the same layer shapes, reuses
-them. GPU targets get dlight's rule-based schedules (no tuning; building needs no GPU).
+``lower`` makes the fused kernels once; ``tune`` and ``build`` both take them. On CPU targets
+convolutions run in NHWC with the project's register-blocked schedule (``cpu_schedules``, dense and
+depthwise); the other kernels are tuned with MetaSchedule into a persistent database, one per
+target, TVM version, kernel form and thread count under the cache directory. MetaSchedule keys
+records by the structural hash of each fused kernel, so a later compile of the same model, or of
+another model with the same layer shapes, reuses them. GPU targets get dlight's rule-based schedules (no tuning; building needs no GPU).
 """
 
 from __future__ import annotations
@@ -131,9 +132,10 @@ class TuningResult:
     database: str
 
 
-def tune(mod, target: Target, trials: int, db_dir: Path,
+def tune(kernels, target: Target, trials: int, db_dir: Path,
          progress: Callable[[str], None] = lambda _: None, device: str | None = None) -> TuningResult:
-    """Tune every fused kernel of ``mod`` for ``target`` with MetaSchedule, adding to ``db_dir``.
+    """Tune every fused kernel of ``kernels`` (from ``lower``) that has no schedule yet with
+    MetaSchedule, adding to ``db_dir``.
 
     Candidates run on this machine, or on ``device`` (rpc://HOST:PORT/KEY) through TVM's
     RPCRunner; a cross target is only tuned on its device."""
@@ -146,7 +148,7 @@ def tune(mod, target: Target, trials: int, db_dir: Path,
         raise HwcError(f"target {target.name} cannot be tuned: its TVM target has no num-cores "
                        f"(add num-cores: auto to {target.source})")
     start = time.monotonic()
-    tasks = [task for task in ms.relax_integration.extract_tasks(cpu_kernels(mod, tvm_target), tvm_target)
+    tasks = [task for task in ms.relax_integration.extract_tasks(kernels, tvm_target)
              if not is_scheduled(task.dispatched[0]["main"])]
     db_dir.mkdir(parents=True, exist_ok=True)
     database = _open_database(db_dir)
@@ -187,10 +189,26 @@ def tune(mod, target: Target, trials: int, db_dir: Path,
                         seconds=time.monotonic() - start, database=str(db_dir))
 
 
+def lower(mod, target: Target):
+    """The fused kernels of ``mod`` for ``target``, done once and shared by ``tune`` and ``build``
+    (so that the database's records match the kernels that are built): on CPUs ``cpu_kernels``,
+    on GPUs dlight's rule-based schedules."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = target.tvm_target()
+    with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
+        if not is_gpu(target):
+            return cpu_kernels(mod, tvm_target)
+        import tvm.s_tir.dlight as dl
+
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(relax.get_pipeline("zero")(mod))
+
+
 def cpu_kernels(mod, tvm_target):
     """The fused kernels of ``mod`` for a CPU: convolutions in NHWC and register-blocked by
-    ``cpu_schedules``, the rest left for MetaSchedule. Tuning and building both start here, so
-    that the database's records match the kernels that are built."""
+    ``cpu_schedules``, their weights repacked at compile time, the rest left for MetaSchedule."""
     import tvm
     from tvm import relax
 
@@ -207,26 +225,23 @@ def cpu_kernels(mod, tvm_target):
     return prepack(scheduled)
 
 
-def build(mod, target: Target, db_dir: Path | None):
-    """Compile ``mod``: hand-scheduled convs and tuned kernels from ``db_dir`` on CPUs, dlight
-    schedules on GPUs."""
+def build(kernels, target: Target, db_dir: Path | None):
+    """Compile ``kernels`` (from ``lower``), on CPUs with the tuned records in ``db_dir``."""
     import tvm
     from tvm import relax
 
     tvm_target = target.tvm_target()
-    try:
-        with tvm_target, tvm.transform.PassContext(opt_level=3):
-            if is_gpu(target):
-                import tvm.s_tir.dlight as dl
+    with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
+        if not is_gpu(target) and db_dir is not None and (db_dir / "database_tuning_record.json").exists():
+            kernels = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(kernels)
+        return tvm.compile(kernels, target=tvm_target)
 
-                mod = relax.get_pipeline("zero")(mod)
-                mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-            else:
-                mod = cpu_kernels(mod, tvm_target)
-                if db_dir is not None and (db_dir / "database_tuning_record.json").exists():
-                    mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
-            return tvm.compile(mod, target=tvm_target)
+
+@contextlib.contextmanager
+def _as_build_error(target: Target):
+    """TVM's own exceptions from lowering or compiling, as the one-line error the CLI prints."""
+    try:
+        yield
     except HwcError:
         raise
     except Exception as exc:

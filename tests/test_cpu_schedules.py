@@ -65,11 +65,10 @@ def conv_models(rng):
 def test_convolutions_are_hand_scheduled_and_exact_against_onnxruntime(name):
     model, expected_scheduled = conv_models(np.random.default_rng(0))[name]
     target = get_target("host")
-    mod = tvm_build.import_onnx(model)
-    kernels = tvm_build.cpu_kernels(mod, target.tvm_target())
+    kernels = tvm_build.lower(tvm_build.import_onnx(model), target)
     scheduled = [gv.name_hint for gv, f in kernels.functions.items() if is_scheduled(f)]
     assert len(scheduled) == expected_scheduled, scheduled
-    executable = tvm_build.build(mod, target, None)
+    executable = tvm_build.build(kernels, target, None)
     feeds = ort.random_inputs(model, seed=1)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = tvm_build.outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
@@ -81,7 +80,7 @@ def test_epilogue_reads_the_accumulators_and_writes_the_output_once(name):
     """Bias, activation and residual add are applied to the register tile: a scheduled conv
     writes no full-size intermediate, only its output (and a dense conv its padded input)."""
     model, _ = conv_models(np.random.default_rng(0))[name]
-    kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), get_target("host").tvm_target())
+    kernels = tvm_build.lower(tvm_build.import_onnx(model), get_target("host"))
     (func,) = [f for f in kernels.functions.values() if is_scheduled(f)]
     sch = Schedule(func)
     written = {region.source for block in sch.get_child_blocks(sch.get_sblock("root"))
@@ -180,6 +179,7 @@ def test_clip_between_convs_fuses_into_the_conv_without_layout_transposes(bounds
     assert sum("transpose" in n for n in kernel_names) == 2, kernel_names
     assert not any(n.startswith(("maximum", "minimum")) for n in kernel_names), kernel_names
     feeds = ort.random_inputs(model, seed=2)
-    vm = relax.VirtualMachine(tvm_build.build(tvm_build.import_onnx(model), target, None), tvm.cpu())
+    vm = relax.VirtualMachine(tvm_build.build(tvm_build.lower(tvm_build.import_onnx(model), target), target, None),
+                              tvm.cpu())
     got = tvm_build.outputs_to_numpy(vm["main"](tvm.runtime.tensor(feeds["x"])))
     assert ort.relative_error(ort.run(model, feeds), got) < 1e-5

@@ -207,7 +207,7 @@ def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
     assert len(layers) == 3
     text = mod.script()
     assert text.count('out_dtype="int32"') == 3 and "R.dequantize" not in text  # no float weights left
-    exe = tvm_build.build(mod, get_target("host"), None)
+    exe = tvm_build.build(tvm_build.lower(mod, get_target("host")), get_target("host"), None)
     exe.export_library(str(tmp_path / "m.so"))
     session = ort.session(quantized, exact=True)
     for feed in feeds[:4]:

@@ -6,8 +6,8 @@
 Prints one line per model with both medians and the ratio TVM / ORT (below 1.0: TVM is faster).
 After all models are compiled, the two are timed in alternating rounds (ORT, TVM, ORT, ...) with
 the same Python call loop; the ratio is the median of the rounds' ratios, so that drift of a shared
-machine's speed cancels out. The compile report's own TVM latency is printed alongside. The tuning database under --cache-dir is kept, so a
-second run measures without re-tuning.
+machine's speed cancels out. The compile report's own TVM latency is printed alongside. The
+tuning database under --cache-dir is kept, so a second run measures without re-tuning.
 """
 
 from __future__ import annotations

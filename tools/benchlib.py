@@ -81,30 +81,28 @@ def alternating_latency_ms(runners: dict, rounds: int = 10, repeat: int = 10,
     for _ in range(rounds):
         for name, run in runners.items():
             time.sleep(pause_s)
-            for _ in range(3):
-                run()
-            samples = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                run()
-                samples.append(time.perf_counter() - start)
-            medians[name].append(float(np.median(samples) * 1e3))
+            medians[name].append(median_call_ms(run, repeat, warmup=3))
     return medians
+
+
+def median_call_ms(run, repeat: int, warmup: int) -> float:
+    """Median milliseconds of ``run()`` over ``repeat`` calls after ``warmup`` untimed ones."""
+    import time
+
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e3)
 
 
 def ort_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, repeat: int = 50) -> float:
     """Median ONNX Runtime fp32 latency after warm-up, with ``threads`` intra-op threads."""
-    import time
-
     session = ort.session(model, threads=threads)
-    for _ in range(5):
-        session.run(None, feed)
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feed)
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e3)
+    return median_call_ms(lambda: session.run(None, feed), repeat, warmup=5)
 
 
 def score(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """hwcompress: hardware-aware compression and compilation of ONNX models with Apache TVM."""
 
-from .cpu_threads import use_all_cores
+from .config.host import use_all_cores
 
 __version__ = "0.1.0"
 

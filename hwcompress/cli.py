@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import traceback
@@ -12,17 +11,16 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import HwcError, first_line
+from .progress import Event, Progress
 
 
-class Progress:
-    """Progress on stderr, silent with --quiet.
+class ProgressLines:
+    """Renders progress events on stderr, silent with --quiet.
 
-    Every step is a line (``[hwc   1.2s] message``). A counted step (``[k/n] message``, as tuning,
-    latency tables and the search send) also drives a progress bar when stderr is a terminal; in
-    logs and pipes the lines alone say where the work stands.
+    Every event is a line (``[hwc   1.2s] message``). A counted event (done of total: tuning trials,
+    latency-table layers, search candidates) also drives a progress bar when stderr is a terminal;
+    in logs and pipes the lines alone say where the work stands.
     """
-
-    _COUNTED = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")
 
     def __init__(self, quiet: bool = False, stream=None):
         self.quiet = quiet
@@ -30,24 +28,26 @@ class Progress:
         self._start = time.monotonic()
         self._bar = None
         self._interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.progress = Progress(self.show)
 
     def step(self, message: str) -> None:
+        self.show(Event(message))
+
+    def show(self, event: Event) -> None:
         if self.quiet:
             return
-        line = f"[hwc {time.monotonic() - self._start:6.1f}s] {message}"
-        counted = self._COUNTED.match(message)
+        line = f"[hwc {time.monotonic() - self._start:6.1f}s] {event.text}"
         if not self._interactive:
             print(line, file=self.stream, flush=True)
             return
         from tqdm import tqdm
 
-        if counted:
-            done, total, what = int(counted[1]), int(counted[2]), counted[3]
-            if self._bar is None or self._bar.total != total or done < self._bar.n:
+        if event.counted:
+            if self._bar is None or self._bar.total != event.total or event.done < self._bar.n:
                 self.close()
-                self._bar = tqdm(total=total, file=self.stream, leave=False, dynamic_ncols=True)
-            self._bar.set_description_str(what[:40])
-            self._bar.update(done - self._bar.n)
+                self._bar = tqdm(total=event.total, file=self.stream, leave=False, dynamic_ncols=True)
+            self._bar.set_description_str(event.message[:40])
+            self._bar.update(event.done - self._bar.n)
         tqdm.write(line, file=self.stream)
 
     def close(self) -> None:
@@ -57,17 +57,17 @@ class Progress:
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    from .report import to_json
+    from .report.compile_report import to_json
 
     print(to_json(data) if args.json else text)
 
 
 # --------------------------------------------------------------------- commands
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .config import list_targets
+    from .config.targets import list_targets
 
     targets = list_targets(args.targets_dir)
-    data = [{"name": t.name, "description": t.description, "latency": t.latency["method"],
+    data = [{"name": t.name, "description": t.description, "latency": t.latency.method,
              "channel_multiple": t.channel_multiple, "dtypes": list(t.dtypes), "source": str(t.source)}
             for t in targets]
     width = max(len(t.name) for t in targets)
@@ -78,8 +78,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
-    from .loading import read_model, unsupported_nodes
-    from .summary import format_summary, summarize
+    from .model.loading import read_model, unsupported_nodes
+    from .model.summary import format_summary, summarize
 
     model = read_model(Path(args.model))
     model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -94,12 +94,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from .fileio import save_model
-    from .loading import load_model, parse_input_shapes
-    from .ort import random_inputs, relative_error, run
+    from .model.fileio import save_model
+    from .model.loading import load_model, parse_input_shapes
+    from .model.reference import random_inputs, relative_error, run
     from .passes import run_canonical
 
-    progress = Progress(args.quiet)
+    progress = ProgressLines(args.quiet)
     shapes = parse_input_shapes(args.input_shape)
     progress.step(f"loading {args.model}")
     model = load_model(args.model, shapes)
@@ -125,12 +125,11 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .compile import CompileOptions
-    from .loading import parse_input_shapes
-    from .measure import Latency
-    from .pipeline import SearchOptions, compile_for_target
+    from .compile import CompileOptions, SearchOptions, compile_for_target
+    from .measure.latency import Latency
+    from .model.loading import parse_input_shapes
 
-    progress = Progress(args.quiet)
+    progress = ProgressLines(args.quiet)
     options = CompileOptions(target=args.target, tune_trials=args.tune_trials, cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              tolerance=args.tolerance, repeat=args.repeat, device=args.device,
@@ -139,7 +138,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            labels=args.labels, preprocess=args.preprocess, max_accuracy_drop=args.max_accuracy_drop,
                            max_latency_ms=args.max_latency_ms,
                            search=args.search or bool(args.calib or args.val))
-    report = compile_for_target(args.model, args.output, options, search, progress.step)
+    result = compile_for_target(args.model, args.output, options, search, progress.progress)
+    report = result.report
     latency = Latency(**report["latency"]).describe()
     error = report["accuracy"]["max_relative_error"]
     checked = f"max relative error {error:.1e} vs ONNX Runtime" if error is not None else "outputs not checked"
@@ -148,16 +148,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if chosen is not None:
         text += f"; chosen: {', '.join(chosen) or 'no compression'}"
     _emit(args, report, text)
+    result.raise_for_budget()
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
-    from .compile import CompileOptions
-    from .loading import parse_input_shapes
-    from .pipeline import SearchOptions
+    from .compile import CompileOptions, SearchOptions
+    from .model.loading import parse_input_shapes
 
-    progress = Progress(args.quiet)
+    progress = ProgressLines(args.quiet)
     devices = {}
     for spec in args.device or []:
         name, sep, url = spec.partition("=")
@@ -170,7 +170,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
                            labels=args.labels, preprocess=args.preprocess, search=bool(args.calib or args.val))
     rows = compare(args.model, [t for t in args.targets.split(",") if t], args.output, options, search, devices,
-                   progress.step)
+                   progress.progress)
     text = "\n".join(f"{r['target']:10} {('%.3f ms' % r['latency_ms']) if r['latency_ms'] is not None else 'n/a':>12} "
                      f"{r['label']:15} {', '.join(r['passes']) or 'no compression'}" for r in rows)
     _emit(args, rows, text)
@@ -191,14 +191,14 @@ def _parse_layer_ratios(specs: list[str] | None) -> dict[str, float]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .calibration import load_calibration
-    from .config import get_target
-    from .fileio import save_model
-    from .loading import load_model, parse_input_shapes
+    from .data.calibration import load_calibration
+    from .config.targets import get_target
+    from .model.fileio import save_model
+    from .model.loading import load_model, parse_input_shapes
     from .passes import canonicalize_reshape, eliminate_identity
-    from .pruning import prune_model
+    from .compress.prune import prune_model
 
-    progress = Progress(args.quiet)
+    progress = ProgressLines(args.quiet)
     multiple = get_target(args.target, args.targets_dir).channel_multiple if args.target else 1
     layer_ratios = _parse_layer_ratios(args.layer_ratio)
     progress.step(f"loading {args.model}")
@@ -224,20 +224,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_lowrank(args: argparse.Namespace) -> int:
-    from .calibration import load_calibration
-    from .config import get_target
-    from .factorization import lowrank_model
-    from .fileio import save_model
-    from .loading import load_model, parse_input_shapes
+    from .data.calibration import load_calibration
+    from .config.targets import get_target
+    from .compress.lowrank import lowrank_model
+    from .compress.recipes import LowrankRecipe
+    from .model.fileio import save_model
+    from .model.loading import load_model, parse_input_shapes
     from .passes import run_canonical
 
-    progress = Progress(args.quiet)
+    progress = ProgressLines(args.quiet)
     multiple = get_target(args.target, args.targets_dir).rank_multiple if args.target else 1
     progress.step(f"loading {args.model}")
     model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
     calibration = load_calibration(args.calib, model, preprocess=args.preprocess) if args.calib else None
     rank = None if args.rank is None else (int(args.rank) if args.rank > 1 else float(args.rank))
-    methods = tuple(args.method.split(",")) if args.method else ("svd", "spatial", "tucker2")
+    methods = tuple(args.method.split(",")) if args.method else LowrankRecipe.default("methods")
     progress.step(f"factorizing (energy {args.energy:g}, methods {', '.join(methods)}, rank multiple {multiple})")
     result, report = lowrank_model(model, args.energy, rank, methods, multiple, args.min_saving, calibration)
     save_model(result, args.output)
@@ -257,10 +258,11 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
 def cmd_device_check(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .config import get_target
-    from .remote import device_check, parse_device
+    from .config.targets import get_target
+    from .config.device import parse_device
+    from .measure.rpc import device_check
 
-    progress = Progress(args.quiet)
+    progress = ProgressLines(args.quiet)
     device = parse_device(args.device)
     progress.step(f"connecting to the tracker {device.host}:{device.port}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -277,16 +279,14 @@ def cmd_device_check(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .calibration import load_calibration
-    from .config import get_target
-    from .fileio import atomic_path, save_model
-    from .loading import load_model, parse_input_shapes
+    from .data.calibration import load_calibration
+    from .config.targets import get_target
+    from .model.fileio import save_model
+    from .model.loading import load_model, parse_input_shapes
     from .passes import run_canonical
-    from .quantization import quantize_model
+    from .compress.quantize import attach_pow2_codes, quantize_model
 
-    progress = Progress(args.quiet)
+    progress = ProgressLines(args.quiet)
     target = get_target(args.target, args.targets_dir)
     if args.scheme not in target.dtypes:
         raise HwcError(f"target {target.name} does not support {args.scheme} (its dtypes: {', '.join(target.dtypes)})")
@@ -298,15 +298,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.calib, model, max_samples=args.max_samples, preprocess=args.preprocess)
     progress.step(f"calibrating ({args.method}) on {len(calibration.feeds)} sample(s) from {calibration.source}")
     quantized, report = quantize_model(model, calibration, args.scheme, args.method,
-                                       target.int8.get("activation") == "symmetric", args.min_sqnr,
+                                       target.symmetric_activations, args.min_sqnr,
                                        not args.no_bias_correction)
-    codes = report.pop("_pow2_codes")
-    if codes:
-        sidecar = Path(str(args.output) + ".pow2.npz")
-        with atomic_path(sidecar) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **{f"{layer}.{key}": value for layer, c in codes.items() for key, value in c.items()})
-        quantized.metadata_props.add(key="hwc.pow2_codes", value=sidecar.name)
+    sidecar = attach_pow2_codes(quantized, Path(args.output))
+    if sidecar is not None:
         report["pow2_codes_file"] = str(sidecar)
     save_model(quantized, args.output)
     progress.step(f"wrote {args.output}")
@@ -322,8 +317,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_example(args: argparse.Namespace) -> int:
-    from .examples import EXAMPLES
-    from .fileio import save_model
+    from .model.examples import EXAMPLES
+    from .model.fileio import save_model
 
     model = EXAMPLES[args.name](input_size=args.input_size, classes=args.classes, width=args.width, seed=args.seed)
     save_model(model, args.output)
@@ -371,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted output difference relative to the output scale (default 1e-4)")
 
-    from .compile import DEFAULT_TUNE_TRIALS
+    from .backend.build import DEFAULT_TUNE_TRIALS
+    from .compress.recipes import (CALIBRATION_METHODS, IMPORTANCES, LOWRANK_METHODS, SCHEMES, LowrankRecipe,
+                                   PruneRecipe, QuantizeRecipe)
 
     p = add("compile", cmd_compile, "compile for a target with TVM: tune, build, export, measure, check",
             parents=(common, shapes, data))
@@ -410,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, required=True, help="fraction of each layer's channels to remove (0..1)")
     p.add_argument("--target", "-t", help="round channel counts to this target's channel multiple")
     p.add_argument("--layer-ratio", action="append", metavar="NODE=RATIO", help="per-layer ratio (repeatable)")
-    p.add_argument("--importance", choices=["l1", "l2", "bn_gamma"], default="l1")
+    p.add_argument("--importance", choices=IMPORTANCES, default=PruneRecipe.default("importance"))
     p.add_argument("--calib", help="calibration data (.npz, one array per input) for reconstruction, or 'random'")
     p.add_argument("--no-reconstruct", action="store_true", help="with --calib: measure only, do not refit")
 
@@ -418,9 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Tucker-2)", parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--energy", type=float, default=0.95, help="singular-value energy to keep (default 0.95)")
+    energy = LowrankRecipe.default("energies")[0]
+    p.add_argument("--energy", type=float, default=energy, help=f"singular-value energy to keep (default {energy:g})")
     p.add_argument("--rank", type=float, help="explicit rank (> 1) or fraction of full rank (<= 1)")
-    p.add_argument("--method", help="comma-separated subset of svd,spatial,tucker2 (default all)")
+    p.add_argument("--method", help=f"comma-separated subset of {','.join(LOWRANK_METHODS)} (default all)")
     p.add_argument("--target", "-t", help="round ranks up to this target's rank multiple")
     p.add_argument("--min-saving", type=float, default=0.2,
                    help="factorize a layer only if it saves this fraction of its MACs (default 0.2)")
@@ -430,10 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
             parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--scheme", choices=["int8", "pow2"], default="int8")
+    p.add_argument("--scheme", choices=SCHEMES, default=QuantizeRecipe.default("schemes")[0])
     p.add_argument("--calib", help="calibration data (.npz, one array per input), or 'random' (required)")
-    p.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="percentile",
-                   help="activation range calibration (default percentile)")
+    calibration = QuantizeRecipe.default("calibration")
+    p.add_argument("--method", choices=CALIBRATION_METHODS, default=calibration,
+                   help=f"activation range calibration (default {calibration})")
     p.add_argument("--target", "-t", default="host", help="target whose dtypes and activation scheme apply")
     p.add_argument("--min-sqnr", type=float, default=None, metavar="DB",
                    help="keep fp32 the layers whose own quantization leaves less than DB dB of output SQNR")
@@ -463,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device", metavar="rpc://HOST:PORT/KEY")
     p.add_argument("--target", "-t", default="host", help="target to build the kernel for (default host)")
 
-    from .examples import EXAMPLES
+    from .model.examples import EXAMPLES
 
     p = add("example", cmd_example, "write an example model (real structure, random weights)")
     p.add_argument("name", choices=sorted(EXAMPLES))

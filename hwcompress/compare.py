@@ -3,17 +3,16 @@ obtained (measured locally, measured over RPC, modelled, or not measured)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from . import report_html
-from .compile import CompileOptions
+from .compile import CompileOptions, SearchOptions, compile_for_target
 from .errors import HwcError
-from .fileio import atomic_dir, write_text
-from .pipeline import SearchOptions, compile_for_target
-from .report import to_json
+from .model.fileio import atomic_dir, write_text
+from .progress import SILENT, Progress
+from .report import html as report_html
+from .report.compile_report import to_json
 
 
 class SomeTargetsFailed(HwcError):
@@ -26,23 +25,21 @@ def _label(latency: dict[str, Any]) -> str:
 
 def compare(model_path: str | Path, targets: list[str], out_dir: str | Path, options: CompileOptions,
             search: SearchOptions, devices: dict[str, str],
-            progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+            progress: Progress = SILENT) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with atomic_dir(out_dir) as tmp:
         for name in targets:
             progress(f"== {name}")
             target_options = replace(options, target=name, device=devices.get(name, options.device))
             try:
-                report = compile_for_target(model_path, tmp / name, target_options, search,
-                                            lambda m, n=name: progress(f"[{n}] {m}"))
+                result = compile_for_target(model_path, tmp / name, target_options, search, progress.within(name))
             except HwcError as exc:
-                if getattr(exc, "exit_code", 2) == 3:  # a budget: the report exists, keep the row
-                    report = json.loads((tmp / name / "report.json").read_text())
-                    report["budget"] = str(exc)
-                else:
-                    rows.append({"target": name, "error": str(exc), "latency_ms": None,
-                                 "latency_method": "failed", "label": "failed"})
-                    continue
+                rows.append({"target": name, "error": str(exc), "latency_ms": None,
+                             "latency_method": "failed", "label": "failed"})
+                continue
+            report = result.report
+            if result.budget_failures:  # a budget: the report exists, keep the row
+                report["budget"] = "; ".join(result.budget_failures)
             lat = report["latency"]
             found = report.get("search") or {}
             rows.append({

@@ -1,184 +1,205 @@
-"""``hwc compile``: load -> canonical passes -> TVM import -> tune -> build -> export -> measure -> check.
+"""``hwc compile``: load -> canonical passes -> (search) -> build -> measure -> check -> reports -> budgets.
 
 Everything lands in a temporary directory that replaces the output directory only when the whole
-pipeline has succeeded, so a failed compile never leaves a half-written result.
+pipeline has succeeded, so a failed compile never leaves a half-written result. Budgets are results:
+``CompileResult.budget_failures`` lists what was exceeded, and the CLI turns it into exit code 3
+after the reports are written.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+import onnx
 
 from . import __version__
-from .config import Target, get_target, physical_cores
+from .backend.build import DEFAULT_TUNE_TRIALS, BuildOptions, build_model
+from .backend.runtime import tvm_version
+from .compress.profile import get_profile
+from .compress.quantize import attach_pow2_codes
+from .config.targets import Target, get_target
+from .data.calibration import load_calibration
 from .errors import HwcError
-from .fileio import atomic_dir, save_model
-from .loading import load_model
-from .measure import LocalMeasurer, Latency, not_measured
-from .ort import random_inputs, relative_error, rms_error, run
-from .passes import run_canonical
-from .report import SCHEMA_VERSION, write_reports
-from .summary import summarize
+from .measure.factory import measurer_for
+from .measure.latency import Job
+from .model.fileio import atomic_dir, save_model
+from .model.loading import load_model
+from .model.reference import check_outputs, random_inputs, run
+from .model.summary import summarize
+from .passes import PassLog, run_canonical
+from .progress import SILENT, Progress
+from .report.compile_report import SCHEMA_VERSION, write_reports
 
 LIBRARY_NAME = "model.so"
 ONNX_NAME = "model.onnx"
-DEFAULT_TUNE_TRIALS = 500
-QUANTIZED_RMS_TOLERANCE = 0.01
+__all__ = ["DEFAULT_TUNE_TRIALS", "BudgetExceeded", "CompileOptions", "CompileResult", "SearchOptions",
+           "compile_for_target", "compile_model"]
 
 
 @dataclass
-class CompileOptions:
+class CompileOptions(BuildOptions):
     target: str = "host"
-    tune_trials: int = DEFAULT_TUNE_TRIALS
-    cache_dir: Path | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     targets_dirs: list | None = None
     tolerance: float = 1e-3
     repeat: int = 30
-    device: str | None = None  # rpc://HOST:PORT/KEY; default: the target YAML's latency.device
-    int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
+
+
+@dataclass
+class SearchOptions:
+    profile: str = "default"
+    profiles_dirs: list | None = None
+    calib: str | None = None
+    val: str | None = None
+    labels: str | None = None
+    preprocess: str | None = None  # for image folders; default: the profile's calibration.preprocess
+    max_accuracy_drop: float | None = None
+    max_latency_ms: float | None = None
+    search: bool = True
+
+
+class BudgetExceeded(HwcError):
+    exit_code = 3
+
+
+@dataclass
+class CompileResult:
+    report: dict[str, Any]
+    budget_failures: list[str] = field(default_factory=list)
+
+    def raise_for_budget(self) -> None:
+        if self.budget_failures:
+            raise BudgetExceeded("; ".join(self.budget_failures))
+
+
+def compile_for_target(model_path: str | Path, out_dir: str | Path, options: CompileOptions,
+                       search_options: SearchOptions, progress: Progress = SILENT) -> CompileResult:
+    """Search (when asked), then compile the chosen model; the budgets' verdict comes back as a value."""
+    target = get_target(options.target, options.targets_dirs)
+    progress.at("load")(f"loading {model_path}")
+    canonical, logs = run_canonical(load_model(model_path, options.input_shapes))
+    progress.at("passes")("canonical passes: " + ", ".join(f"{l.name} {len(l.applied)}" for l in logs))
+    search_info = None
+    if search_options.search:
+        canonical, search_info = _search(canonical, target, options, search_options, progress.at("search"))
+        original = canonical  # the reference is the chosen model itself
+    else:
+        original = load_model(model_path, options.input_shapes, require_supported=False, simplify=False)
+    report = _compile(canonical, logs, original, model_path, out_dir, target, options, progress, search_info)
+    return CompileResult(report, _budget_failures(report, search_info, search_options))
 
 
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions,
-                  progress: Callable[[str], None] = lambda _: None,
-                  extend_report: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
-    """Compile, measure and check; ``extend_report(report, directory)`` may add to the report and
-    write more files before the output directory appears."""
-    from . import tvm_build
+                  progress: Progress = SILENT) -> dict[str, Any]:
+    """Compile without a search or budgets (what benchmarks and tests call)."""
+    return compile_for_target(model_path, out_dir, options, SearchOptions(search=False), progress).report
 
-    import tvm
 
-    target = get_target(options.target, options.targets_dirs)
-    target_dict = target.tvm_target_dict()
-    tvm_build.check_toolchain(target)
-    if options.tune_trials < 0:
-        raise HwcError("--tune-trials must be 0 or more")
-    progress(f"loading {model_path}")
-    model = load_model(model_path, options.input_shapes)
-    canonical, logs = run_canonical(model)
-    progress("canonical passes: " + ", ".join(f"{l.name} {len(l.applied)}" for l in logs))
+def _search(model: onnx.ModelProto, target: Target, options: CompileOptions, search_options: SearchOptions,
+            progress: Progress) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    from .search.loop import search
 
-    progress("importing into TVM Relax")
-    mod = tvm_build.import_onnx(canonical)
-    int8_layers = None
-    if options.int8_compute and any(n.op_type == "QuantizeLinear" for n in canonical.graph.node):
-        from .int8_lowering import lower_qdq
+    profile = get_profile(target.name, search_options.profile, search_options.profiles_dirs)
+    preprocess = search_options.preprocess or profile.preprocess
+    calibration = load_calibration(search_options.calib, model, preprocess=preprocess) if search_options.calib else None
+    val_inputs, labels = _validation(search_options, model, preprocess)
+    budget = search_options.max_accuracy_drop
+    if budget is None:
+        budget = profile.max_accuracy_drop
+    progress(f"profile {profile.name} for {target.name}: searching within {budget:g} pt of accuracy")
+    result = search(model, target, profile, options, calibration, val_inputs, labels, budget,
+                    repeat=options.repeat, tolerance=options.tolerance, progress=progress)
+    progress(f"chosen: {', '.join(result.applied) or 'nothing (no candidate was measured faster within budget)'}")
+    info = result.to_dict() | {"profile": profile.name, "accuracy_budget": budget,
+                               "calibration": calibration.source if calibration else None}
+    return result.model, info
 
-        mod, int8_layers = lower_qdq(mod)
-        progress(f"int8 lowering: {len(int8_layers)} QDQ layer(s) run as int8 x int8 -> int32")
-    progress(f"lowering for {target.name}")
-    kernels = tvm_build.lower(mod, target)
-    cache_dir = Path(options.cache_dir) if options.cache_dir else tvm_build.default_cache_dir()
-    db_dir = None
-    tuning = None
-    tuning_note = None
-    if tvm_build.is_gpu(target):
-        tuning_note = "GPU target: dlight rule-based schedules, no tuning"
-    elif target.latency["method"] == "model":
-        tuning_note = f"{target.name} has no device: a functional reference build, not tuned"
-    else:
-        db_dir = tvm_build.tuning_db_dir(cache_dir, target)
-        device = options.device or target.latency.get("device")
-        if options.tune_trials > 0 and (device or not tvm_build.is_cross(target)):
-            tuning = tvm_build.tune(kernels, target, options.tune_trials, db_dir, progress, device)
-        elif options.tune_trials > 0:
-            tuning_note = (f"{target.name} code cannot run here, so it is tuned only on its device "
-                           f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")
-            progress(tuning_note)
-        else:
-            tuning_note = f"--tune-trials 0: no tuning; records already in {db_dir} are used"
-    progress(f"building for {target.name}")
-    start = time.monotonic()
-    executable = tvm_build.build(kernels, target, db_dir)
-    build_seconds = time.monotonic() - start
 
-    feeds = random_inputs(canonical, seed=0)
-    original = load_model(model_path, options.input_shapes, require_supported=False, simplify=False)
+def _validation(options: SearchOptions, model, preprocess: str | None) -> tuple[list | None, np.ndarray | None]:
+    if options.labels and not options.val:
+        raise HwcError("--labels needs --val (the inputs they label)")
+    if not options.val:
+        return None, None
+    inputs = load_calibration(options.val, model, max_samples=100_000, preprocess=preprocess).feeds
+    if not options.labels:
+        return inputs, None
+    try:
+        labels = np.load(options.labels, allow_pickle=False).reshape(-1).astype(np.int64)
+    except (OSError, ValueError) as exc:
+        raise HwcError(f"--labels {options.labels}: not a readable .npy array of class indices ({exc})") from exc
+    return inputs, labels
+
+
+def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelProto, model_path: str | Path,
+             out_dir: str | Path, target: Target, options: CompileOptions, progress: Progress,
+             search_info: dict[str, Any] | None) -> dict[str, Any]:
+    """Build, measure and check ``model``; write the model, library and reports atomically."""
+    measurer = measurer_for(target, options.device, options.repeat)
+    feeds = random_inputs(model, seed=0)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in original.graph.node)
     reference = run(original, feeds, exact=quantized)
     with atomic_dir(out_dir) as tmp:
-        save_model(canonical, tmp / ONNX_NAME)
-        progress(f"exporting {LIBRARY_NAME}")
-        exported = tvm_build.export(executable, target, tmp, LIBRARY_NAME)
-        latency, accuracy = _measure_and_check(target, tmp / LIBRARY_NAME, canonical, feeds, reference,
-                                               options, progress)
-        info = summarize(canonical)
+        artifact = build_model(model, target, options, tmp, LIBRARY_NAME, progress.at("build"))
+        progress.at("measure")(f"measuring {measurer.description()}")
+        measured = measurer.measure(Job("model", artifact.library, feeds, artifact.input_names, model))
+        if measured.outputs is None:
+            accuracy = {"max_abs_error": None, "max_relative_error": None, "tolerance": options.tolerance,
+                        "reason": measured.reason}
+        else:
+            accuracy = check_outputs(model, reference, measured.outputs, options.tolerance)
+            accuracy |= {"reference": "ONNX Runtime on the original model, same random input"
+                                      + (" (graph optimizations off: QDQ as written)" if quantized else ""),
+                         "checked_on": measured.latency.device}
+        progress.at("measure")(f"latency {measured.latency.describe()}"
+                               + (f"; max relative error {accuracy['max_relative_error']:.1e}"
+                                  if accuracy["max_relative_error"] is not None else ""))
+        codes = attach_pow2_codes(model, tmp / ONNX_NAME)
+        save_model(model, tmp / ONNX_NAME)
+        files = {ONNX_NAME: "the optimized ONNX model", **artifact.files}
+        if codes is not None:
+            files[codes.name] = "4-bit codes and scales of the pow2 layers"
+        info = summarize(model)
         report = {
             "schema_version": SCHEMA_VERSION,
             "hwc_version": __version__,
-            "tvm_version": tvm.__version__,
+            "tvm_version": tvm_version(),
             "model": {"path": str(model_path), "parameters": info["parameters"], "macs": info["macs"],
                       "inputs": info["inputs"], "outputs": info["outputs"]},
-            "target": {"name": target.name, "description": target.description, "tvm": target_dict,
+            "target": {"name": target.name, "description": target.description, "tvm": target.tvm_target_dict(),
                        "source": str(target.source)},
             "passes": [l.to_dict() for l in logs],
-            "tuning": tuning.__dict__ if tuning else None,
-            "tuning_note": tuning_note,
-            "int8_lowering": None if int8_layers is None else {
-                "layers": int8_layers, "note": "QDQ Conv/MatMul run as int8 x int8 -> int32, then scaled per channel"},
-            "build_seconds": build_seconds,
-            "latency": latency.to_dict(),
+            "tuning": artifact.tuning.__dict__ if artifact.tuning else None,
+            "tuning_note": artifact.tuning_note,
+            "int8_lowering": None if artifact.int8_layers is None else {
+                "layers": artifact.int8_layers,
+                "note": "QDQ Conv/MatMul run as int8 x int8 -> int32, then scaled per channel"},
+            "build_seconds": artifact.build_seconds,
+            "latency": measured.latency.to_dict(),
             "accuracy": accuracy,
-            "files": {name: {"bytes": (tmp / name).stat().st_size, "note": note}
-                      for name, note in {ONNX_NAME: "the optimized ONNX model", **exported}.items()},
+            "files": {name: {"bytes": (tmp / name).stat().st_size, "note": note} for name, note in files.items()},
         }
-        if extend_report is not None:
-            extend_report(report, tmp)
+        if search_info is not None:
+            report["search"] = search_info
         write_reports(report, tmp)
     return report
 
 
-def _measure_and_check(target: Target, library: Path, model, feeds, reference, options: CompileOptions,
-                       progress) -> tuple[Latency, dict[str, Any]]:
-    """Time the artifact where it can run and check its outputs against ONNX Runtime."""
-    method = target.latency["method"]
-    device_url = options.device or target.latency.get("device")
-    input_names = [v.name for v in model.graph.input]
-    if device_url:
-        from .remote import RpcMeasurer, parse_device
-
-        device = parse_device(device_url)
-        progress(f"measuring on {device.url}")
-        latency, outputs = RpcMeasurer(device, target.tvm["target"]["kind"], repeat=options.repeat).measure(
-            library, feeds, input_names)
-    elif method == "local":
-        threads = target.latency.get("threads", "auto")
-        threads = physical_cores() if threads == "auto" else int(threads)
-        progress(f"measuring on this machine with {threads} thread(s)")
-        latency, outputs = LocalMeasurer(threads, repeat=options.repeat).measure(library, feeds, input_names)
-    elif method == "model":
-        from .latency_model import modelled_latency
-
-        latency, _ = modelled_latency(model, target)
-        progress(f"latency from the cycle model: {latency.median_ms:.3f} ms (modelled, not measured)")
-        return latency, {"max_abs_error": None, "max_relative_error": None, "tolerance": options.tolerance,
-                         "reason": f"{target.name} has no device to run the artifact on"}
-    else:
-        reason = (f"target {target.name} is measured on a device through an RPC tracker and no device "
-                  f"was given (--device rpc://HOST:PORT/KEY)")
-        return not_measured(reason), {"max_abs_error": None, "max_relative_error": None,
-                                      "tolerance": options.tolerance,
-                                      "reason": f"the artifact for {target.name} cannot run on this machine"}
-    error = relative_error(reference, outputs)
-    typical = rms_error(reference, outputs)
-    abs_error = max(float(np.max(np.abs(r - o))) for r, o in zip(reference, outputs))
-    if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        # The reference runs the QDQ graph as written (ORT's fused int8 kernels saturate); a tie may
-        # still round to another int8 step, so a quantized model is held to its RMS error instead.
-        criterion, measured = "relative RMS error (quantized model)", typical
-        limit = max(options.tolerance, QUANTIZED_RMS_TOLERANCE)
-    else:
-        criterion, measured, limit = "max error relative to the output scale", error, options.tolerance
-    if not measured <= limit:
-        raise HwcError(f"the compiled model's outputs differ from ONNX Runtime's: {criterion} {measured:.2e} "
-                       f"above the tolerance {limit:g}; nothing was written")
-    progress(f"latency {latency.describe()}; max relative error {error:.1e}")
-    return latency, {"max_abs_error": abs_error, "max_relative_error": error, "rms_relative_error": typical,
-                     "criterion": criterion, "tolerance": limit,
-                     "reference": "ONNX Runtime on the original model, same random input"
-                                  + (" (graph optimizations off: QDQ as written)" if criterion.endswith("(quantized model)") else ""),
-                     "checked_on": latency.device}
+def _budget_failures(report: dict[str, Any], search: dict | None, options: SearchOptions) -> list[str]:
+    failures = []
+    latency = report["latency"]["median_ms"]
+    if options.max_latency_ms is not None:
+        if latency is None:
+            failures.append(f"--max-latency-ms {options.max_latency_ms:g}: latency was not measured "
+                            f"({report['latency']['reason']})")
+        elif latency > options.max_latency_ms:
+            failures.append(f"latency {latency:.3f} ms exceeds --max-latency-ms {options.max_latency_ms:g} "
+                            f"by {latency - options.max_latency_ms:.3f} ms (report written)")
+    if search is not None and options.max_accuracy_drop is not None:
+        drop = search["baseline_accuracy"] - search["accuracy"]
+        if drop > options.max_accuracy_drop:
+            failures.append(f"accuracy drop {drop:.2f} pt exceeds --max-accuracy-drop "
+                            f"{options.max_accuracy_drop:g} by {drop - options.max_accuracy_drop:.2f} pt")
+    return failures

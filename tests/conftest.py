@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hwcompress import ort
+from hwcompress.model import reference as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("HWC_SHARED_DIR", ROOT.parent / "shared"))

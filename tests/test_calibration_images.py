@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED, hwc, shared_model
-from hwcompress import datasets
-from hwcompress.calibration import load_calibration
+from hwcompress.data import datasets
+from hwcompress.data.calibration import load_calibration
 from hwcompress.errors import HwcError
-from hwcompress.images import parse_preprocessing
-from hwcompress.loading import load_model
+from hwcompress.data.images import parse_preprocessing
+from hwcompress.model.loading import load_model
 
 SAMPLES = SHARED / "data" / "imagenet_samples_224" / "imagenet_samples_224_every4th_class.npz"
 
@@ -44,7 +44,7 @@ def test_resize_and_centre_crop(tmp_path):
     rgb[:, :50] = 255  # a white band on the left, cut away by the centre crop
     Image.fromarray(rgb).save(tmp_path / "band.png")
     spec = parse_preprocessing("resize=256,crop=224,scale=255,order=bgr,layout=nhwc")
-    from hwcompress.images import load_image_folder
+    from hwcompress.data.images import load_image_folder
 
     batch = load_image_folder(tmp_path, spec, "x", [1, 224, 224, 3], 8)
     assert batch.shape == (2, 224, 224, 3)

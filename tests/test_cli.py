@@ -106,9 +106,9 @@ def test_installed_wheel_finds_builtin_targets_and_profiles(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=600)
-    code = ("import hwcompress, hwcompress.config as c; "
+    code = ("import hwcompress, hwcompress.config as c, hwcompress.compress.profile as p; "
             "print(hwcompress.__file__); print(sorted(t.name for t in c.list_targets())); "
-            "print(c.get_profile('npu16').source)")
+            "print(p.get_profile('npu16').source)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -121,7 +121,7 @@ def test_installed_wheel_finds_builtin_targets_and_profiles(tmp_path):
 def test_counted_progress_drives_a_bar_on_a_terminal_and_lines_elsewhere():
     import io
 
-    from hwcompress.cli import Progress
+    from hwcompress.cli import ProgressLines
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -129,11 +129,11 @@ def test_counted_progress_drives_a_bar_on_a_terminal_and_lines_elsewhere():
 
     terminal, log = Terminal(), io.StringIO()
     for stream in (terminal, log):
-        progress = Progress(stream=stream)
+        lines = ProgressLines(stream=stream)
         for k in range(1, 4):
-            progress.step(f"[{k}/3] tuning trials")
-        progress.step("done")
-        progress.close()
+            lines.progress.at("tune")("tuning trials", done=k, total=3)
+        lines.progress("done")
+        lines.close()
     assert "%|" in terminal.getvalue() and "3/3" in terminal.getvalue()  # a tqdm bar
     lines = log.getvalue().splitlines()
     assert len(lines) == 4 and "%|" not in log.getvalue() and lines[0].endswith("[1/3] tuning trials")

@@ -14,7 +14,8 @@ import pytest
 from onnx import helper
 
 from conftest import SHARED, assert_matches_report_schema, hwc, make_model, shared_model
-from hwcompress import datasets, ort
+from hwcompress.data import datasets
+from hwcompress.model import reference as ort
 from hwcompress.compile import CompileOptions, compile_model
 from hwcompress.errors import HwcError
 
@@ -59,7 +60,7 @@ def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist
 
 def test_compiled_mnist_keeps_its_accuracy_on_real_digits(host_mnist):
     """Accuracy on the compiled artifact itself, not only in ONNX Runtime."""
-    from hwcompress.tvm_build import outputs_to_numpy, run_local
+    from hwcompress.backend.runtime import load_local as run_local, outputs_to_numpy
 
     out, _, _ = host_mnist
     images, labels = mnist_images(300)
@@ -138,8 +139,8 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng):
 
 
 def test_npu16_latency_is_modelled_and_pads_channels_to_16(tmp_path, rng):
-    from hwcompress.config import get_target
-    from hwcompress.latency_model import modelled_latency
+    from hwcompress.config.targets import get_target
+    from hwcompress.measure.cycle_model import modelled_latency
 
     report = compile_model(shared_model("mnist-8"), tmp_path / "npu",
                            CompileOptions(target="npu16", tune_trials=100, cache_dir=tmp_path / "c"))

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from hwcompress import config
+from hwcompress.compress.profile import get_profile
+from hwcompress.config import targets as config
 from hwcompress.errors import HwcError
 
 
@@ -20,25 +21,25 @@ def test_builtin_targets_and_their_tvm_targets():
     assert t4.kind.name == "cuda" and str(t4.attrs["arch"]) == "sm_75" and t4.host.kind.name == "llvm"
     host = targets["host"].tvm_target()
     assert str(host.attrs["mcpu"]) not in ("", "auto") and int(host.attrs["num-cores"]) >= 1
-    assert targets["npu16"].channel_multiple == 16 and targets["npu16"].latency["method"] == "model"
+    assert targets["npu16"].channel_multiple == 16 and targets["npu16"].latency.method == "model"
 
 
 def test_every_target_has_a_default_profile():
     for target in config.list_targets():
-        profile = config.get_profile(target.name)
-        assert profile.target == target.name and profile.passes
+        profile = get_profile(target.name)
+        assert profile.target == target.name and profile.recipes
 
 
 def test_profiles_differ_where_the_hardware_does():
-    npu = config.get_profile("npu16").passes
-    assert "pow2" in npu["quantize"]["schemes"]
-    assert "pow2" not in config.get_profile("host").passes["quantize"]["schemes"]
+    npu = get_profile("npu16")
+    assert "pow2" in npu.quantize.schemes
+    assert "pow2" not in get_profile("host").quantize.schemes
     # arm-a72 has no dot-product: int8 is applied per layer, only where its latency table measures it faster.
-    assert config.get_profile("arm-a72").passes["quantize"]["per_layer"] is True
+    assert get_profile("arm-a72").quantize.per_layer is True
     # npu16 decides pow2 per layer (4-bit weights pay where weight traffic bounds a layer).
-    assert npu["quantize"]["per_layer"] is True and config.get_target("npu16").latency["model"]["weight_bits"]["pow2"] == 4
+    assert npu.quantize.per_layer is True and config.get_target("npu16").latency.model.bits("pow2") == 4
     for name in ("host", "arm-a72", "nvidia-t4", "npu16"):
-        assert config.get_profile(name).passes["prune"]["per_layer"] is True
+        assert get_profile(name).prune.per_layer is True
 
 
 def test_unknown_target_lists_known_ones():
@@ -97,16 +98,16 @@ def test_user_profile_and_bad_profile(tmp_path):
         target: arm-a72
         passes: {prune: {enabled: true, ratios: [0.5]}}
     """)
-    assert config.get_profile("arm-a72", "fast", [tmp_path]).passes["prune"]["ratios"] == [0.5]
+    assert get_profile("arm-a72", "fast", [tmp_path]).prune.ratios == (0.5,)
     with pytest.raises(HwcError, match="no profile 'slow' for target 'arm-a72'; profiles for it: default, fast"):
-        config.get_profile("arm-a72", "slow", [tmp_path])
+        get_profile("arm-a72", "slow", [tmp_path])
     _write(tmp_path / "fast.yaml", """
         name: fast
         target: arm-a72
         passes: {prune: {enabled: true, ratios: [1.5]}}
     """)
     with pytest.raises(HwcError, match=r"passes.prune.ratios.0: 1.5 is greater than or equal to the maximum of 1"):
-        config.get_profile("arm-a72", "fast", [tmp_path])
+        get_profile("arm-a72", "fast", [tmp_path])
 
 
 def test_missing_directory_is_refused(tmp_path):

@@ -15,10 +15,13 @@ from tvm import relax
 from tvm.s_tir import Schedule
 
 from conftest import make_model
-from hwcompress import ort, tvm_build
+from hwcompress.model import reference as ort
+from hwcompress.backend import build as tvm_build
+from hwcompress.backend.importer import import_onnx
+from hwcompress.backend.runtime import outputs_to_numpy
 from hwcompress.config import get_target, physical_cores
-from hwcompress.channel_padding import pad_output_channels
-from hwcompress.cpu_schedules import VectorUnit, choose_tiles, is_scheduled, nhwc_layout
+from hwcompress.backend.channel_padding import pad_output_channels
+from hwcompress.backend.cpu_schedules import VectorUnit, choose_tiles, is_scheduled, nhwc_layout
 
 
 def conv_node(x, w, y, bias=None, **attrs):
@@ -65,13 +68,13 @@ def conv_models(rng):
 def test_convolutions_are_hand_scheduled_and_exact_against_onnxruntime(name):
     model, expected_scheduled = conv_models(np.random.default_rng(0))[name]
     target = get_target("host")
-    kernels = tvm_build.lower(tvm_build.import_onnx(model), target)
+    kernels = tvm_build.lower(import_onnx(model), target)
     scheduled = [gv.name_hint for gv, f in kernels.functions.items() if is_scheduled(f)]
     assert len(scheduled) == expected_scheduled, scheduled
     executable = tvm_build.build(kernels, target, None)
     feeds = ort.random_inputs(model, seed=1)
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    got = tvm_build.outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
+    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
     assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
 
 
@@ -80,7 +83,7 @@ def test_epilogue_reads_the_accumulators_and_writes_the_output_once(name):
     """Bias, activation and residual add are applied to the register tile: a scheduled conv
     writes no full-size intermediate, only its output (and a dense conv its padded input)."""
     model, _ = conv_models(np.random.default_rng(0))[name]
-    kernels = tvm_build.lower(tvm_build.import_onnx(model), get_target("host"))
+    kernels = tvm_build.lower(import_onnx(model), get_target("host"))
     (func,) = [f for f in kernels.functions.values() if is_scheduled(f)]
     sch = Schedule(func)
     written = {region.source for block in sch.get_child_blocks(sch.get_sblock("root"))
@@ -98,7 +101,7 @@ def test_conv_weights_are_repacked_per_channel_tile_at_compile_time():
     repacking runs once when compiling (folded into the constant), not in every inference."""
     model, _ = conv_models(np.random.default_rng(0))["3x3 pad bias relu"]
     target = get_target("host").tvm_target()
-    kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), target)
+    kernels = tvm_build.cpu_kernels(import_onnx(model), target)
     (func,) = [f for f in kernels.functions.values() if is_scheduled(f)]
     sch = Schedule(func)
     reads = {tuple(int(d) for d in region.source.shape) for block in sch.get_child_blocks(sch.get_sblock("root"))
@@ -132,7 +135,7 @@ def test_output_channels_are_padded_to_whole_vector_tiles_and_sliced_back(channe
     small to pay for the padding, is kept."""
     model = make_model([conv_node("x", "w", "y", "b")], [("x", [1, 32, 5, 5])], [("y", [1, channels, 5, 5])],
                        {"w": np.ones((channels, 32, 1, 1)), "b": np.ones(channels)})
-    mod = pad_output_channels(nhwc_layout(tvm_build.import_onnx(model)), lanes)
+    mod = pad_output_channels(nhwc_layout(import_onnx(model)), lanes)
     (conv,) = [b.var for b in mod["main"].body.blocks[0].bindings
                if isinstance(b.value, relax.Call) and b.value.op.name == "relax.nn.conv2d"]
     assert [int(d) for d in conv.ty.shape] == [1, 5, 5, padded]
@@ -174,12 +177,12 @@ def test_clip_between_convs_fuses_into_the_conv_without_layout_transposes(bounds
          conv_node("r", "w2", "y")],
         [("x", [1, 16, 8, 8])], [("y", [1, 32, 8, 8])], inits)
     target = get_target("host")
-    kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), target.tvm_target())
+    kernels = tvm_build.cpu_kernels(import_onnx(model), target.tvm_target())
     kernel_names = [gv.name_hint for gv in kernels.functions]
     assert sum("transpose" in n for n in kernel_names) == 2, kernel_names
     assert not any(n.startswith(("maximum", "minimum")) for n in kernel_names), kernel_names
     feeds = ort.random_inputs(model, seed=2)
-    vm = relax.VirtualMachine(tvm_build.build(tvm_build.lower(tvm_build.import_onnx(model), target), target, None),
+    vm = relax.VirtualMachine(tvm_build.build(tvm_build.lower(import_onnx(model), target), target, None),
                               tvm.cpu())
-    got = tvm_build.outputs_to_numpy(vm["main"](tvm.runtime.tensor(feeds["x"])))
+    got = outputs_to_numpy(vm["main"](tvm.runtime.tensor(feeds["x"])))
     assert ort.relative_error(ort.run(model, feeds), got) < 1e-5

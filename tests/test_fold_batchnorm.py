@@ -8,8 +8,8 @@ import pytest
 from onnx import helper
 
 from conftest import assert_same_outputs, bn_node, bn_params, make_model, op_count, shared_model
-from hwcompress.examples import mobilenetv2, resnet18
-from hwcompress.loading import load_model
+from hwcompress.model.examples import mobilenetv2, resnet18
+from hwcompress.model.loading import load_model
 from hwcompress.passes import fold_batchnorm, run_canonical
 
 
@@ -45,7 +45,7 @@ def test_real_squeezenet_matches_its_reference_output():
     x = onnx.numpy_helper.to_array(onnx.load_tensor(str(folder / "input_0.pb")))
     ref = onnx.numpy_helper.to_array(onnx.load_tensor(str(folder / "output_0.pb")))
     folded, _ = run_canonical(load_model(shared_model("squeezenet1.1-caffe2")))
-    from hwcompress import ort
+    from hwcompress.model import reference as ort
 
     (got,) = ort.run(folded, {folded.graph.input[0].name: x})
     assert np.abs(got - ref).max() < 1e-3

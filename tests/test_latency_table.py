@@ -10,13 +10,18 @@ import onnx
 import pytest
 
 from conftest import shared_model
-from hwcompress import ort, tvm_build
-from hwcompress.config import get_target
-from hwcompress.cpu_schedules import is_scheduled
-from hwcompress.examples import mobilenetv2, resnet18
-from hwcompress.latency_model import modelled_latency
-from hwcompress.latency_table import LatencyTable, model_layers
-from hwcompress.loading import load_model
+from hwcompress.model import reference as ort
+from hwcompress.backend import build as tvm_build
+from hwcompress.backend.importer import import_onnx
+from hwcompress.backend.tune import has_record, open_database
+from hwcompress.config.targets import get_target
+from hwcompress.backend.cpu_schedules import is_scheduled
+from hwcompress.model.examples import mobilenetv2, resnet18
+from hwcompress.measure.cycle_model import modelled_latency
+from hwcompress.model.graph import Graph
+from hwcompress.search.latency_table import LatencyTable
+from hwcompress.search.layer_spec import model_layers
+from hwcompress.model.loading import load_model
 from hwcompress.passes import run_canonical
 
 
@@ -84,15 +89,15 @@ def test_tuning_the_table_tunes_the_models_own_kernels(tmp_path):
     table.predict_ms(model)
     import tvm.s_tir.meta_schedule as ms
 
-    kernels = tvm_build.cpu_kernels(tvm_build.import_onnx(model), target.tvm_target())
+    kernels = tvm_build.cpu_kernels(import_onnx(model), target.tvm_target())
     hand_scheduled = [gv for gv, f in kernels.functions.items() if is_scheduled(f)]  # the convs: not tuned
     tasks = [t for t in ms.relax_integration.extract_tasks(kernels, target.tvm_target())
              if not is_scheduled(t.dispatched[0]["main"])]
     layer_tasks = [t for t in tasks if "conv2d" in t.task_name or "matmul" in t.task_name]
     assert len(layer_tasks) + len(hand_scheduled) == len(model_layers(model)) == 3
     assert layer_tasks
-    database = tvm_build._open_database(table.db_dir)
-    assert all(tvm_build._has_record(database, t, target.tvm_target()) for t in layer_tasks)
+    database = open_database(table.db_dir)
+    assert all(has_record(database, t, target.tvm_target()) for t in layer_tasks)
 
 
 def test_npu16_table_is_its_cycle_model(tmp_path, small_resnet):
@@ -100,13 +105,23 @@ def test_npu16_table_is_its_cycle_model(tmp_path, small_resnet):
     table = LatencyTable(target, tmp_path)
     _, per_layer = table.predict_ms(small_resnet)
     _, rows = modelled_latency(small_resnet, target)
-    modelled = {r["layer"]: r["cycles"] / (target.latency["model"]["clock_mhz"] * 1e3) for r in rows}
-    assert per_layer == pytest.approx({name: modelled[name] for name in per_layer})
+    modelled = {r["layer"]: r["cycles"] / (target.latency.model.clock_mhz * 1e3) for r in rows}
+    # A layer's entry is the layer and the elementwise ops fused into it (its epilogue), as the cycle
+    # model prices them inside the whole model.
+    graph, specs = Graph(small_resnet), model_layers(small_resnet)
+    expected = {}
+    for name, spec in specs.items():
+        node, total = graph.node(name), modelled[name]
+        for _ in spec.epilogue:
+            node = graph.sole_consumer(node.output[0])
+            total += modelled[node.name]
+        expected[name] = total
+    assert any(spec.epilogue for spec in specs.values())
+    assert per_layer == pytest.approx(expected)
     assert all(v["method"] == "model" for v in json.loads(table.cache.path.read_text()).values())
     # pow2 entries: 4-bit weights pay off only where moving weights, not MACs, bounds the layer.
-    from hwcompress.search import pow2_layers_faster
+    from hwcompress.search.candidates import pow2_layers_faster
 
-    specs = model_layers(small_resnet)
     fc = next(name for name, spec in specs.items() if spec.op == "Gemm")
     stem = next(iter(specs))  # 3 -> 64 channels at full resolution: MAC-bound
     faster = pow2_layers_faster(small_resnet, table, symmetric=True)
@@ -123,7 +138,7 @@ def test_cross_target_without_device_is_refused(tmp_path):
 
 
 def test_layer_macs_match_the_shapes_onnx_infers(small_resnet):
-    from hwcompress.graph import Graph
+    from hwcompress.model.graph import Graph
 
     graph = Graph(small_resnet)
     graph.infer_shapes()

@@ -10,7 +10,7 @@ from onnx import helper
 
 from conftest import assert_same_outputs, make_model, shared_model
 from hwcompress.errors import HwcError
-from hwcompress.loading import CANONICAL_OPSET, load_model, parse_input_shapes
+from hwcompress.model.loading import CANONICAL_OPSET, load_model, parse_input_shapes
 
 
 def _opset(model):
@@ -110,7 +110,7 @@ def test_model_larger_than_memory_is_refused(monkeypatch):
 
 def test_loading_does_not_fold_batchnorm(tmp_path):
     """BN must survive loading: pruning reads gamma before the fold pass removes it."""
-    from hwcompress.examples import resnet18
+    from hwcompress.model.examples import resnet18
 
     path = tmp_path / "r.onnx"
     onnx.save_model(resnet18(input_size=32, classes=10), str(path))

@@ -10,10 +10,10 @@ import pytest
 from onnx import helper
 
 from conftest import assert_same_outputs, hwc, make_model, op_count, shared_model
-from hwcompress.calibration import Calibration
+from hwcompress.data.calibration import Calibration
 from hwcompress.errors import HwcError
-from hwcompress.examples import mobilenetv2, resnet18
-from hwcompress.factorization import lowrank_model
+from hwcompress.model.examples import mobilenetv2, resnet18
+from hwcompress.compress.lowrank import lowrank_model
 from hwcompress.passes import fold_batchnorm
 from hwcompress.passes.lowrank import choose_rank, lowrank
 

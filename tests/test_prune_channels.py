@@ -9,9 +9,9 @@ from onnx import helper
 
 from conftest import assert_same_outputs, bn_node, bn_params, make_model, op_count, shared_model
 from hwcompress.errors import HwcError
-from hwcompress.examples import mobilenetv2, resnet18
-from hwcompress.graph import Graph
-from hwcompress.loading import load_model
+from hwcompress.model.examples import mobilenetv2, resnet18
+from hwcompress.model.graph import Graph
+from hwcompress.model.loading import load_model
 from hwcompress.passes import fold_batchnorm, prune_channels, run_canonical
 from hwcompress.passes.channel_groups import analyze
 
@@ -138,7 +138,7 @@ def test_ratio_pruning_respects_the_channel_multiple(multiple):
     for info in result.log.details["layers"].values():
         assert info["after"] > 0
         assert info["after"] == info["before"] or info["after"] % multiple == 0
-    from hwcompress import ort
+    from hwcompress.model import reference as ort
 
     feeds = ort.random_inputs(model)
     assert ort.run(result.model, feeds)[0].shape == (1, 10)

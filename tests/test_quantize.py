@@ -11,13 +11,15 @@ import pytest
 from onnx import helper
 
 from conftest import SHARED, hwc, make_model, shared_model
-from hwcompress import datasets, ort
-from hwcompress.calibration import Calibration
-from hwcompress.graph import Graph
-from hwcompress.loading import load_model
+from hwcompress.data import datasets
+from hwcompress.model import reference as ort
+from hwcompress.data.calibration import Calibration
+from hwcompress.model.graph import Graph
+from hwcompress.model.loading import load_model
 from hwcompress.passes import run_canonical
-from hwcompress.passes.quantize import POW2_EXPONENTS, calibrate, entropy_threshold, pow2_layer_names, quantize
-from hwcompress.quantization import quantize_model
+from hwcompress.compress.calibrate import calibrate, entropy_threshold
+from hwcompress.passes.quantize import POW2_EXPONENTS, pow2_layer_names, quantize
+from hwcompress.compress.quantize import pow2_codes, quantize_model
 
 IMAGENET = SHARED / "data" / "imagenet_samples_224" / "imagenet_samples_224_every4th_class.npz"
 
@@ -63,7 +65,7 @@ def test_int8_squeezenet_top1_within_one_point(method):
 def test_pow2_weights_are_signed_powers_of_two(mnist_task):
     model, calibration, x, y = mnist_task
     quantized, report = quantize_model(model, calibration, "pow2", "percentile")
-    codes = report["_pow2_codes"]
+    codes = pow2_codes(quantized)
     assert set(codes) == set(report["pow2_layers"]) and len(codes) == 3
     graph = Graph(quantized)
     for name, c in codes.items():
@@ -82,8 +84,8 @@ def test_pow2_weights_are_signed_powers_of_two(mnist_task):
 
 
 def test_mixed_int8_and_pow2_layers(mnist_task):
-    from hwcompress.config import get_target
-    from hwcompress.latency_model import modelled_latency
+    from hwcompress.config.targets import get_target
+    from hwcompress.measure.cycle_model import modelled_latency
 
     model, calibration, x, y = mnist_task
     layers = [n.name for n in Graph(model).nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
@@ -144,8 +146,8 @@ def test_entropy_threshold_on_known_distributions():
 
 def test_compiled_int8_model_agrees_with_onnx_runtime_qdq(tmp_path, mnist_task):
     from hwcompress.compile import CompileOptions, compile_model
-    from hwcompress.fileio import save_model
-    from hwcompress.tvm_build import outputs_to_numpy, run_local
+    from hwcompress.model.fileio import save_model
+    from hwcompress.backend.runtime import load_local as run_local, outputs_to_numpy
 
     model, calibration, x, y = mnist_task
     quantized, _ = quantize_model(model, calibration, "int8", "percentile")
@@ -187,9 +189,11 @@ def test_quantize_command_errors_and_pow2_sidecar(tmp_path):
 
 def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
     """Asymmetric activations, zero padding, stride: the int8 layers give ORT's QDQ values."""
-    from hwcompress import tvm_build
-    from hwcompress.config import get_target
-    from hwcompress.int8_lowering import lower_qdq
+    from hwcompress.backend import build as tvm_build
+    from hwcompress.backend.importer import import_onnx
+    from hwcompress.backend.runtime import load_local, outputs_to_numpy
+    from hwcompress.config.targets import get_target
+    from hwcompress.backend.int8_lowering import lower_qdq
 
     inits = {"W1": rng.normal(0, 0.3, (12, 3, 3, 3)), "b1": rng.normal(0, 0.1, 12),
              "W2": rng.normal(0, 0.3, (8, 12, 3, 3)), "b2": np.zeros(8), "W3": rng.normal(0, 0.3, (8 * 4 * 4, 5))}
@@ -203,7 +207,7 @@ def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
     quantized, _ = quantize_model(model, Calibration(feeds, "synthetic"), "int8", "minmax", symmetric_activations=False)
     zero_points = [onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer if "zero" in t.name]
     assert any(np.any(z != 0) for z in zero_points if z.ndim == 0), "the test needs asymmetric activations"
-    mod, layers = lower_qdq(tvm_build.import_onnx(quantized))
+    mod, layers = lower_qdq(import_onnx(quantized))
     assert len(layers) == 3
     text = mod.script()
     assert text.count('out_dtype="int32"') == 3 and "R.dequantize" not in text  # no float weights left
@@ -211,8 +215,8 @@ def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
     exe.export_library(str(tmp_path / "m.so"))
     session = ort.session(quantized, exact=True)
     for feed in feeds[:4]:
-        vm, _, args = tvm_build.run_local(tmp_path / "m.so", feed, ["x"])
-        got = tvm_build.outputs_to_numpy(vm["main"](*args))[0]
+        vm, _, args = load_local(tmp_path / "m.so", feed, ["x"])
+        got = outputs_to_numpy(vm["main"](*args))[0]
         want = session.run(None, feed)[0]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
@@ -220,8 +224,8 @@ def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
 def test_compiled_int8_squeezenet_has_onnx_runtimes_top1_on_imagenet_samples(tmp_path):
     """The lowered int8 artifact and ORT's QDQ model pick the same class on real images."""
     from hwcompress.compile import CompileOptions, compile_model
-    from hwcompress.fileio import save_model
-    from hwcompress.tvm_build import outputs_to_numpy, run_local
+    from hwcompress.model.fileio import save_model
+    from hwcompress.backend.runtime import load_local as run_local, outputs_to_numpy
 
     model, _ = run_canonical(load_model(shared_model("squeezenet1.1-caffe2")))
     x, _ = datasets.imagenet_samples(IMAGENET, "caffe")

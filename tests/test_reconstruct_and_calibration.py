@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, hwc, shared_model
-from hwcompress import datasets
-from hwcompress.calibration import load_calibration
+from hwcompress.data import datasets
+from hwcompress.data.calibration import load_calibration
 from hwcompress.errors import HwcError
-from hwcompress.loading import load_model
+from hwcompress.model.loading import load_model
 from hwcompress.passes import canonicalize_reshape, eliminate_identity
-from hwcompress.pruning import prune_model
+from hwcompress.compress.prune import prune_model
 
 
 def mnist(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -24,7 +24,7 @@ def mnist_model():
 
 
 def _top1(model, images):
-    from hwcompress import ort
+    from hwcompress.model import reference as ort
 
     session = ort.session(model)
     return np.array([session.run(None, {"Input3": im[None]})[0].argmax() for im in images])

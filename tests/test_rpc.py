@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import hwc, shared_model
-from hwcompress import ort
+from hwcompress.model import reference as ort
 from hwcompress.compile import CompileOptions, compile_model
 from hwcompress.errors import HwcError
-from hwcompress.loading import load_model
-from hwcompress.remote import Job, MeasurementCache, measure_all, parse_device, wait_for_key
+from hwcompress.model.loading import load_model
+from hwcompress.config.device import parse_device
+from hwcompress.measure.latency import Job, MeasurementCache
+from hwcompress.measure.rpc import measure_all, wait_for_key
+from hwcompress.progress import Progress
 
 
 def _free_port() -> int:
@@ -109,12 +112,12 @@ def test_parallel_measurements_survive_a_server_killed_mid_run(farm, tmp_path):
     cache = MeasurementCache(tmp_path / "measurements.json")
     events: list[str] = []
 
-    def progress(message: str) -> None:
-        events.append(message)
-        if message.startswith("measured 1/") and farm.servers[0].poll() is None:
+    def progress(event) -> None:
+        events.append(event.text)
+        if event.message == "measured" and event.done == 1 and farm.servers[0].poll() is None:
             _stop(farm.servers[0])
 
-    results = measure_all(jobs, farm.device, cache, repeat=10, min_repeat_ms=100, progress=progress)
+    results = measure_all(jobs, farm.device, cache, repeat=10, min_repeat_ms=100, progress=Progress(progress))
     assert set(results) == {j.key for j in jobs}
     assert all(r.method == "rpc" and r.median_ms > 0 for r in results.values())
     assert any("2 server(s)" in e for e in events)
@@ -122,7 +125,7 @@ def test_parallel_measurements_survive_a_server_killed_mid_run(farm, tmp_path):
     assert set(stored) == set(results)
     # A second run reuses every figure without asking the device.
     farm.close()
-    again = measure_all(jobs, farm.device, MeasurementCache(tmp_path / "measurements.json"), progress=events.append)
+    again = measure_all(jobs, farm.device, MeasurementCache(tmp_path / "measurements.json"), progress=Progress(lambda e: events.append(e.text)))
     assert {k: v.median_ms for k, v in again.items()} == {k: v.median_ms for k, v in results.items()}
     assert events[-1] == "all 8 measurements found in the cache"
 
@@ -133,12 +136,12 @@ def test_losing_every_server_keeps_finished_figures(tmp_path):
         jobs = _jobs(tmp_path, 4)
         cache = MeasurementCache(tmp_path / "m.json")
 
-        def progress(message: str) -> None:
-            if message.startswith("measured 2/"):
+        def progress(event) -> None:
+            if event.message == "measured" and event.done == 2:
                 _stop(farm.servers[0])
 
         with pytest.raises(HwcError, match=r"could not be made .* finished ones are kept .* run again to resume"):
-            measure_all(jobs, farm.device, cache, repeat=10, min_repeat_ms=100, progress=progress)
+            measure_all(jobs, farm.device, cache, repeat=10, min_repeat_ms=100, progress=Progress(progress))
         kept = json.loads((tmp_path / "m.json").read_text())
         assert len(kept) >= 2
         farm.servers.append(farm.add_server())
@@ -185,13 +188,15 @@ def test_tuning_runs_candidates_on_the_device(farm, tmp_path, rng):
 
 
 def test_latency_table_is_measured_on_the_device_in_parallel(farm, tmp_path):
-    from hwcompress.config import get_target
-    from hwcompress.latency_table import LatencyTable, model_layers
+    from hwcompress.config.targets import get_target
+    from hwcompress.search.latency_table import LatencyTable
+    from hwcompress.search.layer_spec import model_layers
     from hwcompress.passes import run_canonical
 
     model = run_canonical(load_model(shared_model("mnist-8")))[0]
     events: list[str] = []
-    table = LatencyTable(get_target("host"), tmp_path / "cache", trials=0, device=farm.url, progress=events.append)
+    table = LatencyTable(get_target("host"), tmp_path / "cache", trials=0, device=farm.url,
+                         progress=Progress(lambda e: events.append(e.text)))
     total, per_layer = table.predict_ms(model)
     assert table.method == "rpc" and set(per_layer) == set(model_layers(model)) and total > 0
     assert any("on 2 server(s)" in e for e in events), events  # every free server of the key took work

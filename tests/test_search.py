@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, assert_matches_report_schema, hwc, shared_model
-from hwcompress import datasets
+from hwcompress.data import datasets
 
 
 @pytest.fixture(scope="module")
@@ -205,21 +205,23 @@ def test_compare_labels_every_latency_and_survives_a_failing_target(tmp_path):
 def test_npu16_gives_pow2_weights_only_where_its_cycle_model_prices_them_faster(tmp_path):
     from dataclasses import replace
 
-    from hwcompress.calibration import Calibration
+    from hwcompress.data.calibration import Calibration
     from hwcompress.compile import CompileOptions
-    from hwcompress.config import get_profile, get_target
-    from hwcompress.examples import resnet18
+    from hwcompress.compress.profile import get_profile
+    from hwcompress.config.targets import get_target
+    from hwcompress.model.examples import resnet18
     from hwcompress.passes import run_canonical
     from hwcompress.passes.quantize import pow2_layer_names
-    from hwcompress.latency_model import modelled_latency
-    from hwcompress.latency_table import LatencyTable
-    from hwcompress.search import candidates, search
+    from hwcompress.measure.cycle_model import modelled_latency
+    from hwcompress.search.latency_table import LatencyTable
+    from hwcompress.search.candidates import candidates
+    from hwcompress.search.loop import search
 
     model = run_canonical(resnet18(input_size=32, classes=10, width=0.5))[0]
     rng = np.random.default_rng(0)
     feeds = [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(8)]
     target, profile = get_target("npu16"), get_profile("npu16")
-    profile = replace(profile, passes={**profile.passes, "prune": {"enabled": False}})
+    profile = replace(profile, prune=replace(profile.prune, enabled=False))
     result = search(model, target, profile, CompileOptions(target="npu16", tune_trials=0, cache_dir=tmp_path),
                     Calibration(feeds, "random"), feeds, None, max_accuracy_drop=100.0, max_rounds=1)
     trials = {t.candidate: t for t in result.trials}

@@ -26,12 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import alternating_latency_ms  # noqa: E402
 
-from hwcompress import ort, tvm_build  # noqa: E402
+from hwcompress.backend.runtime import load_local  # noqa: E402
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
 from hwcompress.config import physical_cores  # noqa: E402
-from hwcompress.examples import resnet18  # noqa: E402
-from hwcompress.fileio import save_model  # noqa: E402
-from hwcompress.loading import load_model  # noqa: E402
+from hwcompress.model import reference as ort  # noqa: E402
+from hwcompress.model.examples import resnet18  # noqa: E402
+from hwcompress.model.fileio import save_model  # noqa: E402
+from hwcompress.model.loading import load_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "models"
 
@@ -50,7 +51,7 @@ def side_by_side(path: Path, library: Path, threads: int, repeat: int) -> tuple[
     model = load_model(path, require_supported=False, simplify=False)
     feeds = ort.random_inputs(model)
     session = ort.session(model, threads=threads)
-    vm, _, args = tvm_build.run_local(library, feeds, list(feeds))
+    vm, _, args = load_local(library, feeds, list(feeds))
     main = vm["main"]
     rounds = alternating_latency_ms({"ort": lambda: session.run(None, feeds), "tvm": lambda: main(*args)},
                                     rounds=max(5, repeat // 5))

@@ -16,7 +16,7 @@ import sys
 
 from benchlib import bench_parser, load_task, score, tvm_latency_ms
 
-from hwcompress.factorization import lowrank_model
+from hwcompress.compress.lowrank import lowrank_model
 
 
 def main() -> int:

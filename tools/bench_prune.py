@@ -19,7 +19,7 @@ import numpy as np
 from benchlib import bench_parser, load_task, score, tvm_latency_ms
 
 from hwcompress.errors import HwcError
-from hwcompress.pruning import prune_model
+from hwcompress.compress.prune import prune_model
 
 
 def main() -> int:

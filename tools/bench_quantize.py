@@ -16,7 +16,7 @@ import sys
 
 from benchlib import bench_parser, load_task, score, tvm_latency_ms
 
-from hwcompress.quantization import quantize_model
+from hwcompress.compress.quantize import quantize_model
 
 
 def main() -> int:

@@ -21,12 +21,14 @@ from dataclasses import replace
 import numpy as np
 from benchlib import bench_parser, load_task, ort_latency_ms
 
-from hwcompress.calibration import Calibration
+from hwcompress.data.calibration import Calibration
 from hwcompress.compile import CompileOptions
-from hwcompress.config import get_profile, get_target, physical_cores
-from hwcompress.examples import resnet18
+from hwcompress.compress.profile import get_profile
+from hwcompress.config import get_target, physical_cores
+from hwcompress.progress import Progress
+from hwcompress.model.examples import resnet18
 from hwcompress.passes import run_canonical
-from hwcompress.search import search
+from hwcompress.search.loop import search
 
 
 def main() -> int:
@@ -61,7 +63,7 @@ def main() -> int:
         started = time.monotonic()
         result = search(model, target, profile, options, calibration,
                         [{input_name: x[None]} for x in val], labels, max_accuracy_drop=1.0,
-                        progress=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
+                        progress=Progress(lambda e: print(e.text, file=sys.stderr, flush=True)).within(name))
         rows.append((name, onnx_runtime, result.baseline_latency_ms, result.latency_ms,
                      result.baseline_accuracy - result.accuracy, ", ".join(result.applied) or "none",
                      time.monotonic() - started))

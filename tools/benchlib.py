@@ -13,11 +13,12 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hwcompress import datasets, ort  # noqa: E402
-from hwcompress.calibration import Calibration  # noqa: E402
+from hwcompress.data import datasets  # noqa: E402
+from hwcompress.model import reference as ort  # noqa: E402
+from hwcompress.data.calibration import Calibration  # noqa: E402
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
-from hwcompress.fileio import save_model  # noqa: E402
-from hwcompress.loading import load_model  # noqa: E402
+from hwcompress.model.fileio import save_model  # noqa: E402
+from hwcompress.model.loading import load_model  # noqa: E402
 from hwcompress.passes import canonicalize_reshape, eliminate_identity  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

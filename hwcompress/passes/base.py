@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import onnx
 
-from ..graph import Graph
+from ..model.graph import Graph
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ..graph import Graph
+from ..model.graph import Graph
 from .base import PassLog, model_pass
 
 

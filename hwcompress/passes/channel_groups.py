@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph import Graph
+from ..model.graph import Graph
 
 # Ops whose output channel c depends only on input channel c (extra inputs, if any, are constants).
 CHANNEL_WISE = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..graph import Graph
+from ..model.graph import Graph
 from .base import PassLog, model_pass
 
 

@@ -7,8 +7,8 @@ Exact: the same pads, written out.
 
 from __future__ import annotations
 
-from ..graph import Graph
-from ..numeric import conv_pads
+from ..model.graph import Graph
+from ..model.numeric import conv_pads
 from .base import PassLog, model_pass
 
 _OPS = ("Conv", "MaxPool", "AveragePool")

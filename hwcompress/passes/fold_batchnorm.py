@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import Graph
+from ..model.graph import Graph
 from .base import PassLog, model_pass
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import Graph
+from ..model.graph import Graph
 
 
 def layer_matrix(graph: Graph, node: onnx.NodeProto) -> np.ndarray:

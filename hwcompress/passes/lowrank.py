@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 
 from ..errors import HwcError
-from ..graph import Graph
+from ..model.graph import Graph
 from .base import PassLog, model_pass
-from ..numeric import conv_pads
+from ..model.numeric import conv_pads
 from .layers import bias_value, layer_matrix
 
 METHODS = ("svd", "spatial", "tucker2")
@@ -276,29 +276,3 @@ def matrix_layers(model: onnx.ModelProto) -> list[str]:
     graph = Graph(model)
     return [n.name for n in graph.nodes if _unsupported(graph, n) is None and
             (n.op_type != "Conv" or graph.initializer(n.input[1]).shape[2:] == (1, 1))]
-
-
-def input_covariances(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                      max_rows_per_run: int = 2048, seed: int = 0) -> dict[str, np.ndarray]:
-    """Second moment ``E[x x^T]`` of the input vectors of each matrix layer, over the feeds."""
-    from .. import ort
-
-    graph = Graph(model)
-    layers = {name: graph.node(name) for name in matrix_layers(model)}
-    rng = np.random.default_rng(seed)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for feed in feeds:
-        values = ort.run_with_intermediates(model, feed, [n.input[0] for n in layers.values()])
-        for name, node in layers.items():
-            x = values[node.input[0]].astype(np.float64)
-            if node.op_type == "Conv":
-                strides = graph.attr(node, "strides", [1, 1])
-                x = x[:, :, ::strides[0], ::strides[1]].transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
-            else:
-                x = x.reshape(-1, x.shape[-1])
-            if len(x) > max_rows_per_run:
-                x = x[rng.choice(len(x), max_rows_per_run, replace=False)]
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + len(x)
-    return {name: sums[name] / counts[name] for name in sums}

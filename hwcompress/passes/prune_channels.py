@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 
 from ..errors import HwcError
-from ..graph import Graph
-from ..numeric import conv2d, conv_pads, pool2d
+from ..model.graph import Graph
+from ..model.numeric import conv2d, conv_pads, pool2d
 from .base import PassLog, model_pass
 from .layers import bias_value, set_bias
 from .channel_groups import ChannelGraph, analyze

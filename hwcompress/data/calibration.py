@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import HwcError
+from ..errors import HwcError
 
 
 @dataclass

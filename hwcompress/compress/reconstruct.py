@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .. import ort
-from ..graph import Graph
-from ..numeric import conv_pads
-from .layers import bias_slot, bias_value, layer_matrix, set_bias
+from ..model import reference as ort
+from ..model.graph import Graph
+from ..model.numeric import conv_pads
+from ..passes.layers import bias_slot, bias_value, layer_matrix, set_bias
 
 MAX_ROWS = 8192
 RIDGE = 1e-2

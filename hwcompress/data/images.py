@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import IMAGENET_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-from .errors import HwcError
+from ..errors import HwcError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
-from .calibration import Calibration
-from .graph import Graph
-from .passes.quantize import calibrate, layer_sqnr, quantizable_layers, quantize
-from .pruning import output_error, split_feeds
+from ..data.calibration import Calibration
+from ..model.graph import Graph
+from ..model.fileio import atomic_path
+from ..passes.quantize import pow2_layer_names, quantizable_layers, quantize, quantize_weight_pow2, weight_axis
+from .calibrate import calibrate, layer_sqnr
+from .fidelity import output_error, split_feeds
+
+
+POW2_CODES_METADATA = "hwc.pow2_codes"
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str = "int8",
@@ -45,6 +52,33 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
     }
     if calibration.is_random:
         report["warning"] = "activation scales come from random data, not from real inputs"
-    report["pow2_layers"] = sorted(result.log.details.get("pow2_codes", {}))
-    return result.model, report | {"_pow2_codes": result.log.details.get("pow2_codes", {})}
+    report["pow2_layers"] = sorted(pow2_layer_names(result.model))
+    return result.model, report
+
+
+def pow2_codes(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+    """The 4-bit codes and per-channel scales of the model's pow2 layers, read back from its weights
+    (pow2 values are exact in float32, so this gives the very codes the quantization chose)."""
+    graph = Graph(model)
+    codes = {}
+    for name in sorted(pow2_layer_names(model)):
+        node = graph.node(name)
+        axis = weight_axis(graph, node)
+        q, scale, _ = quantize_weight_pow2(graph.initializer(node.input[1]), axis)
+        codes[name] = {"codes": q, "scale": scale, "axis": axis}
+    return codes
+
+
+def attach_pow2_codes(model: onnx.ModelProto, onnx_path: Path) -> Path | None:
+    """Write the codes of a pow2 model beside where it will be saved (``NAME.pow2.npz``) and name that
+    file in the model's metadata; None for a model without pow2 layers."""
+    codes = pow2_codes(model)
+    if not codes:
+        return None
+    sidecar = Path(str(onnx_path) + ".pow2.npz")
+    with atomic_path(sidecar) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"{layer}.{key}": value for layer, c in codes.items() for key, value in c.items()})
+    model.metadata_props.add(key=POW2_CODES_METADATA, value=sidecar.name)
+    return sidecar
 

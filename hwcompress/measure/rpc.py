@@ -13,40 +13,22 @@ import hashlib
 import json
 import logging
 import queue
-import re
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .errors import HwcError, first_line
-from .measure import Latency, MeasurementCache, from_samples
-
-_URL = re.compile(r"^rpc://(?P<host>[^/:]+):(?P<port>\d+)/(?P<key>[^/]+)$")
-
-
-@dataclass(frozen=True)
-class Device:
-    host: str
-    port: int
-    key: str
-
-    @property
-    def url(self) -> str:
-        return f"rpc://{self.host}:{self.port}/{self.key}"
-
-
-def parse_device(url: str) -> Device:
-    match = _URL.match(url or "")
-    if not match:
-        raise HwcError(f"device {url!r}: expected rpc://TRACKER_HOST:PORT/KEY, e.g. rpc://127.0.0.1:9190/rasp4")
-    return Device(match["host"], int(match["port"]), match["key"])
-
+from ..backend.export import export_library
+from ..backend.runtime import outputs_to_numpy, to_device
+from ..config.device import Device
+from ..config.targets import Target
+from ..errors import HwcError, first_line
+from ..progress import SILENT, Progress
+from .latency import Job, Latency, Measurement, MeasurementCache, Measurer, from_samples
 
 def _with_timeout(fn: Callable, timeout: float, what: str):
     """Run ``fn`` in a thread; TVM's socket calls have no timeout of their own."""
@@ -136,10 +118,7 @@ def remote_device(session, target_kind: str):
 def run_remote(session, library: Path, feeds: dict[str, np.ndarray], input_names: list[str], target_kind: str,
                repeat: int, min_repeat_ms: int) -> tuple[list[float], list[np.ndarray]]:
     """Upload and load a library on the remote, run it once for outputs, then time it."""
-    import tvm
     from tvm import relax
-
-    from .tvm_build import outputs_to_numpy
 
     # A fresh name per upload: overwriting a library the server has loaded can crash it.
     remote_name = f"hwc_{uuid.uuid4().hex[:12]}_{library.name}"
@@ -147,52 +126,54 @@ def run_remote(session, library: Path, feeds: dict[str, np.ndarray], input_names
     module = session.load_module(remote_name)
     dev = remote_device(session, target_kind)
     vm = relax.VirtualMachine(module, dev)
-    args = [tvm.runtime.tensor(feeds[name], dev) for name in input_names]
+    args = to_device(feeds, input_names, dev)
     outputs = outputs_to_numpy(vm["main"](*args))
     timer = vm.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
     timer(*args)  # warm-up
     return list(timer(*args).results), outputs
 
 
-class RpcMeasurer:
-    """``Measurer`` backend that times a library on a device behind an RPC tracker."""
+class RpcMeasurer(Measurer):
+    """Times libraries on a device behind an RPC tracker; many at once over every server with the key."""
+
+    method = "rpc"
+    batches = True
 
     def __init__(self, device: Device, target_kind: str = "llvm", repeat: int = 30, min_repeat_ms: int = 100,
                  timeout: float = 300.0):
         self.device, self.target_kind = device, target_kind
         self.repeat, self.min_repeat_ms, self.timeout = repeat, min_repeat_ms, timeout
 
-    def measure(self, library: Path, feeds, input_names):
+    def identity(self):
+        return {"method": self.method, "device": self.device.url}
+
+    def description(self) -> str:
+        return f"on {self.device.url}"
+
+    def measure(self, job: Job) -> Measurement:
         session = open_session(self.device)
         try:
             samples, outputs = _with_timeout(
-                lambda: run_remote(session, Path(library), feeds, input_names, self.target_kind, self.repeat,
-                                   self.min_repeat_ms), self.timeout, f"measurement on {self.device.url}")
+                lambda: run_remote(session, Path(job.library), job.feeds, job.input_names, self.target_kind,
+                                   self.repeat, self.min_repeat_ms), self.timeout, f"measurement on {self.device.url}")
         except HwcError:
             raise
         except Exception as exc:
             raise HwcError(f"measurement on {self.device.url} failed: {first_line(exc)}") from exc
-        return from_samples("rpc", samples, number=1, threads=None, device=self.device.url), outputs
+        return Measurement(from_samples("rpc", samples, number=1, threads=None, device=self.device.url), outputs)
+
+    def measure_all(self, jobs: list[Job], cache: MeasurementCache, progress: Progress = SILENT) -> dict[str, Latency]:
+        return measure_all(jobs, self.device, cache, self.target_kind, self.repeat, self.min_repeat_ms, progress)
 
 
 # ------------------------------------------------------------- many at once
-@dataclass
-class Job:
-    """One library to time on the device; ``key`` identifies the figure in the cache."""
-
-    key: str
-    library: Path
-    feeds: dict[str, np.ndarray]
-    input_names: list[str]
-
-
 def job_key(library: Path, device: Device, repeat: int) -> str:
     digest = hashlib.sha256(Path(library).read_bytes()).hexdigest()[:16]
     return f"{device.key}:{digest}:r{repeat}"
 
 
 def measure_all(jobs: list[Job], device: Device, cache: MeasurementCache, target_kind: str = "llvm",
-                repeat: int = 10, min_repeat_ms: int = 20, progress: Callable[[str], None] = lambda _: None,
+                repeat: int = 10, min_repeat_ms: int = 20, progress: Progress = SILENT,
                 max_attempts: int = 3) -> dict[str, Latency]:
     """Measure every job on the device's servers in parallel, one worker per free server.
 
@@ -242,7 +223,7 @@ def measure_all(jobs: list[Job], device: Device, cache: MeasurementCache, target
             cache.put(job.key, latency)
             with lock:
                 results[job.key] = latency
-            progress(f"measured {len(results)}/{len(jobs)}")
+            progress("measured", done=len(results), total=len(jobs))
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
     for t in threads:
@@ -258,7 +239,7 @@ def measure_all(jobs: list[Job], device: Device, cache: MeasurementCache, target
 
 
 # ------------------------------------------------------------- device check
-def device_check(device: Device, target, scratch: Path) -> dict:
+def device_check(device: Device, target: Target, scratch: Path) -> dict:
     """Connect, ask the server who it is, and time a trivial kernel built for ``target`` there."""
     import tvm
     from tvm import te
@@ -271,21 +252,14 @@ def device_check(device: Device, target, scratch: Path) -> dict:
     a = te.placeholder((n,), name="a")
     b = te.compute((n,), lambda i: a[i] * 2.0 + 1.0, name="b")
     func = te.create_prim_func([a, b])
-    kind = target.tvm["target"]["kind"]
+    kind = target.kind
     if kind == "cuda":
         import tvm.s_tir.dlight as dl
 
         with target.tvm_target():
             func = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(tvm.IRModule({"main": func}))
-    library = scratch / "hwc_device_check.so"
-    module = tvm.compile(func, target=target.tvm_target())
-    compiler = target.tvm.get("cross_compiler")
-    if compiler:
-        from tvm.support import cc
-
-        module.export_library(str(library), fcompile=cc.cross_compiler(compiler))
-    else:
-        module.export_library(str(library))
+    library = export_library(tvm.compile(func, target=target.tvm_target()), scratch / "hwc_device_check.so",
+                             target.cross_compiler)
     session.upload(str(library))
     remote = session.load_module(library.name)
     dev = remote_device(session, kind)

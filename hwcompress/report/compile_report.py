@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .fileio import write_text
+from ..model.fileio import write_text
+from . import html
 
 SCHEMA_VERSION = 1
 
@@ -27,6 +28,10 @@ def to_json(data: Any) -> str:
 
 
 def write_reports(report: dict[str, Any], directory: Path) -> None:
+    """``report.html``, then ``report.json`` and ``report.md`` (which list the HTML among the files)."""
+    write_text(directory / "report.html", render_html(report))
+    report["files"]["report.html"] = {"bytes": (directory / "report.html").stat().st_size,
+                                      "note": "self-contained report with plots"}
     write_text(directory / "report.json", to_json(report) + "\n")
     write_text(directory / "report.md", render_markdown(report))
 
@@ -116,3 +121,33 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, info in report["files"].items():
         lines.append(f"- `{name}`: {info['bytes']:,} bytes" + (f" ({info['note']})" if info.get("note") else ""))
     return "\n".join(lines) + "\n"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    lat = report["latency"]
+    figure = ("not measured: " + str(lat["reason"])) if lat["median_ms"] is None else (
+        f"{lat['median_ms']:.3f} ms ({lat['method']}{', ' + lat['device'] if lat.get('device') else ''})")
+    sections = [("Result", html.table(["model", "target", "latency", "max rel. error vs ONNX Runtime"], [[
+        report["model"]["path"], report["target"]["name"], figure, report["accuracy"]["max_relative_error"]]]))]
+    search = report.get("search")
+    if search:
+        trials = search["trials"]
+        sections.append(("Search", html.table(
+            ["round", "candidate", "latency ms", "table predicts ms", "how", "accuracy", "kept", "chosen", "why not"],
+            [[t["round"], t["candidate"], "n/a" if t["latency_ms"] is None else f"{t['latency_ms']:.3f}",
+              "" if t.get("predicted_ms") is None else f"{t['predicted_ms']:.3f}",
+              t["latency_method"], f"{t['accuracy']:.2f}", t["accepted"], t["chosen"], t["reason"]] for t in trials])))
+        checked = [t for t in trials if t.get("predicted_ms") is not None and t["latency_ms"] is not None]
+        if checked:
+            sections.append(("Latency table vs end-to-end measurement", html.table(
+                ["candidate", "table predicts ms", "measured ms", "error"],
+                [[t["candidate"], f"{t['predicted_ms']:.3f}", f"{t['latency_ms']:.3f}",
+                  f"{(t['predicted_ms'] - t['latency_ms']) / t['latency_ms']:+.1%}"] for t in checked])))
+        sections.append(("Accuracy vs latency (Pareto front)", html.pareto_plot(
+            trials, search["pareto"], search["accuracy_metric"], trials[0]["latency_method"])))
+        before = trials[0].get("kernels_ms") or {}
+        chosen = [t for t in trials if t["chosen"]][-1]
+        if before:
+            sections.append(("Latency per layer", html.kernel_plot(
+                before, chosen.get("kernels_ms") or {}, f"baseline vs {chosen['candidate']}")))
+    return html.render(f"hwc report: {Path(report['model']['path']).name} on {report['target']['name']}", sections)

@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
-from .errors import HwcError, first_line
+from ..errors import HwcError, first_line
 
 CANONICAL_OPSET = 17
 # onnx.ModelProto in memory, a deep copy per pass and onnxsim's own copy: several times the file.

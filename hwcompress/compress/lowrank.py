@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx
 
-from .calibration import Calibration
-from .passes.lowrank import input_covariances, lowrank
-from .pruning import output_error, split_feeds
-from . import ort
+from ..data.calibration import Calibration
+from ..model.graph import Graph
+from ..passes.lowrank import lowrank, matrix_layers
+from .fidelity import output_error, split_feeds
+from ..model import reference as ort
 
 
 def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | float | None = None,
@@ -39,3 +41,27 @@ def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | floa
     report["output_error"] = plain_error
     report["lowrank"] = plain.log.to_dict()
     return plain.model, report
+
+
+def input_covariances(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                      max_rows_per_run: int = 2048, seed: int = 0) -> dict[str, np.ndarray]:
+    """Second moment ``E[x x^T]`` of the input vectors of each matrix layer, over the feeds."""
+    graph = Graph(model)
+    layers = {name: graph.node(name) for name in matrix_layers(model)}
+    rng = np.random.default_rng(seed)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in feeds:
+        values = ort.run_with_intermediates(model, feed, [n.input[0] for n in layers.values()])
+        for name, node in layers.items():
+            x = values[node.input[0]].astype(np.float64)
+            if node.op_type == "Conv":
+                strides = graph.attr(node, "strides", [1, 1])
+                x = x[:, :, ::strides[0], ::strides[1]].transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+            else:
+                x = x.reshape(-1, x.shape[-1])
+            if len(x) > max_rows_per_run:
+                x = x[rng.choice(len(x), max_rows_per_run, replace=False)]
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + len(x)
+    return {name: sums[name] / counts[name] for name in sums}

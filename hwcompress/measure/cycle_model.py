@@ -18,19 +18,21 @@ a measurement.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import onnx
 
-from .config import Target
-from .graph import Graph
-from .measure import Latency
+from ..config.targets import CycleModel, Target
+from ..model.graph import Graph
+from ..passes.quantize import pow2_layer_names
+from .latency import Job, Latency, Measurement, Measurer
 
 
-def layer_cycles(graph: Graph, node: onnx.NodeProto, params: dict[str, Any], weights: str = "int8") -> int:
+def layer_cycles(graph: Graph, node: onnx.NodeProto, params: CycleModel, weights: str = "int8") -> int:
     """Cycles of one op; ``weights`` is how a layer's weights are stored (int8 or pow2)."""
-    rows, cols = params["mac_array"]
-    per_cycle = params["bytes_per_cycle"]
+    rows, cols = params.mac_array
+    per_cycle = params.bytes_per_cycle
     out = graph.shape(node.output[0]) or ()
     out_bytes = math.prod(d for d in out if isinstance(d, int))
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -48,9 +50,9 @@ def layer_cycles(graph: Graph, node: onnx.NodeProto, params: dict[str, Any], wei
             transposed = node.op_type == "Gemm" and graph.attr(node, "transB", 0)
             k, n = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
             compute = math.ceil(k / rows) * math.ceil(n / cols) * (out_bytes // max(n, 1))
-        weight_bytes = weight.size * params.get("weight_bits", {}).get(weights, 8) / 8
+        weight_bytes = weight.size * params.bits(weights) / 8
         memory = (weight_bytes + in_bytes + out_bytes) / per_cycle
-        return int(max(compute, memory)) + params["layer_overhead_cycles"]
+        return int(max(compute, memory)) + params.layer_overhead_cycles
     return int(out_bytes / per_cycle)
 
 
@@ -66,9 +68,7 @@ def _constant_weight(graph: Graph, node: onnx.NodeProto):
 
 
 def modelled_latency(model: onnx.ModelProto, target: Target) -> tuple[Latency, list[dict[str, Any]]]:
-    from .passes.quantize import pow2_layer_names
-
-    params = target.latency["model"]
+    params = target.latency.model
     pow2 = pow2_layer_names(model)
     graph = Graph(model)
     graph.infer_shapes()
@@ -80,7 +80,27 @@ def modelled_latency(model: onnx.ModelProto, target: Target) -> tuple[Latency, l
 
 def cycles_latency(cycles: int, target: Target) -> Latency:
     """A cycle count as the target's modelled latency (never labelled as measured)."""
-    clock = target.latency["model"]["clock_mhz"]
+    clock = target.latency.model.clock_mhz
     ms = cycles / (clock * 1e3)
     return Latency(method="model", median_ms=ms, p90_ms=ms, min_ms=ms, repeat=1, number=1,
                    device=f"{target.name} cycle model ({cycles:,} cycles at {clock} MHz)")
+
+
+class CycleModelMeasurer(Measurer):
+    """``Measurer`` backend for a target with no device: the ONNX model priced by the cycle model."""
+
+    method = "model"
+    needs_library = False
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def identity(self):
+        return {"method": self.method, "model": asdict(self.target.latency.model)}
+
+    def description(self) -> str:
+        return "with the cycle model"
+
+    def measure(self, job: Job) -> Measurement:
+        latency, _ = modelled_latency(job.model, self.target)
+        return Measurement(latency, None, f"{self.target.name} has no device to run the artifact on")

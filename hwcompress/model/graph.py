@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import HwcError
+from ..errors import HwcError
 
 
 class Graph:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import HwcError, first_line
+from ..errors import HwcError, first_line
 
 
 def session(model: onnx.ModelProto, threads: int | None = None, exact: bool = False) -> ort.InferenceSession:
@@ -78,3 +78,27 @@ def run_with_intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     names = [o.name for o in probe.graph.output]
     return dict(zip(names, session(probe).run(names, feeds)))
+
+
+QUANTIZED_RMS_TOLERANCE = 0.01
+
+
+def check_outputs(model: onnx.ModelProto, reference: list[np.ndarray], outputs: list[np.ndarray],
+                  tolerance: float) -> dict:
+    """Compare a compiled artifact's outputs with ONNX Runtime's; raise (one line) above the tolerance.
+
+    A quantized (QDQ) model is held to its RMS error: the reference runs the QDQ graph as written
+    (ORT's fused int8 kernels saturate), and a tie may still round to another int8 step."""
+    error = relative_error(reference, outputs)
+    typical = rms_error(reference, outputs)
+    abs_error = max(float(np.max(np.abs(r - o))) for r, o in zip(reference, outputs))
+    if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        criterion, measured = "relative RMS error (quantized model)", typical
+        limit = max(tolerance, QUANTIZED_RMS_TOLERANCE)
+    else:
+        criterion, measured, limit = "max error relative to the output scale", error, tolerance
+    if not measured <= limit:
+        raise HwcError(f"the compiled model's outputs differ from ONNX Runtime's: {criterion} {measured:.2e} "
+                       f"above the tolerance {limit:g}; nothing was written")
+    return {"max_abs_error": abs_error, "max_relative_error": error, "rms_relative_error": typical,
+            "criterion": criterion, "tolerance": limit}

@@ -184,7 +184,7 @@ def _pack_weights(sch: Schedule, conv, channels: int) -> None:
     """Weights in the order the kernel reads them: each channel tile's filters contiguous
     ([O / tile][KH][KW][I][tile]), so a thread streams them from memory sequentially instead of
     128 bytes at a stride of the channel count (HWIO). The repacking block is marked as a layout
-    rewrite: ``tvm_build.cpu_kernels`` splits it out and folds it into the constant at compile
+    rewrite: ``build.cpu_kernels`` splits it out and folds it into the constant at compile
     time (measured on ResNet-18, whose 45 MB of weights stream from memory each run: 1.18x of
     ONNX Runtime before, 1.00x after)."""
     packed = sch.cache_read(conv, 1, "global")

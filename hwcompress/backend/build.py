@@ -1,0 +1,172 @@
+"""The one build sequence: ONNX -> Relax -> (int8 lowering) -> kernels -> (tuning) -> library.
+
+``build_model`` is what ``hwc compile``, the latency table and the search's evaluator all call.
+``lower`` makes the fused kernels once; ``tune`` and ``build`` both take them. On CPU targets
+convolutions run in NHWC with the project's register-blocked schedule (``cpu_schedules``, dense and
+depthwise); the other kernels are tuned with MetaSchedule (``tune``). GPU targets get dlight's
+rule-based schedules (no tuning; building needs no GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..config.targets import Target
+from ..errors import HwcError, first_line
+from ..progress import SILENT, Progress
+from .export import export
+from .importer import import_onnx
+from .tune import TuningResult, default_cache_dir, tune, tuning_db_dir
+
+DEFAULT_TUNE_TRIALS = 500
+
+
+@dataclass
+class BuildOptions:
+    tune_trials: int = DEFAULT_TUNE_TRIALS
+    cache_dir: Path | None = None
+    device: str | None = None  # rpc://HOST:PORT/KEY where tuning candidates run; default the target's
+    int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+
+@dataclass
+class Artifact:
+    """A built model: the library on disk and what the build did."""
+
+    target: Target
+    model: onnx.ModelProto           # the ONNX model it was built from
+    library: Path
+    files: dict[str, str]            # file name -> note, in the library's directory
+    input_names: list[str]
+    build_seconds: float
+    tuning: TuningResult | None = None
+    tuning_note: str | None = None
+    int8_layers: list[str] | None = None
+
+
+def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, directory: Path,
+                name: str = "model.so", progress: Progress = SILENT) -> Artifact:
+    """Import, lower (int8 QDQ to integer compute unless turned off), tune what has no schedule
+    where the target can be tuned from here, build with the tuning records, export to ``directory``."""
+    check_toolchain(target)
+    if options.tune_trials < 0:
+        raise HwcError("--tune-trials must be 0 or more")
+    progress("importing into TVM Relax")
+    mod = import_onnx(model)
+    int8_layers = None
+    if options.int8_compute and any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        from .int8_lowering import lower_qdq
+
+        mod, int8_layers = lower_qdq(mod)
+        progress(f"int8 lowering: {len(int8_layers)} QDQ layer(s) run as int8 x int8 -> int32")
+    progress(f"lowering for {target.name}")
+    kernels = lower(mod, target)
+    db_dir, tuning, note = _tune_where_possible(kernels, target, options, progress)
+    progress(f"building for {target.name}")
+    start = time.monotonic()
+    executable = build(kernels, target, db_dir)
+    seconds = time.monotonic() - start
+    progress(f"exporting {name}")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    files = export(executable, target, Path(directory), name)
+    return Artifact(target, model, Path(directory) / name, files, [v.name for v in model.graph.input], seconds,
+                    tuning, note, int8_layers)
+
+
+def _tune_where_possible(kernels, target: Target, options: BuildOptions, progress: Progress):
+    """(database, tuning result, note): GPUs and device-less targets are not tuned; a cross target
+    only on its device; ``tune_trials`` 0 uses the records already there."""
+    if target.is_gpu:
+        return None, None, "GPU target: dlight rule-based schedules, no tuning"
+    if target.latency.method == "model":
+        return None, None, f"{target.name} has no device: a functional reference build, not tuned"
+    db_dir = tuning_db_dir(options.cache, target)
+    device = options.device or target.latency.device
+    if options.tune_trials > 0 and (device or not target.is_cross):
+        return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device), None
+    if options.tune_trials > 0:
+        note = (f"{target.name} code cannot run here, so it is tuned only on its device "
+                f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")
+        progress(note)
+        return db_dir, None, note
+    return db_dir, None, f"--tune-trials 0: no tuning; records already in {db_dir} are used"
+
+
+def lower(mod, target: Target):
+    """The fused kernels of ``mod`` for ``target``, done once and shared by ``tune`` and ``build``
+    (so that the database's records match the kernels that are built): on CPUs ``cpu_kernels``,
+    on GPUs dlight's rule-based schedules."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = target.tvm_target()
+    with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
+        if not target.is_gpu:
+            return cpu_kernels(mod, tvm_target)
+        import tvm.s_tir.dlight as dl
+
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(relax.get_pipeline("zero")(mod))
+
+
+def cpu_kernels(mod, tvm_target):
+    """The fused kernels of ``mod`` for a CPU: convolutions in NHWC and register-blocked by
+    ``cpu_schedules``, their weights repacked at compile time, the rest left for MetaSchedule."""
+    import tvm
+    from tvm import relax
+
+    from .channel_padding import pad_output_channels
+    from .cpu_schedules import VectorUnit, nhwc_layout, schedule_convolutions
+
+    lanes = VectorUnit.of(tvm_target).lanes
+    lowered = relax.get_pipeline("zero")(pad_output_channels(nhwc_layout(mod), lanes))
+    with tvm_target:
+        scheduled = schedule_convolutions(lowered, tvm_target)
+    # The convs' weight repacking becomes functions of the constant weights, run at compile time.
+    prepack = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+                                        relax.transform.DeadCodeElimination()])
+    return prepack(scheduled)
+
+
+def build(kernels, target: Target, db_dir: Path | None):
+    """Compile ``kernels`` (from ``lower``), on CPUs with the tuned records in ``db_dir``."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = target.tvm_target()
+    with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
+        if not target.is_gpu and db_dir is not None and (db_dir / "database_tuning_record.json").exists():
+            kernels = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(kernels)
+        return tvm.compile(kernels, target=tvm_target)
+
+
+@contextlib.contextmanager
+def _as_build_error(target: Target):
+    """TVM's own exceptions from lowering or compiling, as the one-line error the CLI prints."""
+    try:
+        yield
+    except HwcError:
+        raise
+    except Exception as exc:
+        raise HwcError(f"TVM build for {target.name} failed: {type(exc).__name__}: "
+                       f"{first_line(exc, last=True)}") from exc
+
+
+def check_toolchain(target: Target) -> None:
+    """Fail early, in one line, where the target cannot be built on this machine."""
+    if target.kind == "cuda" and shutil.which("nvcc") is None:
+        raise HwcError(f"target {target.name} needs the CUDA toolkit (nvcc) to build; none is on PATH. "
+                       f"Install CUDA or build on a machine that has it")
+    if target.cross_compiler and shutil.which(target.cross_compiler) is None:
+        raise HwcError(f"target {target.name} needs the cross compiler {target.cross_compiler!r}, which is not on "
+                       f"PATH (Debian: apt-get install g++-aarch64-linux-gnu)")

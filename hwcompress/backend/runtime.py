@@ -1,0 +1,41 @@
+"""Loading an exported library into TVM's Relax VM, here or on a remote session's device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def load_local(library: Path, feeds: dict[str, np.ndarray], input_names: list[str]):
+    """Load an exported library in this process; return the VM, its device and the inputs on it."""
+    import tvm
+    from tvm import relax
+
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+    return vm, device, to_device(feeds, input_names, device)
+
+
+def to_device(feeds: dict[str, np.ndarray], input_names: list[str], device) -> list:
+    import tvm
+
+    return [tvm.runtime.tensor(feeds[name], device) for name in input_names]
+
+
+def outputs_to_numpy(result) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    return [r.numpy() for r in result]
+
+
+def run_outputs(library: Path, inputs: list[dict[str, np.ndarray]], input_names: list[str]) -> list[list[np.ndarray]]:
+    """The library's outputs for each input, loaded once."""
+    vm, device, _ = load_local(library, inputs[0], input_names)
+    return [outputs_to_numpy(vm["main"](*to_device(feed, input_names, device))) for feed in inputs]
+
+
+def tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__

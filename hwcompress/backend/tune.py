@@ -1,0 +1,170 @@
+"""MetaSchedule tuning of the kernels the project's own schedules leave, into a persistent database.
+
+One database per target, TVM version, kernel form and thread count under the cache directory.
+MetaSchedule keys records by the structural hash of each fused kernel, so a later compile of the
+same model, or of another model with the same layer shapes, reuses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.device import parse_device
+from ..config.targets import Target
+from ..errors import HwcError
+from ..progress import SILENT, Progress
+from .export import export_library
+
+# Bumped when the kernels handed to MetaSchedule change form (layout, hand schedules, thread
+# count of the runner), so that records tuned for the old form are not mixed with new ones.
+KERNEL_FORM = "nhwc-blocked-conv-1"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("HWC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hwcompress")
+    return Path(base)
+
+
+def tuning_db_dir(cache_dir: Path, target: Target) -> Path:
+    """One MetaSchedule database per (TVM version, resolved target, kernel form, runner threads)."""
+    import tvm
+
+    key = json.dumps({"tvm": tvm.__version__, "target": target.tvm_target_dict(), "kernels": KERNEL_FORM,
+                      "threads": os.environ.get("TVM_NUM_THREADS")}, sort_keys=True)
+    return Path(cache_dir) / "tuning" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ms_build(mod, target, _params):
+    """MetaSchedule builder that skips ``import tvm.s_tir.tensor_intrin``.
+
+    The default builder imports it in every worker (~35 s here) and then hits its own timeout;
+    this project's CPU schedules use no tensor intrinsics.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def ms_export(compiler: str | None, module) -> str:
+    """MetaSchedule export through the one export (cross-linked for cross targets)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="hwc-ms-"), "kernel.so")
+    return str(export_library(module, path, compiler))
+
+
+@dataclass
+class TuningResult:
+    tasks: int
+    trials_requested: int
+    trials_run: int
+    records_reused: int
+    seconds: float
+    database: str
+
+
+def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress = SILENT,
+         device: str | None = None) -> TuningResult:
+    """Tune every fused kernel of ``kernels`` (from ``build.lower``) that has no schedule yet with
+    MetaSchedule, adding to ``db_dir``.
+
+    Candidates run on this machine, or on ``device`` (rpc://HOST:PORT/KEY) through TVM's
+    RPCRunner; a cross target is only tuned on its device."""
+    import tvm.s_tir.meta_schedule as ms
+
+    from .cpu_schedules import is_scheduled
+
+    tvm_target = target.tvm_target()
+    if "num-cores" not in target.tvm_target_dict():
+        raise HwcError(f"target {target.name} cannot be tuned: its TVM target has no num-cores "
+                       f"(add num-cores: auto to {target.source})")
+    start = time.monotonic()
+    tasks = [task for task in ms.relax_integration.extract_tasks(kernels, tvm_target)
+             if not is_scheduled(task.dispatched[0]["main"])]
+    db_dir.mkdir(parents=True, exist_ok=True)
+    database = open_database(db_dir)
+    known = [t for t in tasks if has_record(database, t, tvm_target)]
+    tunable = [t for t in tasks if not has_record(database, t, tvm_target)]
+    progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, "
+             f"{len(tunable)} to tune with up to {trials} trials")
+    run = 0
+    if tunable and trials > 0:
+        # Every kernel gets an equal share: a budget spent on a few kernels leaves the rest naive.
+        per_task = max(1, -(-trials // len(tunable)))
+        callback = _progress_callback(progress, per_task * len(tunable))
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        builder = ms.builder.LocalBuilder(
+            f_build=ms_build, f_export=functools.partial(ms_export, target.cross_compiler),
+            timeout_sec=300, max_workers=min(os.cpu_count() or 1, 4))
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+        if device:
+            remote = parse_device(device)
+            runner = ms.runner.RPCRunner(ms.runner.RPCConfig(remote.host, remote.port, remote.key,
+                                                             session_timeout_sec=120), evaluator_config=evaluator)
+        else:
+            runner = ms.runner.LocalRunner(evaluator_config=evaluator)
+        with contextlib.redirect_stdout(sys.stderr), _named_handlers_only(logging.getLogger("tvm.s_tir.meta_schedule")):
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
+            ms.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_task * len(tunable),
+                max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32),
+                builder=builder, runner=runner, database=database, cost_model=ms.cost_model.XGBModel(),
+                measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
+            )
+        run = callback.count
+    return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run, records_reused=len(known),
+                        seconds=time.monotonic() - start, database=str(db_dir))
+
+
+def open_database(db_dir: Path):
+    import tvm.s_tir.meta_schedule as ms
+
+    return ms.database.JSONDatabase(path_workload=str(db_dir / "database_workload.json"),
+                                    path_tuning_record=str(db_dir / "database_tuning_record.json"))
+
+
+def has_record(database, task, tvm_target) -> bool:
+    return database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is not None
+
+
+@contextlib.contextmanager
+def _named_handlers_only(logger: logging.Logger):
+    """MetaSchedule re-configures its logger by handler *name* and crashes on an unnamed one (e.g. a
+    log-capturing handler an embedding application attached); detach those meanwhile."""
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            logger.addHandler(handler)
+
+
+def _progress_callback(progress: Progress, total: int):
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.count = 0
+            self._last = 0.0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.count += len(measure_candidates)
+            if time.monotonic() - self._last > 5 or self.count >= total:
+                self._last = time.monotonic()
+                progress("tuning trials", done=self.count, total=total)
+
+    return _Progress()

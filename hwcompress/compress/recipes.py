@@ -1,0 +1,123 @@
+"""One description per compression family: its knobs (with defaults, schema and help), the values
+the search tries, and how to apply it. The profile schema, the profile's typed form, the CLI's
+defaults and the search's candidates all come from here, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+import onnx
+
+from ..config.targets import Target
+from ..data.calibration import Calibration
+
+_BOOL = {"type": "boolean"}
+_RATIO = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
+_ENERGY = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+IMPORTANCES = ("l1", "l2", "bn_gamma")
+LOWRANK_METHODS = ("svd", "spatial", "tucker2")
+SCHEMES = ("int8", "pow2")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def knob(default: Any, schema: dict[str, Any], help: str) -> Any:
+    """A recipe field: its default, its JSON schema in a profile, and what it means."""
+    return field(default=default, metadata={"schema": schema, "help": help})
+
+
+def _array(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": 1}
+
+
+class Knobs:
+    """Typed knobs read from a YAML mapping; the schema is generated from the fields."""
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        return {"type": "object", "additionalProperties": False,
+                "properties": {f.name: f.metadata["schema"] for f in fields(cls)}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Knobs":
+        values = {}
+        for f in fields(cls):
+            if f.name in (data or {}):
+                value = data[f.name]
+                values[f.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default if f.default is not MISSING else f.default_factory()
+
+
+@dataclass(frozen=True)
+class PruneRecipe(Knobs):
+    family: ClassVar[str] = "prune"
+    enabled: bool = knob(False, _BOOL, "a candidate in the search")
+    per_layer: bool = knob(False, _BOOL, "steps per group of coupled layers, priced by the latency table "
+                                        "(NetAdapt); off: one global ratio per candidate")
+    ratios: tuple[float, ...] = knob((0.25,), _array(_RATIO), "fractions of channels removed, each a candidate")
+    importance: str = knob("l1", {"enum": list(IMPORTANCES)}, "how channels are ranked")
+    reconstruct: bool = knob(True, _BOOL, "least-squares refit of the next layers on calibration data")
+
+    def apply(self, model: onnx.ModelProto, ratio: float, target: Target, calibration: Calibration | None,
+              layer_ratios: dict[str, float] | None = None) -> onnx.ModelProto:
+        from .prune import prune_model
+
+        return prune_model(model, ratio, target.channel_multiple, self.importance, layer_ratios,
+                           calibration=calibration, reconstruct=self.reconstruct and calibration is not None)[0]
+
+    def whole_model(self, target: Target, calibration: Calibration | None) -> list[tuple[str, Any]]:
+        if not self.enabled or self.per_layer:
+            return []
+        return [(f"prune {r:g}", lambda m, r=r: self.apply(m, r, target, calibration)) for r in self.ratios]
+
+
+@dataclass(frozen=True)
+class LowrankRecipe(Knobs):
+    family: ClassVar[str] = "lowrank"
+    enabled: bool = knob(False, _BOOL, "a candidate in the search")
+    per_layer: bool = knob(False, _BOOL, "one layer at a time, priced by the latency table; off: whole model")
+    energies: tuple[float, ...] = knob((0.95,), _array(_ENERGY), "singular-value energy kept, each a candidate")
+    methods: tuple[str, ...] = knob(LOWRANK_METHODS, _array({"enum": list(LOWRANK_METHODS)}),
+                                    "factorizations tried per layer (the cheapest that keeps the energy wins)")
+    data_aware: bool = knob(True, _BOOL, "factors fitted to calibration data where a layer allows it")
+
+    def apply(self, model: onnx.ModelProto, energy: float, target: Target, calibration: Calibration | None,
+              layers: tuple[str, ...] | None = None) -> onnx.ModelProto:
+        from .lowrank import lowrank_model
+
+        return lowrank_model(model, energy, methods=self.methods, multiple=target.rank_multiple,
+                             calibration=calibration if self.data_aware else None, layers=layers)[0]
+
+    def whole_model(self, target: Target, calibration: Calibration | None) -> list[tuple[str, Any]]:
+        if not self.enabled or self.per_layer:
+            return []
+        return [(f"lowrank {e:g}", lambda m, e=e: self.apply(m, e, target, calibration)) for e in self.energies]
+
+
+@dataclass(frozen=True)
+class QuantizeRecipe(Knobs):
+    family: ClassVar[str] = "quantize"
+    enabled: bool = knob(False, _BOOL, "a candidate in the search (needs calibration data)")
+    per_layer: bool = knob(False, _BOOL, "int8 only in the layers the latency table measures faster")
+    schemes: tuple[str, ...] = knob(("int8",), _array({"enum": list(SCHEMES)}),
+                                    "int8 QDQ and/or pow2 weights, each a candidate where the target has the dtype")
+    calibration: str = knob("percentile", {"enum": list(CALIBRATION_METHODS)}, "activation range calibration")
+
+    def apply(self, model: onnx.ModelProto, scheme: str, target: Target, calibration: Calibration,
+              keep_fp32: tuple[str, ...] = (), pow2_layers: tuple[str, ...] = ()) -> onnx.ModelProto:
+        from .quantize import quantize_model
+
+        return quantize_model(model, calibration, scheme, self.calibration, target.symmetric_activations,
+                              keep_fp32=tuple(keep_fp32), pow2_layers=tuple(pow2_layers))[0]
+
+    def usable_schemes(self, target: Target) -> list[str]:
+        return [s for s in self.schemes if s in target.dtypes] if self.enabled else []
+
+
+RECIPES: dict[str, type[Knobs]] = {r.family: r for r in (PruneRecipe, LowrankRecipe, QuantizeRecipe)}

@@ -1,0 +1,29 @@
+"""The one place that decides where a target's latency comes from: this machine, a device behind an
+RPC tracker, the target's cycle model, or nowhere (with the reason). A new backend is a module with a
+``Measurer`` and one line here."""
+
+from __future__ import annotations
+
+from ..config.device import parse_device
+from ..config.targets import Target
+from .latency import Measurer, NotMeasurable
+
+
+def measurer_for(target: Target, device: str | None = None, repeat: int = 30, min_repeat_ms: int = 100) -> Measurer:
+    """How ``target`` is measured; ``device`` (rpc://HOST:PORT/KEY) overrides the target's own."""
+    device = device or target.latency.device
+    if device:
+        from .rpc import RpcMeasurer
+
+        return RpcMeasurer(parse_device(device), target.kind, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    if target.latency.method == "model":
+        from .cycle_model import CycleModelMeasurer
+
+        return CycleModelMeasurer(target)
+    if target.latency.method == "local" and not target.is_cross:
+        from .local import LocalMeasurer
+
+        return LocalMeasurer(target.threads, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    return NotMeasurable(f"target {target.name} is measured on a device through an RPC tracker and no device "
+                         f"was given (--device rpc://HOST:PORT/KEY)",
+                         f"the artifact for {target.name} cannot run on this machine")

@@ -1,0 +1,132 @@
+"""Per-layer latency tables (NetAdapt): each layer shape compiled alone for the target and timed there.
+
+A layer is a Conv, Gemm or MatMul with constant weights, identified by a ``LayerSpec``: op type,
+attributes, input and weight shapes, bias, dtype, and the elementwise ops that TVM fuses into it
+(a constant bias Add, Relu, Clip, a residual Add). With that epilogue the one-layer model compiles to the very kernel
+TVM builds for the layer inside the whole model, so tuning the table tunes the model too. Its latency is that of a one-layer model built by
+TVM for the target (tuned with the table's trial budget into the target's tuning database) and
+measured the way the target is measured: on this machine, on a device through the RPC tracker
+(every missing layer of a batch in parallel over the device's servers), or with the target's cycle
+model. Figures are cached in one file per (target, TVM version, measuring method), keyed by the
+spec and the tuning budget, and written after each new figure, so a second search and other models
+with the same layers reuse them, and an interrupted fill resumes.
+
+The table predicts a model's latency change as the sum of its layers' changes; the search checks
+every prediction it acts on against an end-to-end measurement of the whole compiled model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import onnx
+
+from ..backend.build import BuildOptions, build_model
+from ..backend.runtime import tvm_version
+from ..backend.tune import tuning_db_dir
+from ..config.targets import Target
+from ..errors import HwcError
+from ..measure.factory import measurer_for
+from ..measure.latency import Job, MeasurementCache, NotMeasurable
+from ..progress import SILENT, Progress
+from .layer_spec import LayerSpec, model_layers
+
+
+class LatencyTable:
+    """Milliseconds per layer spec on one target, filled on demand and cached on disk."""
+
+    def __init__(self, target: Target, cache_dir: Path, trials: int = 0, device: str | None = None,
+                 progress: Progress = SILENT, budget_s: float | None = None, int8_compute: bool = True):
+        self.target, self.trials, self.progress = target, trials, progress
+        self.measurer = measurer_for(target, device, repeat=10, min_repeat_ms=20)
+        if isinstance(self.measurer, NotMeasurable):
+            raise HwcError(f"the layers of {target.name} can only be timed on a device: give "
+                           f"--device rpc://HOST:PORT/KEY")
+        self.method = self.measurer.method
+        self.build = BuildOptions(tune_trials=trials, cache_dir=cache_dir, device=device, int8_compute=int8_compute)
+        identity = json.dumps({"tvm": tvm_version(), "target": target.tvm_target_dict(),
+                               **self.measurer.identity()}, sort_keys=True, default=str)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        self.cache = MeasurementCache(Path(cache_dir) / "latency-tables" / f"{target.name}-{digest}.json")
+        self.db_dir = tuning_db_dir(Path(cache_dir), target)
+        self.measured = 0  # figures this instance had to make (not found in the cache)
+        self.budget_s, self.spent_s = budget_s, 0.0  # seconds for new figures: only optional ones stop at it
+
+    def budget_left(self, pending_s: float = 0.0) -> bool:
+        """Whether the budget still has time after ``pending_s`` more seconds of filling. A cycle
+        model is instant: only timing built layers is budgeted."""
+        return (not self.measurer.needs_library or self.budget_s is None
+                or self.spent_s + pending_s < self.budget_s)
+
+    def _entry_key(self, spec: LayerSpec) -> str:
+        return spec.key() if not self.measurer.needs_library else f"{spec.key()}|trials={self.trials}"
+
+    def latencies(self, specs: Iterable[LayerSpec], within_budget: bool = False) -> dict[LayerSpec, float]:
+        """Milliseconds for each spec, timing those not yet in the table, in the order given.
+
+        ``within_budget``: stop timing new shapes once the table's budget is spent; the result then
+        holds only the specs that have a figure."""
+        specs = list(dict.fromkeys(specs))
+        missing = [s for s in specs if self.cache.get(self._entry_key(s)) is None]
+        if missing and (self.budget_left() or not within_budget):
+            self._fill(missing, within_budget)
+        figures = {s: self.cache.get(self._entry_key(s)) for s in specs}
+        return {s: latency.median_ms for s, latency in figures.items() if latency is not None}
+
+    def predict_ms(self, model: onnx.ModelProto) -> tuple[float, dict[str, float]]:
+        """The sum of the model's layer latencies, and each layer's figure by node name."""
+        layers = model_layers(model)
+        table = self.latencies(layers.values())
+        per_layer = {name: table[spec] for name, spec in layers.items()}
+        return float(sum(per_layer.values())), per_layer
+
+    def predict_layers_ms(self, layers: dict[str, LayerSpec]) -> float | None:
+        """The sum of these layers' latencies, or None if the budget ran out before all had a figure."""
+        table = self.latencies(layers.values(), within_budget=True)
+        if len(table) < len(set(layers.values())):
+            return None
+        return float(sum(table[spec] for spec in layers.values()))
+
+    # ------------------------------------------------------------------ filling
+    def _fill(self, specs: list[LayerSpec], within_budget: bool = False) -> None:
+        started = time.monotonic()
+        try:
+            self._fill_timed(specs, lambda: not within_budget or self.budget_left(time.monotonic() - started))
+        finally:
+            if within_budget:  # the model's own layers are always timed and not counted
+                self.spent_s += time.monotonic() - started
+
+    def _fill_timed(self, specs: list[LayerSpec], time_left: Callable[[], bool]) -> None:
+        """Build each layer alone (where the measurer needs a library) and time it; a measurer that
+        spreads work over several devices gets the whole batch at once, the others one layer at a
+        time, so that every finished figure is kept even if a later layer fails."""
+        measurer = self.measurer
+        tuned = f", tuned with {self.trials} trials each" if self.trials and measurer.needs_library else ""
+        self.progress(f"latency table: timing {len(specs)} new layer shape(s) {measurer.description()}{tuned}")
+        with tempfile.TemporaryDirectory(prefix="hwc-layers-") as scratch:
+            batch: list[Job] = []
+            for index, spec in enumerate(specs, 1):
+                if not time_left():
+                    self.progress(f"latency table: budget of {self.budget_s:g} s spent; "
+                                  f"{len(specs) - index + 1} shape(s) left for a later run")
+                    specs = specs[:index - 1]
+                    break
+                model = spec.to_model()
+                library = None
+                if measurer.needs_library:
+                    library = build_model(model, self.target, self.build, Path(scratch), f"layer{index}.so").library
+                job = Job(self._entry_key(spec), library, spec.feeds(), spec.input_names, model)
+                if measurer.batches:
+                    batch.append(job)
+                    self.progress(f"layer {spec.describe()} built", index, len(specs))
+                    continue
+                figure = measurer.measure_all([job], self.cache)[job.key]
+                self.progress(f"layer {spec.describe()}: {figure.median_ms:.4f} ms", index, len(specs))
+            if batch:
+                measurer.measure_all(batch, self.cache, self.progress)
+        self.measured += len(specs)

@@ -17,6 +17,7 @@ from conftest import SHARED, assert_matches_report_schema, hwc, make_model, shar
 from hwcompress.data import datasets
 from hwcompress.model import reference as ort
 from hwcompress.compile import CompileOptions, compile_model
+from hwcompress.progress import Progress
 from hwcompress.errors import HwcError
 
 ELF_MACHINES = {62: "x86-64", 183: "aarch64"}
@@ -128,8 +129,13 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng):
     path = tmp_path / "small.onnx"
     onnx.save_model(make_model(nodes, [("x", [1, 8, 16, 16])], [("y", [1, 10])], inits), str(path))
     options = CompileOptions(tune_trials=16, cache_dir=tmp_path / "cache", repeat=5)
-    first = compile_model(path, tmp_path / "a", options)
+    events = []
+    first = compile_model(path, tmp_path / "a", options, Progress(events.append))
     assert first["tuning"]["trials_run"] > 0 and first["tuning"]["records_reused"] == 0
+    # Tuning reports structured, counted events (the CLI draws them as a bar) up to the trials it ran.
+    counted = [e for e in events if e.stage == "tune" and e.counted]
+    assert counted and counted[-1].done == first["tuning"]["trials_run"] <= counted[-1].total
+    assert {"load", "build", "measure"} <= {e.stage for e in events}
     database = Path(first["tuning"]["database"])
     assert (database / "database_tuning_record.json").stat().st_size > 0
     second = compile_model(path, tmp_path / "b", options)

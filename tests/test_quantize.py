@@ -242,3 +242,24 @@ def test_compiled_int8_squeezenet_has_onnx_runtimes_top1_on_imagenet_samples(tmp
     compiled = [outputs_to_numpy(vm["main"](tvm.runtime.tensor(im[None], device)))[0].argmax() for im in held_out]
     reference = [session.run(None, {"data_0": im[None]})[0].argmax() for im in held_out]
     assert compiled == reference
+
+
+def test_a_compiled_pow2_model_carries_its_codes_file(tmp_path, mnist_task):
+    """Whoever makes a pow2 model (hwc quantize or the search), its compiled output has the codes."""
+    from hwcompress.compile import CompileOptions, compile_model
+    from hwcompress.model.fileio import save_model
+
+    model, calibration, _, _ = mnist_task
+    quantized, _ = quantize_model(model, calibration, "pow2", "percentile", symmetric_activations=True)
+    save_model(quantized, tmp_path / "p.onnx")
+    report = compile_model(tmp_path / "p.onnx", tmp_path / "out", CompileOptions(target="npu16", tune_trials=0,
+                                                                               cache_dir=tmp_path / "c"))
+    assert "model.onnx.pow2.npz" in report["files"]
+    saved = np.load(tmp_path / "out" / "model.onnx.pow2.npz")
+    codes = pow2_codes(quantized)
+    assert set(codes) == pow2_layer_names(quantized) and len(codes) == 3
+    for layer, c in codes.items():
+        np.testing.assert_array_equal(saved[f"{layer}.codes"], c["codes"])
+        np.testing.assert_array_equal(saved[f"{layer}.scale"], c["scale"])
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / "model.onnx")).metadata_props}
+    assert meta["hwc.pow2_codes"] == "model.onnx.pow2.npz"

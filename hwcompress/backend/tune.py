@@ -122,6 +122,7 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
                 measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
             )
         run = callback.count
+        progress("tuning trials", done=run, total=per_task * len(tunable))  # the last count, even if short of the total
     return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run, records_reused=len(known),
                         seconds=time.monotonic() - start, database=str(db_dir))
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +38,10 @@ class ProgressLines:
         self.show(Event(message))
 
     def show(self, event: Event) -> None:
+        if event.warning:
+            self.close()
+            print(f"hwc: warning: {event.text}", file=self.stream, flush=True)
+            return
         if self.quiet:
             return
         line = f"[hwc {time.monotonic() - self._start:6.1f}s] {event.text}"
@@ -82,7 +90,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .model.summary import format_summary, summarize
 
     model = read_model(Path(args.model))
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise HwcError(f"{args.model}: invalid ONNX model: shape inference failed: {first_line(exc)}") from exc
     info = summarize(model)
     bad = sorted({(f"{n.domain}." if n.domain else "") + n.op_type for n in unsupported_nodes(model)})
     info["unsupported_ops"] = bad
@@ -94,12 +105,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from .model.fileio import save_model
+    from .model.fileio import check_output_file, save_model
     from .model.loading import load_model, parse_input_shapes
-    from .model.reference import random_inputs, relative_error, run
+    from .model.reference import random_inputs, relative_error, require_finite_reference, run
     from .passes import run_canonical
 
     progress = ProgressLines(args.quiet)
+    check_output_file(args.output, [args.model])
     shapes = parse_input_shapes(args.input_shape)
     progress.step(f"loading {args.model}")
     model = load_model(args.model, shapes)
@@ -109,7 +121,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
     progress.step("checking the result against the original with ONNX Runtime")
     feeds = random_inputs(model)
     original = load_model(args.model, shapes, require_supported=False, simplify=False)
-    error = relative_error(run(original, feeds), run(folded, feeds))
+    reference = run(original, feeds)
+    require_finite_reference(reference)
+    error = relative_error(reference, run(folded, feeds))
     if error > args.tolerance:
         raise HwcError(f"the folded model differs from the original by {error:.2e} (relative), "
                        f"above the tolerance {args.tolerance:g}; nothing was written")
@@ -133,7 +147,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     options = CompileOptions(target=args.target, tune_trials=args.tune_trials, cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              tolerance=args.tolerance, repeat=args.repeat, device=args.device,
-                             int8_compute=not args.no_int8_lowering)
+                             int8_compute=not args.no_int8_lowering, force=args.force)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
                            labels=args.labels, preprocess=args.preprocess, max_accuracy_drop=args.max_accuracy_drop,
                            max_latency_ms=args.max_latency_ms,
@@ -166,10 +180,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         devices[name] = url
     options = CompileOptions(tune_trials=args.tune_trials, cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
-                             repeat=args.repeat)
+                             repeat=args.repeat, force=args.force)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
                            labels=args.labels, preprocess=args.preprocess, search=bool(args.calib or args.val))
-    rows = compare(args.model, [t for t in args.targets.split(",") if t], args.output, options, search, devices,
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets:
+        raise HwcError(f"--targets {args.targets!r}: name at least one target (see hwc targets)")
+    rows = compare(args.model, targets, args.output, options, search, devices,
                    progress.progress)
     text = "\n".join(f"{r['target']:10} {('%.3f ms' % r['latency_ms']) if r['latency_ms'] is not None else 'n/a':>12} "
                      f"{r['label']:15} {', '.join(r['passes']) or 'no compression'}" for r in rows)
@@ -187,18 +204,21 @@ def _parse_layer_ratios(specs: list[str] | None) -> dict[str, float]:
             sep = ""
         if not sep or not name:
             raise HwcError(f"--layer-ratio {spec!r}: expected NODE=RATIO, e.g. conv12=0.5")
+        if not 0 < ratios[name] < 1:
+            raise HwcError(f"--layer-ratio {spec!r}: the ratio must be between 0 and 1 (exclusive)")
     return ratios
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data.calibration import load_calibration
     from .config.targets import get_target
-    from .model.fileio import save_model
+    from .model.fileio import check_output_file, save_model
     from .model.loading import load_model, parse_input_shapes
     from .passes import canonicalize_reshape, eliminate_identity
     from .compress.prune import prune_model
 
     progress = ProgressLines(args.quiet)
+    check_output_file(args.output, [args.model])
     multiple = get_target(args.target, args.targets_dir).channel_multiple if args.target else 1
     layer_ratios = _parse_layer_ratios(args.layer_ratio)
     progress.step(f"loading {args.model}")
@@ -228,17 +248,22 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     from .config.targets import get_target
     from .compress.lowrank import lowrank_model
     from .compress.recipes import LowrankRecipe
-    from .model.fileio import save_model
+    from .model.fileio import check_output_file, save_model
     from .model.loading import load_model, parse_input_shapes
     from .passes import run_canonical
 
     progress = ProgressLines(args.quiet)
+    check_output_file(args.output, [args.model])
     multiple = get_target(args.target, args.targets_dir).rank_multiple if args.target else 1
     progress.step(f"loading {args.model}")
     model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
     calibration = load_calibration(args.calib, model, preprocess=args.preprocess) if args.calib else None
     rank = None if args.rank is None else (int(args.rank) if args.rank > 1 else float(args.rank))
     methods = tuple(args.method.split(",")) if args.method else LowrankRecipe.default("methods")
+    unknown = sorted(set(methods) - set(LowrankRecipe.default("methods")))
+    if unknown:
+        raise HwcError(f"--method {args.method!r}: unknown method(s) {', '.join(unknown)}; "
+                       f"choose from {','.join(LowrankRecipe.default('methods'))}")
     progress.step(f"factorizing (energy {args.energy:g}, methods {', '.join(methods)}, rank multiple {multiple})")
     result, report = lowrank_model(model, args.energy, rank, methods, multiple, args.min_saving, calibration)
     save_model(result, args.output)
@@ -281,12 +306,13 @@ def cmd_device_check(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .data.calibration import load_calibration
     from .config.targets import get_target
-    from .model.fileio import save_model
+    from .model.fileio import check_output_file, save_model
     from .model.loading import load_model, parse_input_shapes
     from .passes import run_canonical
     from .compress.quantize import attach_pow2_codes, quantize_model
 
     progress = ProgressLines(args.quiet)
+    check_output_file(args.output, [args.model])
     target = get_target(args.target, args.targets_dir)
     if args.scheme not in target.dtypes:
         raise HwcError(f"target {target.name} does not support {args.scheme} (its dtypes: {', '.join(target.dtypes)})")
@@ -318,8 +344,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_example(args: argparse.Namespace) -> int:
     from .model.examples import EXAMPLES
-    from .model.fileio import save_model
+    from .model.fileio import check_output_file, save_model
 
+    check_output_file(args.output)
     model = EXAMPLES[args.name](input_size=args.input_size, classes=args.classes, width=args.width, seed=args.seed)
     save_model(model, args.output)
     data = {"output": args.output, "model": args.name, "input_size": args.input_size, "seed": args.seed}
@@ -327,12 +354,49 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------- argument types
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite number of ``kind`` within [low, high] (ends open where asked)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        bad_low = low is not None and (value <= low if low_open else value < low)
+        bad_high = high is not None and (value >= high if high_open else value > high)
+        if bad_low or bad_high:
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(
+                f"{text} is outside {left}{'-inf' if low is None else f'{low:g}'}, "
+                f"{'inf' if high is None else f'{high:g}'}{right}")
+        return value
+    return parse
+
+
+NON_NEGATIVE = _number(float, 0)
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        print(f"hwc: error: {self.prog.removeprefix('hwc ') or 'hwc'}: {message} (see {self.prog} --help)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 # ----------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hwc", description="Hardware-aware compression and compilation of ONNX models with Apache TVM.")
     parser.add_argument("--version", action="version", version=f"hwc {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -340,14 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="extra directory of target YAML files (also: HWC_TARGETS_PATH)")
     common.add_argument("--profiles-dir", action="append", metavar="DIR",
                         help="extra directory of profile YAML files (also: HWC_PROFILES_PATH)")
-    shapes = argparse.ArgumentParser(add_help=False)
+    shapes = _Parser(add_help=False)
     shapes.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
                         help="static shape for a dynamic model input (repeatable)")
-    data = argparse.ArgumentParser(add_help=False)
+    data = _Parser(add_help=False)
     data.add_argument("--preprocess", metavar="SPEC",
                       help="how to read a folder of images given as --calib/--val: a preset (torch, caffe, mnist) "
                            "and/or resize=256,crop=224,scale=255,mean=a:b:c,std=a:b:c,order=rgb|bgr,layout=nchw")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     def add(name: str, fn: Callable, help_text: str, parents=(common,)) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=list(parents), help=help_text, description=help_text)
@@ -363,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
             parents=(common, shapes))
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="where to write the folded ONNX model")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
                    help="largest accepted output difference relative to the output scale (default 1e-4)")
 
     from .backend.build import DEFAULT_TUNE_TRIALS
@@ -375,15 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--target", "-t", default="host", help="target name (see 'hwc targets'; default host)")
     p.add_argument("-o", "--output", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--tune-trials", type=int, default=DEFAULT_TUNE_TRIALS,
+    p.add_argument("--force", action="store_true",
+                   help="replace the output directory even if it holds files hwc did not write")
+    p.add_argument("--tune-trials", type=NON_NEGATIVE_INT, default=DEFAULT_TUNE_TRIALS,
                    help=f"MetaSchedule trials in all (default {DEFAULT_TUNE_TRIALS}; 0 = no tuning, "
                         "use what the tuning database already has)")
     p.add_argument("--cache-dir", type=Path, help="tuning database location (default ~/.cache/hwcompress, "
                                                  "or HWC_CACHE_DIR)")
-    p.add_argument("--tolerance", type=float, default=1e-3,
+    p.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-3,
                    help="largest accepted output error of the compiled model vs ONNX Runtime, relative to "
                         "the output scale (default 1e-3)")
-    p.add_argument("--repeat", type=int, default=30, help="timed samples (default 30)")
+    p.add_argument("--repeat", type=POSITIVE_INT, default=30, help="timed samples (default 30)")
     p.add_argument("--device", metavar="rpc://HOST:PORT/KEY",
                    help="measure on a device behind a TVM RPC tracker (overrides the target YAML's device)")
     p.add_argument("--no-int8-lowering", action="store_true",
@@ -396,15 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation inputs (.npz or image folder, as --calib) to score accuracy on")
     p.add_argument("--labels", help="class indices (.npy) of the --val samples; without: agreement with "
                                     "the uncompressed model")
-    p.add_argument("--max-accuracy-drop", type=float, help="accuracy budget in points (default: the profile's); "
+    p.add_argument("--max-accuracy-drop", type=NON_NEGATIVE, help="accuracy budget in points (default: the profile's); "
                                                             "exceeding it exits 3 after writing the report")
-    p.add_argument("--max-latency-ms", type=float, help="latency budget; exceeding it exits 3 after writing the report")
+    p.add_argument("--max-latency-ms", type=_number(float, 0, low_open=True), help="latency budget; exceeding it exits 3 after writing the report")
 
     p = add("prune", cmd_prune, "remove whole channels of Conv/Gemm layers (structured pruning)",
             parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--ratio", type=float, required=True, help="fraction of each layer's channels to remove (0..1)")
+    p.add_argument("--ratio", type=_number(float, 0, 1, high_open=True), required=True, help="fraction of each layer's channels to remove (0..1)")
     p.add_argument("--target", "-t", help="round channel counts to this target's channel multiple")
     p.add_argument("--layer-ratio", action="append", metavar="NODE=RATIO", help="per-layer ratio (repeatable)")
     p.add_argument("--importance", choices=IMPORTANCES, default=PruneRecipe.default("importance"))
@@ -416,11 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     energy = LowrankRecipe.default("energies")[0]
-    p.add_argument("--energy", type=float, default=energy, help=f"singular-value energy to keep (default {energy:g})")
-    p.add_argument("--rank", type=float, help="explicit rank (> 1) or fraction of full rank (<= 1)")
+    p.add_argument("--energy", type=_number(float, 0, 1, low_open=True), default=energy, help=f"singular-value energy to keep (default {energy:g})")
+    p.add_argument("--rank", type=_number(float, 0, low_open=True), help="explicit rank (> 1) or fraction of full rank (<= 1)")
     p.add_argument("--method", help=f"comma-separated subset of {','.join(LOWRANK_METHODS)} (default all)")
     p.add_argument("--target", "-t", help="round ranks up to this target's rank multiple")
-    p.add_argument("--min-saving", type=float, default=0.2,
+    p.add_argument("--min-saving", type=_number(float, 0, 1, high_open=True), default=0.2,
                    help="factorize a layer only if it saves this fraction of its MACs (default 0.2)")
     p.add_argument("--calib", help="calibration data (.npz) for data-aware factors, or 'random'")
 
@@ -434,28 +500,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=CALIBRATION_METHODS, default=calibration,
                    help=f"activation range calibration (default {calibration})")
     p.add_argument("--target", "-t", default="host", help="target whose dtypes and activation scheme apply")
-    p.add_argument("--min-sqnr", type=float, default=None, metavar="DB",
+    p.add_argument("--min-sqnr", type=_number(float), default=None, metavar="DB",
                    help="keep fp32 the layers whose own quantization leaves less than DB dB of output SQNR")
     p.add_argument("--no-bias-correction", action="store_true")
-    p.add_argument("--max-samples", type=int, default=64, help="calibration samples to use (default 64)")
+    p.add_argument("--max-samples", type=POSITIVE_INT, default=64, help="calibration samples to use (default 64)")
 
     p = add("compare", cmd_compare, "compile one model for several targets and compare them side by side",
             parents=(common, shapes, data))
     p.add_argument("model")
     p.add_argument("--targets", default="host,arm-a72,nvidia-t4,npu16")
     p.add_argument("-o", "--output", required=True, help="output directory (one folder per target + comparison.*)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the output directory even if it holds files hwc did not write")
     p.add_argument("--device", action="append", metavar="TARGET=rpc://HOST:PORT/KEY",
                    help="measure a target on a device (repeatable)")
-    p.add_argument("--tune-trials", type=int, default=DEFAULT_TUNE_TRIALS)
+    p.add_argument("--tune-trials", type=NON_NEGATIVE_INT, default=DEFAULT_TUNE_TRIALS)
     p.add_argument("--cache-dir", type=Path)
-    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--repeat", type=POSITIVE_INT, default=30)
     p.add_argument("--profile", default="default")
     p.add_argument("--calib")
     p.add_argument("--val")
     p.add_argument("--labels")
 
     device = sub.add_parser("device", help="check devices behind a TVM RPC tracker")
-    device_sub = device.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    device_sub = device.add_subparsers(dest="device_command", metavar="ACTION", required=True, parser_class=_Parser)
     p = device_sub.add_parser("check", parents=[common], help="connect, report the remote TVM, time a kernel",
                               description="connect, report the remote TVM, time a trivial kernel")
     p.set_defaults(func=cmd_device_check)
@@ -467,15 +535,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("example", cmd_example, "write an example model (real structure, random weights)")
     p.add_argument("name", choices=sorted(EXAMPLES))
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--input-size", type=_number(int, 8, 4096), default=224)
+    p.add_argument("--classes", type=_number(int, 1, 100_000), default=1000)
+    p.add_argument("--width", type=_number(float, 0, 8, low_open=True), default=1.0, help="channel width multiplier")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
 
+@contextlib.contextmanager
+def _only_hwc_on_stderr(quiet: bool):
+    """With --quiet, what native libraries (TVM, ONNX Runtime, MetaSchedule's workers) and Python
+    warnings write to stderr is dropped; hwc's own lines (errors, warnings) still reach it."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, ValueError, OSError):  # already redirected in Python (an embedding program)
+        on_fd2 = False
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    original = sys.stderr
+    if on_fd2:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.stderr.flush()
+        if on_fd2:
+            sys.stderr.close()
+        sys.stderr = original
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _only_hwc_on_stderr(getattr(args, "quiet", False)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except HwcError as exc:

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .compile import CompileOptions, SearchOptions, compile_for_target
+from .config.device import parse_device
+from .config.targets import get_target
 from .errors import HwcError
-from .model.fileio import atomic_dir, write_text
+from .model.loading import load_model
+from .model.fileio import atomic_dir, check_output_dir, write_text
 from .progress import SILENT, Progress
 from .report import html as report_html
 from .report.compile_report import to_json
@@ -26,6 +29,8 @@ def _label(latency: dict[str, Any]) -> str:
 def compare(model_path: str | Path, targets: list[str], out_dir: str | Path, options: CompileOptions,
             search: SearchOptions, devices: dict[str, str],
             progress: Progress = SILENT) -> list[dict[str, Any]]:
+    check_output_dir(out_dir, [model_path], options.force)
+    _check_inputs(model_path, targets, options, devices)
     rows: list[dict[str, Any]] = []
     with atomic_dir(out_dir) as tmp:
         for name in targets:
@@ -61,6 +66,18 @@ def compare(model_path: str | Path, targets: list[str], out_dir: str | Path, opt
         raise SomeTargetsFailed(f"{len(failed)} of {len(rows)} target(s) failed ({failed[0]['target']}: "
                                 f"{failed[0]['error']}); the comparison of the others is in {out_dir}")
     return rows
+
+
+def _check_inputs(model_path, targets: list[str], options: CompileOptions, devices: dict[str, str]) -> None:
+    """Bad input is exit 2 before any target is compiled; 4 stays for a target that fails to build or run."""
+    for name in devices:
+        if name not in targets:
+            raise HwcError(f"--device {name}=...: {name} is not among --targets ({', '.join(targets)})")
+    for url in devices.values():
+        parse_device(url)
+    for name in targets:
+        get_target(name, options.targets_dirs)
+    load_model(model_path, options.input_shapes)
 
 
 def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:

@@ -8,6 +8,7 @@ after the reports are written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from .compress.quantize import attach_pow2_codes
 from .config.targets import Target, get_target
 from .data.calibration import load_calibration
 from .errors import HwcError
-from .measure.factory import measurer_for
+from .measure.factory import check_device, measurer_for
 from .measure.latency import Job
-from .model.fileio import atomic_dir, save_model
+from .model.fileio import atomic_dir, check_output_dir, save_model
 from .model.loading import load_model
 from .model.reference import check_outputs, random_inputs, run
 from .model.summary import summarize
@@ -46,6 +47,7 @@ class CompileOptions(BuildOptions):
     targets_dirs: list | None = None
     tolerance: float = 1e-3
     repeat: int = 30
+    force: bool = False  # replace an output directory that holds files hwc did not write
 
 
 @dataclass
@@ -78,7 +80,13 @@ class CompileResult:
 def compile_for_target(model_path: str | Path, out_dir: str | Path, options: CompileOptions,
                        search_options: SearchOptions, progress: Progress = SILENT) -> CompileResult:
     """Search (when asked), then compile the chosen model; the budgets' verdict comes back as a value."""
+    check_output_dir(out_dir, [model_path], options.force)
+    if not (options.tolerance >= 0 and math.isfinite(options.tolerance)):
+        raise HwcError(f"--tolerance {options.tolerance}: must be a finite number >= 0")
+    if options.repeat < 1:
+        raise HwcError(f"--repeat {options.repeat}: must be at least 1")
     target = get_target(options.target, options.targets_dirs)
+    check_device(options.device or target.latency.device)
     progress.at("load")(f"loading {model_path}")
     canonical, logs = run_canonical(load_model(model_path, options.input_shapes))
     progress.at("passes")("canonical passes: " + ", ".join(f"{l.name} {len(l.applied)}" for l in logs))

@@ -16,6 +16,7 @@ class Event:
     done: int | None = None
     total: int | None = None
     scope: str = ""            # whose work, where several run side by side (a target in ``hwc compare``)
+    warning: bool = False      # something the user should see even with --quiet
 
     @property
     def counted(self) -> bool:
@@ -39,6 +40,10 @@ class Progress:
     def __call__(self, message: str, done: int | None = None, total: int | None = None) -> None:
         if self.listener is not None:
             self.listener(Event(message, self.stage, done, total, self.scope))
+
+    def warn(self, message: str) -> None:
+        if self.listener is not None:
+            self.listener(Event(message, self.stage, scope=self.scope, warning=True))
 
     def at(self, stage: str) -> "Progress":
         return Progress(self.listener, stage, self.scope)

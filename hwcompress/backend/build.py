@@ -23,6 +23,7 @@ from ..progress import SILENT, Progress
 from .export import export
 from .importer import import_onnx
 from .tune import TuningResult, default_cache_dir, tune, tuning_db_dir
+from .tuning_db import repair
 
 DEFAULT_TUNE_TRIALS = 500
 
@@ -91,6 +92,7 @@ def _tune_where_possible(kernels, target: Target, options: BuildOptions, progres
     if target.latency.method == "model":
         return None, None, f"{target.name} has no device: a functional reference build, not tuned"
     db_dir = tuning_db_dir(options.cache, target)
+    repair(db_dir, progress.warn)
     device = options.device or target.latency.device
     if options.tune_trials > 0 and (device or not target.is_cross):
         return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device), None

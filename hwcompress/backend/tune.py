@@ -12,7 +12,10 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import queue
+import signal
 import sys
 import tempfile
 import time
@@ -21,9 +24,10 @@ from pathlib import Path
 
 from ..config.device import parse_device
 from ..config.targets import Target
-from ..errors import HwcError
+from ..errors import HwcError, first_line
 from ..progress import SILENT, Progress
 from .export import export_library
+from .tuning_db import mark_tuned, repair, tuned_tasks
 
 # Bumped when the kernels handed to MetaSchedule change form (layout, hand schedules, thread
 # count of the runner), so that records tuned for the old form are not mixed with new ones.
@@ -79,22 +83,88 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     MetaSchedule, adding to ``db_dir``.
 
     Candidates run on this machine, or on ``device`` (rpc://HOST:PORT/KEY) through TVM's
-    RPCRunner; a cross target is only tuned on its device."""
-    import tvm.s_tir.meta_schedule as ms
+    RPCRunner; a cross target is only tuned on its device. Tuning runs in a child process of its
+    own process group: Ctrl-C reaches only hwc, which stops the child (native code cannot be
+    interrupted safely), keeps the records written so far, and raises KeyboardInterrupt; the next
+    run tunes again what had not finished."""
+    import tvm
 
-    from .cpu_schedules import is_scheduled
-
-    tvm_target = target.tvm_target()
     if "num-cores" not in target.tvm_target_dict():
         raise HwcError(f"target {target.name} cannot be tuned: its TVM target has no num-cores "
                        f"(add num-cores: auto to {target.source})")
-    start = time.monotonic()
-    tasks = [task for task in ms.relax_integration.extract_tasks(kernels, tvm_target)
-             if not is_scheduled(task.dispatched[0]["main"])]
     db_dir.mkdir(parents=True, exist_ok=True)
+    repair(db_dir, progress.warn)
+    start = time.monotonic()
+    tasks, known, tunable = _tasks(kernels, target, db_dir)
+    if not tunable or trials <= 0:
+        progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, nothing to tune")
+        return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=0, records_reused=len(known),
+                            seconds=time.monotonic() - start, database=str(db_dir))
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    child = context.Process(target=_tune_in_child, args=(tvm.ir.save_json(kernels), target, trials, str(db_dir),
+                                                         device, events), daemon=True)
+    child.start()
+    try:
+        while True:
+            try:
+                kind, payload = events.get(timeout=0.5)
+            except queue.Empty:
+                if not child.is_alive():
+                    raise HwcError(f"tuning stopped unexpectedly (exit code {child.exitcode}); the records "
+                                   f"written so far are kept in {db_dir}")
+                continue
+            if kind == "event":
+                progress(*payload)
+            elif kind == "warning":
+                progress.warn(payload)
+            elif kind == "error":
+                raise HwcError(payload)
+            else:
+                result = TuningResult(**payload)
+                break
+    except BaseException:
+        _stop(child)
+        raise
+    child.join()
+    repair(db_dir, progress.warn)  # failed candidates of this run never become records
+    return result
+
+
+def _stop(child) -> None:
+    """End the child and its MetaSchedule workers (its whole process group)."""
+    for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            child.kill() if child.is_alive() else None
+        child.join(wait)
+        if not child.is_alive():
+            return
+
+
+def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, device: str | None, events) -> None:
+    os.setsid()  # out of the terminal's process group: Ctrl-C goes to hwc, which stops this group
+    import tvm
+
+    progress = Progress(lambda e: events.put(("warning", e.message) if e.warning else
+                                             ("event", (e.message, e.done, e.total))))
+    try:
+        result = _tune_here(tvm.ir.load_json(kernels_json), target, trials, Path(db_dir), progress, device)
+        events.put(("result", result.__dict__))
+    except HwcError as exc:
+        events.put(("error", str(exc)))
+    except Exception as exc:  # MetaSchedule raises TVM errors of many types
+        events.put(("error", f"tuning failed: {type(exc).__name__}: {first_line(exc)}"))
+
+
+def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Progress,
+               device: str | None) -> TuningResult:
+    import tvm.s_tir.meta_schedule as ms
+
+    start = time.monotonic()
+    tasks, known, tunable = _tasks(kernels, target, db_dir)
     database = open_database(db_dir)
-    known = [t for t in tasks if has_record(database, t, tvm_target)]
-    tunable = [t for t in tasks if not has_record(database, t, tvm_target)]
     progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, "
              f"{len(tunable)} to tune with up to {trials} trials")
     run = 0
@@ -123,6 +193,7 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
             )
         run = callback.count
         progress("tuning trials", done=run, total=per_task * len(tunable))  # the last count, even if short of the total
+        mark_tuned(db_dir, {task_key(t) for t in tunable})
     return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run, records_reused=len(known),
                         seconds=time.monotonic() - start, database=str(db_dir))
 
@@ -132,6 +203,29 @@ def open_database(db_dir: Path):
 
     return ms.database.JSONDatabase(path_workload=str(db_dir / "database_workload.json"),
                                     path_tuning_record=str(db_dir / "database_tuning_record.json"))
+
+
+def _tasks(kernels, target: Target, db_dir: Path) -> tuple[list, list, list]:
+    """The kernels MetaSchedule schedules (not the hand-scheduled ones): all, those whose tuning
+    finished in an earlier run, and the rest."""
+    import tvm.s_tir.meta_schedule as ms
+
+    from .cpu_schedules import is_scheduled
+
+    tvm_target = target.tvm_target()
+    tasks = [task for task in ms.relax_integration.extract_tasks(kernels, tvm_target)
+             if not is_scheduled(task.dispatched[0]["main"])]
+    database = open_database(db_dir)
+    finished = tuned_tasks(db_dir)
+    known = [t for t in tasks if has_record(database, t, tvm_target) and task_key(t) in finished]
+    return tasks, known, [t for t in tasks if t not in known]
+
+
+def task_key(task) -> str:
+    """A kernel's identity across processes: its name and the structural hash of its function."""
+    from tvm_ffi import structural_hash
+
+    return f"{task.task_name}:{structural_hash(task.dispatched[0])}"
 
 
 def has_record(database, task, tvm_target) -> bool:

@@ -25,4 +25,7 @@ def parse_device(url: str) -> Device:
     match = _URL.match(url or "")
     if not match:
         raise HwcError(f"device {url!r}: expected rpc://TRACKER_HOST:PORT/KEY, e.g. rpc://127.0.0.1:9190/rasp4")
-    return Device(match["host"], int(match["port"]), match["key"])
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise HwcError(f"device {url!r}: port {match['port']} is not in 1..65535")
+    return Device(match["host"], port, match["key"])

@@ -59,6 +59,8 @@ def load_yaml(path: Path, schema: dict[str, Any], kind: str) -> dict[str, Any]:
         raise HwcError(f"{path}:{line} not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     except OSError as exc:
         raise HwcError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise HwcError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from exc
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
     if error is not None:
         field_path = ".".join(str(p) for p in error.absolute_path) or "(top level)"

@@ -13,7 +13,9 @@ from .files import Kind, load_definitions
 from .host import physical_cores
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
-_TVM_TARGET = {"type": "object", "required": ["kind"], "properties": {"kind": {"type": "string"}}}
+_TVM_TARGET = {"type": "object", "required": ["kind"], "properties": {
+    "kind": {"type": "string"}, "mtriple": {"type": "string", "minLength": 1},
+    "num-cores": {"oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}}}
 _CYCLE_MODEL = {
     "type": "object", "required": ["mac_array", "clock_mhz", "bytes_per_cycle", "layer_overhead_cycles"],
     "additionalProperties": False,
@@ -168,7 +170,30 @@ def get_target(name: str, extra_dirs: list | None = None) -> Target:
         raise HwcError(f"unknown target {name!r}; known targets: {', '.join(sorted(targets))} "
                        f"(add one with --targets-dir or HWC_TARGETS_PATH)")
     path, data = targets[name]
-    return Target.from_dict(data, path)
+    target = Target.from_dict(data, path)
+    check_tvm_target(target)
+    return target
+
+
+def check_tvm_target(target: Target) -> None:
+    """What TVM would crash on or refuse later, as one line naming the file: an unknown target kind,
+    an LLVM triple for an architecture this LLVM cannot generate code for."""
+    import tvm
+
+    for where, spec in (("tvm.target", target.tvm_target_spec), ("tvm.host", target.tvm_host_spec)):
+        if spec is None:
+            continue
+        kinds = list(tvm.target.Target.list_kinds())
+        if spec["kind"] not in kinds:
+            raise HwcError(f"{target.source}: invalid target file: {where}.kind: unknown TVM target kind "
+                           f"{spec['kind']!r}; TVM knows {', '.join(sorted(kinds))}")
+        triple = spec.get("mtriple")
+        if triple and spec["kind"] == "llvm":
+            arch = triple.split("-")[0]
+            known = set(tvm.target.codegen.llvm_get_targets()) | {"x86_64", "i686", "i386"}
+            if arch not in known and arch.replace("_", "-") not in known:
+                raise HwcError(f"{target.source}: invalid target file: {where}.mtriple: {triple!r} names an "
+                               f"architecture ({arch}) this TVM's LLVM cannot generate code for")
 
 
 def list_targets(extra_dirs: list | None = None) -> list[Target]:

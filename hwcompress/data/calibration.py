@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import HwcError
+from ..errors import HwcError, first_line
 
 
 @dataclass
@@ -51,11 +51,7 @@ def load_calibration(spec: str | Path, model: onnx.ModelProto, max_samples: int 
     if path.is_dir():
         arrays, source = _image_folder(path, inputs, preprocess, max_samples)
     else:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise HwcError(f"calibration data {path}: not a readable .npz file ({exc})") from exc
+        arrays = _read_arrays(path)
     if len(inputs) == 1 and len(arrays) == 1:
         arrays = {next(iter(inputs)): next(iter(arrays.values()))}
     missing = [n for n in inputs if n not in arrays]
@@ -83,6 +79,21 @@ def load_calibration(spec: str | Path, model: onnx.ModelProto, max_samples: int 
     feeds = [{name: arrays[name][i * shape[0]:(i + 1) * shape[0]].astype(dtype)
               for name, (shape, dtype) in inputs.items()} for i in range(runs)]
     return Calibration(feeds, source)
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """An .npz (one array per input) or an .npy (one array: for a model with one input)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise HwcError(f"calibration data {path}: not a readable .npz or .npy file ({first_line(exc)})") from exc
+    if isinstance(data, np.ndarray):
+        return {path.stem: data}
+    try:
+        with data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise HwcError(f"calibration data {path}: not a readable .npz file ({first_line(exc)})") from exc
 
 
 def _image_folder(path: Path, inputs: dict, preprocess: str | None, max_samples: int) -> tuple[dict, str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import IMAGENET_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-from ..errors import HwcError
+from ..errors import HwcError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 
@@ -110,6 +110,9 @@ def load_image_folder(folder: Path, spec: Preprocessing, input_name: str, input_
                 batch.append(_prepare(image, spec, crop))
         except (UnidentifiedImageError, OSError) as exc:
             raise HwcError(f"calibration folder {folder}: {path.name} is not a readable image ({exc})") from exc
+        except Image.DecompressionBombError as exc:
+            raise HwcError(f"calibration folder {folder}: {path.name} is too large to decode "
+                           f"({first_line(exc)})") from exc
     return np.stack(batch).astype(np.float32)
 
 

@@ -27,3 +27,11 @@ def measurer_for(target: Target, device: str | None = None, repeat: int = 30, mi
     return NotMeasurable(f"target {target.name} is measured on a device through an RPC tracker and no device "
                          f"was given (--device rpc://HOST:PORT/KEY)",
                          f"the artifact for {target.name} cannot run on this machine")
+
+
+def check_device(device: str | None) -> None:
+    """Reach the tracker and find the device's key now, in seconds, before any tuning or building."""
+    if device:
+        from .rpc import free_servers
+
+        free_servers(parse_device(device))

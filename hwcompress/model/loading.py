@@ -67,6 +67,8 @@ def read_model(path: Path) -> onnx.ModelProto:
         raise HwcError(f"{path}: not a valid ONNX file (corrupt or truncated: {first_line(exc)})") from exc
     if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
         raise HwcError(f"{path}: not an ONNX model (no IR version or no graph nodes)")
+    if not _text_fields_are_text(model):
+        raise HwcError(f"{path}: not a valid ONNX file (corrupt: a name or op type is not UTF-8 text)")
     external = _external_files(model, path.parent)
     if external:
         _require_memory(path, path.stat().st_size + sum(f.stat().st_size for f in external if f.is_file()))
@@ -75,6 +77,18 @@ def read_model(path: Path) -> onnx.ModelProto:
         except (OSError, ValueError) as exc:
             raise HwcError(f"{path}: cannot read its external weight data: {first_line(exc)}") from exc
     return model
+
+
+def _text_fields_are_text(model: onnx.ModelProto) -> bool:
+    """Protobuf hands back bytes for a string field that is not valid UTF-8 (a corrupt file)."""
+    graph = model.graph
+    names = [o.domain for o in model.opset_import]
+    for node in graph.node:
+        names += [node.op_type, node.domain, node.name, *node.input, *node.output]
+        names += [a.name for a in node.attribute]
+    names += [v.name for v in (*graph.input, *graph.output, *graph.value_info)]
+    names += [t.name for t in graph.initializer]
+    return all(isinstance(n, str) for n in names)
 
 
 def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
@@ -164,10 +178,16 @@ def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
 
 def _check(model: onnx.ModelProto, path: Path) -> None:
+    """The checker, then strict shape inference, which also checks attribute ranges (a MaxPool with
+    stride 0 would otherwise reach onnxsim's native code and kill the process with SIGFPE)."""
     try:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as exc:
         raise HwcError(f"{path}: invalid ONNX model: {first_line(exc)}") from exc
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise HwcError(f"{path}: invalid ONNX model: shape inference failed: {first_line(exc)}") from exc
 
 
 def _simplify(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -27,7 +29,15 @@ def session(model: onnx.ModelProto, threads: int | None = None, exact: bool = Fa
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], exact: bool = False) -> list[np.ndarray]:
-    return session(model, exact=exact).run(None, feeds)
+    return _run(session(model, exact=exact), None, feeds)
+
+
+def _run(sess: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """A run whose failure (shapes the model's own weights contradict, ...) is one line about the model."""
+    try:
+        return sess.run(names, feeds)
+    except Exception as exc:  # ORT raises its own exception types for every kind of failure
+        raise HwcError(f"ONNX Runtime cannot run the model: {first_line(exc)}") from exc
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -49,22 +59,49 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
+def _comparable(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The finite entries of both, as float64; None where they cannot agree: another shape, or a
+    NaN/infinity on one side only (a NaN where the other has a number is a mismatch, never 0 error)."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        return None
+    finite_ref, finite_got = np.isfinite(ref), np.isfinite(got)
+    same_special = (np.isnan(ref) & np.isnan(got)) | ((ref == got) & ~finite_ref)
+    if np.any((finite_ref != finite_got) | (~finite_ref & ~same_special)):
+        return None
+    return ref[finite_ref], got[finite_ref]
+
+
 def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """Max abs difference over all outputs, relative to the reference outputs' max magnitude."""
+    """Max abs difference over all outputs, relative to the reference outputs' max magnitude;
+    infinite where shapes differ or one side has a NaN/infinity the other has not."""
     worst = 0.0
     for ref, got in zip(reference, candidate):
-        if ref.shape != got.shape:
+        pair = _comparable(ref, got)
+        if pair is None:
             return float("inf")
-        scale = max(float(np.max(np.abs(ref))), 1e-12)
-        worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - got))) / scale)
+        ref, got = pair
+        if ref.size:
+            scale = max(float(np.max(np.abs(ref))), 1e-12)
+            worst = max(worst, float(np.max(np.abs(ref - got))) / scale)
     return worst
 
 
 def rms_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
     """||reference - candidate|| / ||reference|| over all outputs: the typical error, not the worst."""
-    num = sum(float(np.sum((r.astype(np.float64) - c) ** 2)) for r, c in zip(reference, candidate))
-    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    pairs = [_comparable(r, c) for r, c in zip(reference, candidate)]
+    if any(p is None for p in pairs):
+        return float("inf")
+    num = sum(float(np.sum((r - c) ** 2)) for r, c in pairs)
+    den = sum(float(np.sum(r ** 2)) for r, _ in pairs)
     return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def require_finite_reference(reference: list[np.ndarray]) -> None:
+    """A model whose own outputs (with ONNX Runtime) are all NaN cannot be checked: say so."""
+    if any(r.size and not np.isfinite(np.asarray(r, np.float64)).any() for r in reference):
+        raise HwcError("ONNX Runtime's outputs of the model are all NaN or infinite on a random input "
+                       "(a NaN or infinite weight?); the model cannot be checked, nothing was written")
 
 
 def run_with_intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -77,7 +114,7 @@ def run_with_intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
         if name not in present:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     names = [o.name for o in probe.graph.output]
-    return dict(zip(names, session(probe).run(names, feeds)))
+    return dict(zip(names, _run(session(probe), names, feeds)))
 
 
 QUANTIZED_RMS_TOLERANCE = 0.01
@@ -89,9 +126,14 @@ def check_outputs(model: onnx.ModelProto, reference: list[np.ndarray], outputs: 
 
     A quantized (QDQ) model is held to its RMS error: the reference runs the QDQ graph as written
     (ORT's fused int8 kernels saturate), and a tie may still round to another int8 step."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise HwcError(f"tolerance {tolerance}: must be a finite number >= 0")
+    require_finite_reference(reference)
     error = relative_error(reference, outputs)
     typical = rms_error(reference, outputs)
-    abs_error = max(float(np.max(np.abs(r - o))) for r, o in zip(reference, outputs))
+    pairs = [_comparable(r, o) for r, o in zip(reference, outputs)]
+    abs_error = (float("inf") if any(p is None for p in pairs)
+                 else max((float(np.max(np.abs(r - o))) for r, o in pairs if r.size), default=0.0))
     if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         criterion, measured = "relative RMS error (quantized model)", typical
         limit = max(tolerance, QUANTIZED_RMS_TOLERANCE)

@@ -62,6 +62,12 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
             raise HwcError(f"pruning ratio {r} must be between 0 and 1 (exclusive)")
     if multiple < 1:
         raise HwcError(f"channel multiple {multiple} must be at least 1")
+    layers = {n.name for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")}
+    unknown = sorted(set(layer_ratios or {}) - layers)
+    if unknown:
+        raise HwcError(f"no Conv/Gemm/MatMul layer named {unknown[0]!r} in the model"
+                       + (f" ({len(unknown)} unknown names)" if len(unknown) > 1 else "")
+                       + f"; its layers are e.g. {', '.join(sorted(layers)[:5])}")
     cg = analyze(graph)
     if removed_atoms is not None:
         plan = _explicit_plan(cg, removed_atoms)

@@ -8,6 +8,7 @@ after the reports are written.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .errors import HwcError
 from .measure.factory import check_device, measurer_for
 from .measure.latency import Job
 from .model.fileio import atomic_dir, check_output_dir, save_model
-from .model.loading import load_model
+from .model.loading import ASSUMED_BATCH, load_model
 from .model.reference import check_outputs, random_inputs, run
 from .model.summary import summarize
 from .passes import PassLog, run_canonical
@@ -89,6 +90,10 @@ def compile_for_target(model_path: str | Path, out_dir: str | Path, options: Com
     check_device(options.device or target.latency.device)
     progress.at("load")(f"loading {model_path}")
     canonical, logs = run_canonical(load_model(model_path, options.input_shapes))
+    for prop in canonical.metadata_props:
+        if prop.key == ASSUMED_BATCH:
+            progress.at("load").warn(f"{model_path}: dynamic batch of {', '.join(json.loads(prop.value))} compiled "
+                                     f"as 1 (give --input-shape to choose another)")
     progress.at("passes")("canonical passes: " + ", ".join(f"{l.name} {len(l.applied)}" for l in logs))
     search_info = None
     if search_options.search:
@@ -189,6 +194,9 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             "accuracy": accuracy,
             "files": {name: {"bytes": (tmp / name).stat().st_size, "note": note} for name, note in files.items()},
         }
+        assumed = next((json.loads(p.value) for p in model.metadata_props if p.key == ASSUMED_BATCH), None)
+        if assumed:
+            report["model"]["batch_assumed"] = assumed
         if search_info is not None:
             report["search"] = search_info
         write_reports(report, tmp)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import assert_same_outputs, make_model, shared_model
 from hwcompress.errors import HwcError
-from hwcompress.model.loading import CANONICAL_OPSET, load_model, parse_input_shapes
+from hwcompress.model.loading import ASSUMED_BATCH, CANONICAL_OPSET, load_model, parse_input_shapes
 
 
 def _opset(model):
@@ -83,15 +85,20 @@ def test_unknown_custom_op_is_refused(tmp_path):
 
 
 def test_dynamic_shape_needs_input_shape(tmp_path, rng):
-    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", 3, 8, 8])], [("y", ["N", 3, 8, 8])], {})
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", 3, "H", 8])], [("y", ["N", 3, "H", 8])], {})
     path = tmp_path / "dyn.onnx"
     onnx.save_model(model, str(path))
-    with pytest.raises(HwcError, match=r"dynamic shape.*--input-shape x=1x3x8x8"):
+    with pytest.raises(HwcError, match=r"dynamic shape.*--input-shape x=1x3x1x8"):
         load_model(path)
     loaded = load_model(path, parse_input_shapes(["x=2x3x8x8"]))
     assert [d.dim_value for d in loaded.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 8, 8]
     with pytest.raises(HwcError, match="contradicts"):
         load_model(path, {"x": [2, 4, 8, 8]})
+    only_batch = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", 3, 8, 8])], [("y", ["N", 3, 8, 8])], {})
+    onnx.save_model(only_batch, str(tmp_path / "batch.onnx"))
+    loaded = load_model(tmp_path / "batch.onnx")  # only the batch is dynamic: one sample, and it is recorded
+    assert [d.dim_value for d in loaded.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+    assert {p.key: p.value for p in loaded.metadata_props}[ASSUMED_BATCH] == '["x"]'
     with pytest.raises(HwcError, match="inputs are: x"):
         load_model(path, {"image": [1, 3, 8, 8]})
 
@@ -116,3 +123,27 @@ def test_loading_does_not_fold_batchnorm(tmp_path):
     onnx.save_model(resnet18(input_size=32, classes=10), str(path))
     loaded = load_model(path)
     assert sum(n.op_type == "BatchNormalization" for n in loaded.graph.node) == 20
+
+
+def test_exporter_quirks_load_and_compile_like_a_plain_export(tmp_path, rng):
+    """A Paddle-style export: weights as Constant nodes, a dynamic input, value_info and output shapes
+    holding -1 from before the input was fixed. It loads with --input-shape and compiles to what ORT computes."""
+    from conftest import hwc
+
+    weight = numpy_helper.from_array(rng.normal(0, 1, (8, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["w"], value=weight),
+             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "paddle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, -1, -1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 8, -1, -1])],
+                              value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, [-1, 8, -1, -1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    path = tmp_path / "paddle.onnx"
+    onnx.save_model(model, str(path))
+    loaded = load_model(path, {"x": [1, 3, 16, 16]})
+    assert not any(n.op_type == "Constant" for n in loaded.graph.node)
+    assert [d.dim_value for d in loaded.graph.output[0].type.tensor_type.shape.dim] == [1, 8, 16, 16]
+    result = hwc("compile", str(path), "--input-shape", "x=1x3x16x16", "-o", str(tmp_path / "out"),
+                 "--tune-trials", "0", "--repeat", "3", "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"]["max_relative_error"] < 1e-4

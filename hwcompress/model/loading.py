@@ -8,6 +8,7 @@ that each is tested and reported), initializers not listed as graph inputs, shap
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ from onnx import version_converter
 from ..errors import HwcError, first_line
 
 CANONICAL_OPSET = 17
+ASSUMED_BATCH = "hwc.batch_1_assumed"  # inputs whose dynamic batch was set to 1 (the report says so)
 # onnx.ModelProto in memory, a deep copy per pass and onnxsim's own copy: several times the file.
 _MEMORY_FACTOR = 4
 
@@ -41,6 +43,7 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
     """Read, check and canonicalize an ONNX model; raise HwcError with one clear line on bad input."""
     path = Path(path)
     model = read_model(path)
+    model = _as_exported_plainly(model)
     model = _fix_input_shapes(model, input_shapes or {}, path)
     model = _convert_opset(model, path)
     _check(model, path)
@@ -132,6 +135,27 @@ def check_supported_ops(model: onnx.ModelProto, path: Path) -> None:
                    f"{len(bad)} node(s) of {len(kinds)} unsupported kind(s): {', '.join(kinds)}{hint}")
 
 
+def _as_exported_plainly(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Undo what exporters write differently (Paddle, older PyTorch): weights as ``Constant`` nodes
+    become initializers, and stale shapes (``value_info`` and output dims holding -1 or symbols from
+    before the inputs were fixed) are dropped, to be inferred again once the inputs are static."""
+    graph = model.graph
+    constants = [n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+                 and len(n.attribute) == 1 and n.attribute[0].name == "value"]
+    for node in constants:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+    del graph.value_info[:]
+    for output in graph.output:
+        for dim in output.type.tensor_type.shape.dim:  # unknown, not -1: inference fills them in
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+                dim.Clear()
+    return model
+
+
 def _fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], path: Path) -> onnx.ModelProto:
     weights = {t.name for t in model.graph.initializer}
     inputs = {v.name: v for v in model.graph.input if v.name not in weights}
@@ -150,6 +174,16 @@ def _fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], path
         for d in dims:
             tensor_type.shape.dim.add().dim_value = d
     dynamic = dynamic_inputs(model)
+    assumed = []
+    for name, dims in list(dynamic.items()):
+        tensor_type = inputs[name].type.tensor_type
+        if len(dims) > 1 and isinstance(dims[0], str) and all(isinstance(d, int) for d in dims[1:]):
+            tensor_type.shape.dim[0].Clear()
+            tensor_type.shape.dim[0].dim_value = 1  # only the batch is dynamic: compile for one sample
+            assumed.append(name)
+            del dynamic[name]
+    if assumed:
+        model.metadata_props.add(key=ASSUMED_BATCH, value=json.dumps(assumed))
     if dynamic:
         name, dims = next(iter(dynamic.items()))
         example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims) or "1x3x224x224"

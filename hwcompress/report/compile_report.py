@@ -69,6 +69,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- TVM {report['tvm_version']}, target `{json.dumps(report['target']['tvm'])}`",
         f"- model: `{report['model']['path']}`, {report['model']['parameters']:,} parameters, "
         f"{report['model']['macs']:,} MACs",
+        *([f"- dynamic batch of {', '.join(report['model']['batch_assumed'])} compiled as 1 (no --input-shape "
+           f"named it)"] if report["model"].get("batch_assumed") else []),
         "",
         "## Latency",
         "",

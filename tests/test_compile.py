@@ -44,7 +44,10 @@ def host_mnist(tmp_path_factory):
 
 def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist):
     out, report, stderr = host_mnist
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.so", "report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".hwc-output.json", "model.onnx", "model.so", "report.html",
+                                                    "report.json", "report.md"]
+    assert set(json.loads((out / ".hwc-output.json").read_text())["files"]) == {p.name for p in out.iterdir()} - {
+        ".hwc-output.json"}, "the marker lists what hwc wrote"
     assert json.loads((out / "report.json").read_text()) == report
     assert_matches_report_schema(report)
     assert elf_machine(out / "model.so") == "x86-64"

@@ -55,6 +55,29 @@ def conv_models(rng):
              helper.make_node("Clip", ["c", "lo", "hi"], ["y"])],
             [("x", [1, 48, 15, 15])], [("y", [1, 48, 8, 8])],
             {"w": w(48, 1, 3, 3), "b": w(48), "lo": np.array(0.0), "hi": np.array(6.0)}), 1),
+        "SiLU (x * sigmoid(x): the conv output read twice)": (make_model(
+            [conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["c"], ["s"]),
+             helper.make_node("Mul", ["c", "s"], ["y"])],
+            [("x", [1, 16, 12, 12])], [("y", [1, 32, 12, 12])], {"w": w(32, 16, 3, 3), "b": w(32)}), 1),
+        "HardSwish op, stride (2, 1), 5x5": (make_model(
+            [conv_node("x", "w", "c", "b", pads=[2, 2, 2, 2], strides=[2, 1]), helper.make_node("HardSwish", ["c"], ["y"])],
+            [("x", [1, 16, 12, 12])], [("y", [1, 32, 6, 12])], {"w": w(32, 16, 5, 5) * 4, "b": w(32)}, opset=17), 1),
+        "HardSwish spelled Add/Clip/Mul/Div, depthwise": (make_model(
+            [conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1], group=32),
+             helper.make_node("Add", ["c", "three"], ["a"]), helper.make_node("Clip", ["a", "lo", "hi"], ["g"]),
+             helper.make_node("Mul", ["c", "g"], ["m"]), helper.make_node("Div", ["m", "hi"], ["y"])],
+            [("x", [1, 32, 10, 10])], [("y", [1, 32, 10, 10])],
+            {"w": w(32, 1, 3, 3) * 20, "b": w(32), "three": np.array(3.0), "lo": np.array(0.0),
+             "hi": np.array(6.0)}), 1),
+        "LeakyRelu then Max with a constant, 1x3 kernel": (make_model(
+            [conv_node("x", "w", "c", "b", pads=[0, 1, 0, 1]), helper.make_node("LeakyRelu", ["c"], ["l"], alpha=0.1),
+             helper.make_node("Max", ["l", "floor"], ["y"])],
+            [("x", [1, 8, 10, 12])], [("y", [1, 16, 10, 12])],
+            {"w": w(16, 8, 1, 3) * 5, "b": w(16), "floor": np.array(-0.05)}), 1),
+        "HardSigmoid, Min with a constant, dilation 2": (make_model(
+            [conv_node("x", "w", "c", pads=[2, 2, 2, 2], dilations=[2, 2]), helper.make_node("HardSigmoid", ["c"], ["h"]),
+             helper.make_node("Min", ["h", "ceiling"], ["y"])],
+            [("x", [1, 8, 12, 12])], [("y", [1, 16, 12, 12])], {"w": w(16, 8, 3, 3) * 10, "ceiling": np.array(0.9)}), 1),
         "channel multiplier 2": (make_model(
             [conv_node("x", "w", "y", pads=[1, 1, 1, 1], group=16)],
             [("x", [1, 16, 14, 14])], [("y", [1, 32, 14, 14])], {"w": w(32, 1, 3, 3)}), 0),

@@ -203,18 +203,35 @@ def _weights_outweigh_input(sch: Schedule, conv) -> bool:
 
 
 def _fused_epilogue(sch: Schedule, conv):
-    """Inline the chain of blocks after the conv (bias, activation, residual add) into its last
-    block and return that block (None where the conv is the last)."""
-    chain = []
-    block = conv
-    while consumers := sch.get_consumers(block):
-        if len(consumers) != 1:
-            raise _NotApplicable("the conv output is read by several blocks")
-        block = consumers[0]
-        chain.append(block)
-    for block in chain[:-1]:
+    """Inline every elementwise block after the conv (bias, any activation chain: SiLU's
+    ``x * sigmoid(x)`` and HardSwish read the conv output twice, a residual add, a per-channel
+    scale) into the last one, and return that block (None where the conv is the last)."""
+    after = _blocks_after(sch, conv)
+    for block in after[:-1]:
         sch.compute_inline(block)
-    return chain[-1] if chain else None
+    if after and sch.get_consumers(conv) and [sch.get(b) for b in sch.get_consumers(conv)] != [sch.get(after[-1])]:
+        raise _NotApplicable("the conv output is read by more than its epilogue")
+    return after[-1] if after else None
+
+
+def _blocks_after(sch: Schedule, conv) -> list:
+    """The blocks that (transitively) read the conv output, in program order."""
+    downstream, frontier = [], [conv]
+    while frontier:
+        for consumer in sch.get_consumers(frontier.pop()):
+            if not any(sch.get(consumer).same_as(sch.get(b)) for b in downstream):
+                downstream.append(consumer)
+                frontier.append(consumer)
+    order = [b for b in sch.get_child_blocks(sch.get_sblock("root"))] if _has_root(sch) else downstream
+    return [b for b in order if any(sch.get(b).same_as(sch.get(d)) for d in downstream)]
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # a function without a root block
+        return False
 
 
 def _schedule_input(sch: Schedule, block, lanes: int, depthwise: bool) -> None:

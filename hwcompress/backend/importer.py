@@ -1,4 +1,12 @@
-"""ONNX -> TVM Relax, with the importer's conversions that this project needs done otherwise."""
+"""ONNX -> TVM Relax, with some of the importer's conversions replaced.
+
+TVM 0.27's importer emits Clip, HardSwish, HardSigmoid and LeakyRelu as ops that layout conversion
+cannot see through (``clip`` and ``leakyrelu`` lower to opaque kernels), so in an NHWC model each sat
+between two transposes, outside the conv's kernel; and it imports Max/Min of several inputs as a
+``stack`` and a reduction, which layout conversion cannot handle at all ("Invalid SLayout"). Here
+they are written with the broadcasting binary ops (``maximum``, ``minimum``, ``multiply``, ``add``)
+that layout conversion moves to NHWC and the conv schedule fuses into its epilogue.
+"""
 
 from __future__ import annotations
 
@@ -15,37 +23,121 @@ def import_onnx(model: onnx.ModelProto):
     from tvm.relax.frontend.onnx import from_onnx
 
     try:
-        with _clip_as_relax_ops():
+        with _converters_replaced():
             return from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the importer raises many types for unsupported constructs
         raise HwcError(f"TVM cannot import the model: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
-@contextlib.contextmanager
-def _clip_as_relax_ops():
-    """Import Clip with constant bounds as Relax ``maximum``/``minimum`` ops.
-
-    TVM 0.27's importer emits every Clip as opaque ``call_tir`` kernels; layout conversion cannot
-    see through them, so each ReLU6 of an NHWC MobileNetV2 sat between two transposes (a fifth of
-    its run time). Bounds that are not constants keep the importer's own conversion."""
-    import tvm
+def _const(value: float, dtype: str):
     from tvm import relax
-    from tvm.relax.frontend.onnx import onnx_frontend
 
-    original = onnx_frontend.Clip._impl_v13
+    return relax.const(value, dtype)
 
-    def clip(cls, bb, inputs, attr, params):
+
+def _input(bb, inputs) -> tuple:
+    """The first input and its dtype (float32 where the importer has not typed it yet)."""
+    x = inputs[0]
+    try:
+        dtype = str(bb.normalize(x).ty.dtype)
+    except (AttributeError, RuntimeError):
+        dtype = "float32"
+    return x, dtype
+
+
+def _bounded(x, low, high, dtype: str):
+    """x clamped to [low, high] (either may be None: unbounded), as maximum/minimum."""
+    from tvm import relax
+
+    if low is not None:
+        x = relax.op.maximum(x, _const(low, dtype))
+    if high is not None:
+        x = relax.op.minimum(x, _const(high, dtype))
+    return x
+
+
+def _clip(original):
+    """Clip with constant bounds; other bounds keep the importer's own conversion."""
+    def convert(cls, bb, inputs, attr, params):
+        import tvm
+
         bounds = inputs[1:3] + [None] * (3 - len(inputs))
         if not all(b is None or isinstance(b, tvm.ir.expr.Constant) and b.value.numpy().size == 1 for b in bounds):
             return original.__func__(cls, bb, inputs, attr, params)
-        result = inputs[0]
-        for bound, op in zip(bounds, (relax.op.maximum, relax.op.minimum)):
-            if bound is not None and not np.isnan(bound.value.numpy()).any():  # NaN: unbounded, as in ORT
-                result = bb.emit(op(result, relax.const(bound.value.numpy().reshape(()), bound.value.dtype)))
-        return result
+        low, high = (None if b is None or np.isnan(b.value.numpy()).any() else float(b.value.numpy())
+                     for b in bounds)  # NaN: unbounded, as in ONNX Runtime
+        x, dtype = _input(bb, inputs)
+        return _bounded(x, low, high, dtype)
+    return convert
 
-    onnx_frontend.Clip._impl_v13 = classmethod(clip)
+
+def _hard_swish(_original):
+    def convert(cls, bb, inputs, attr, params):
+        from tvm import relax
+
+        x, dtype = _input(bb, inputs)
+        gate = _bounded(relax.op.add(x, _const(3.0, dtype)), 0.0, 6.0, dtype)
+        return relax.op.multiply(x, relax.op.multiply(gate, _const(1.0 / 6.0, dtype)))
+    return convert
+
+
+def _hard_sigmoid(_original):
+    def convert(cls, bb, inputs, attr, params):
+        from tvm import relax
+
+        x, dtype = _input(bb, inputs)
+        alpha, beta = float(attr.get("alpha", 0.2)), float(attr.get("beta", 0.5))
+        return _bounded(relax.op.add(relax.op.multiply(x, _const(alpha, dtype)), _const(beta, dtype)), 0.0, 1.0, dtype)
+    return convert
+
+
+def _leaky_relu(original):
+    def convert(cls, bb, inputs, attr, params):
+        from tvm import relax
+
+        alpha = float(attr.get("alpha", 0.01))
+        if not 0.0 <= alpha <= 1.0:  # max(x, alpha * x) holds only for slopes in [0, 1]
+            return original.__func__(cls, bb, inputs, attr, params)
+        x, dtype = _input(bb, inputs)
+        return relax.op.maximum(x, relax.op.multiply(x, _const(alpha, dtype)))
+    return convert
+
+
+def _elementwise_extreme(op_name):
+    def factory(_original):
+        def convert(cls, bb, inputs, attr, params):
+            from tvm import relax
+
+            op = getattr(relax.op, op_name)
+            result = inputs[0]
+            for other in inputs[1:]:  # ONNX Max/Min broadcast like the binary ops
+                result = op(result, other)
+            return result
+        return convert
+    return factory
+
+
+# ONNX op -> a factory of its converter (given the importer's own, for the cases it keeps).
+_CONVERTERS = {"Clip": _clip, "HardSwish": _hard_swish, "HardSigmoid": _hard_sigmoid, "LeakyRelu": _leaky_relu,
+               "Max": _elementwise_extreme("maximum"), "Min": _elementwise_extreme("minimum")}
+
+
+@contextlib.contextmanager
+def _converters_replaced():
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    saved = []
+    for op, factory in _CONVERTERS.items():
+        cls = getattr(onnx_frontend, op)
+        for name in [a for a in dir(cls) if a.startswith("_impl_v")]:
+            original = getattr(cls, name)
+            saved.append((cls, name, cls.__dict__.get(name)))
+            setattr(cls, name, classmethod(factory(original)))
     try:
         yield
     finally:
-        onnx_frontend.Clip._impl_v13 = original
+        for cls, name, value in saved:
+            if value is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, value)

@@ -28,6 +28,9 @@ def conv_node(x, w, y, bias=None, **attrs):
     return helper.make_node("Conv", [x, w] + ([bias] if bias else []), [y], **attrs)
 
 
+SE_SCHEDULED = 1  # the 3x3 conv; the 1x1 conv whose epilogue is the map-sized scale is left to MetaSchedule
+
+
 def conv_models(rng):
     """Layers as they occur in CNNs: padded 3x3 + bias + Relu, strided, 1x1 without bias,
     residual Add after the conv, a width with no good divisor, depthwise (MobileNet's, with ReLU6),
@@ -78,6 +81,11 @@ def conv_models(rng):
             [conv_node("x", "w", "c", pads=[2, 2, 2, 2], dilations=[2, 2]), helper.make_node("HardSigmoid", ["c"], ["h"]),
              helper.make_node("Min", ["h", "ceiling"], ["y"])],
             [("x", [1, 8, 12, 12])], [("y", [1, 16, 12, 12])], {"w": w(16, 8, 3, 3) * 10, "ceiling": np.array(0.9)}), 1),
+        "squeeze-and-excitation scale (the 1x1 conv's output broadcast over the map)": (make_model(
+            [conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1]), helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             conv_node("g", "w1", "s"), helper.make_node("Sigmoid", ["s"], ["e"]), helper.make_node("Mul", ["c", "e"], ["y"])],
+            [("x", [1, 8, 8, 8])], [("y", [1, 16, 8, 8])], {"w": w(16, 8, 3, 3), "b": w(16), "w1": w(16, 16, 1, 1)}),
+            SE_SCHEDULED),
         "channel multiplier 2": (make_model(
             [conv_node("x", "w", "y", pads=[1, 1, 1, 1], group=16)],
             [("x", [1, 16, 14, 14])], [("y", [1, 32, 14, 14])], {"w": w(32, 1, 3, 3)}), 0),

@@ -106,7 +106,7 @@ def schedule_conv2d_nhwc(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc
         return None
     try:
         _schedule(sch, conv, tiles)
-    except (ScheduleError, _NotApplicable):
+    except (ScheduleError, _NotApplicable, tvm.error.InternalError):  # TVM checks some cases only internally
         return None
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
@@ -207,6 +207,13 @@ def _fused_epilogue(sch: Schedule, conv):
     ``x * sigmoid(x)`` and HardSwish read the conv output twice, a residual add, a per-channel
     scale) into the last one, and return that block (None where the conv is the last)."""
     after = _blocks_after(sch, conv)
+    shape = lambda block: [int(d) for d in sch.get(block).writes[0].source.shape]  # noqa: E731
+    if after and (len(shape(after[-1])) != len(shape(conv))
+                  or any(e > c for e, c in zip(shape(after[-1]), shape(conv)))):
+        # e.g. a squeeze-and-excitation scale: the 1x1 conv on the pooled vector broadcast over a
+        # whole feature map. Its epilogue does not fit the conv's output tile (a slice of it does:
+        # channels padded to whole vectors are cut off there).
+        raise _NotApplicable("the epilogue writes more than the conv's output")
     for block in after[:-1]:
         sch.compute_inline(block)
     if after and sch.get_consumers(conv) and [sch.get(b) for b in sch.get_consumers(conv)] != [sch.get(after[-1])]:

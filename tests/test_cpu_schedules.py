@@ -217,3 +217,34 @@ def test_clip_between_convs_fuses_into_the_conv_without_layout_transposes(bounds
                               tvm.cpu())
     got = outputs_to_numpy(vm["main"](tvm.runtime.tensor(feeds["x"])))
     assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+
+
+def test_untuned_kernels_get_a_parallel_vectorized_default_schedule(rng):
+    """The ops around convs (pooling, resize, concat, softmax, transposes, a small dense layer) are
+    not naive single-threaded loops when no tuning record covers them, and stay exact."""
+    from hwcompress.backend.default_schedule import schedule_untuned
+
+    nodes = [conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["p", "roi", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Concat", ["u", "c"], ["cat"], axis=1),
+             helper.make_node("GlobalAveragePool", ["cat"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=1)]
+    model = make_model(nodes, [("x", [1, 8, 16, 16])], [("y", [1, 10])],
+                       {"w": rng.normal(0, 0.1, (32, 8, 3, 3)), "b": rng.normal(0, 0.1, 32),
+                        "roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32),
+                        "fw": rng.normal(0, 0.1, (10, 64)), "fb": rng.normal(0, 0.1, 10)})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    with target.tvm_target():
+        scheduled = schedule_untuned(kernels, VectorUnit.of(target.tvm_target()).lanes)
+    funcs = {gv.name_hint: f for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert len(funcs) >= 5 and all(is_scheduled(f) for f in funcs.values()), list(funcs)
+    parallel = [name for name, f in funcs.items() if "parallel" in f.script()]
+    assert len(parallel) == len(funcs), sorted(set(funcs) - set(parallel))
+    executable = tvm_build.build(kernels, target, None)
+    feeds = ort.random_inputs(model, seed=1)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
+    assert ort.relative_error(ort.run(model, feeds), got) < 1e-5

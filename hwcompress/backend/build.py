@@ -141,14 +141,20 @@ def cpu_kernels(mod, tvm_target):
 
 
 def build(kernels, target: Target, db_dir: Path | None):
-    """Compile ``kernels`` (from ``lower``), on CPUs with the tuned records in ``db_dir``."""
+    """Compile ``kernels`` (from ``lower``), on CPUs with the tuned records in ``db_dir`` and the
+    default schedule for the kernels that have none."""
     import tvm
     from tvm import relax
 
+    from .cpu_schedules import VectorUnit
+    from .default_schedule import schedule_untuned
+
     tvm_target = target.tvm_target()
     with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
-        if not target.is_gpu and db_dir is not None and (db_dir / "database_tuning_record.json").exists():
-            kernels = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(kernels)
+        if not target.is_gpu:
+            if db_dir is not None and (db_dir / "database_tuning_record.json").exists():
+                kernels = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(kernels)
+            kernels = schedule_untuned(kernels, VectorUnit.of(tvm_target).lanes)
         return tvm.compile(kernels, target=tvm_target)
 
 

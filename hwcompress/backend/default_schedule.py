@@ -1,0 +1,68 @@
+"""A rule-based CPU schedule for the kernels that neither the project's conv schedule nor a tuning
+record covers (pooling, resize, concat, transposes, softmax, an untuned dense layer): elementwise
+producers inlined, the outer spatial loops fused and spread over the thread pool, the innermost
+spatial loop vectorized where the vector lanes divide it. Without it such a kernel runs as
+TVM's naive single-threaded loop nest (a YOLO-style detector ran 18x slower than ONNX Runtime
+untuned); MetaSchedule records, where tuning made them, still take precedence."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+from tvm.s_tir.dlight import normalize_prim_func, try_inline
+from tvm.s_tir.schedule import ScheduleError
+
+from .cpu_schedules import is_scheduled
+
+
+def schedule_untuned(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """Every PrimFunc of ``mod`` without a schedule, given the default one."""
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
+            scheduled = default_schedule(func, lanes)
+            if scheduled is not None:
+                updates[gvar] = scheduled
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
+
+
+def default_schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    sch = Schedule(func)
+    try:
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = []
+        for info in try_inline(sch, infos):
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            kinds = info.dom_kind()
+            if len(loops) != len(kinds) or not loops:
+                continue
+            spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+            reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+            other = [loop for loop, kind in zip(loops, kinds) if kind == "O"]
+            if not spatial:
+                continue
+            sch.reorder(*spatial, *reduce, *other)
+            inner = None
+            if not reduce and not other and len(spatial) > 1 and _extent(sch, spatial[-1]) % lanes == 0:
+                *spatial, inner = spatial
+            sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+            if inner is not None:
+                sch.vectorize(sch.split(inner, [None, lanes])[1])
+            if reduce:
+                reductions.append((block, reduce[0]))
+        for block, loop in reductions:
+            sch.decompose_reduction(block, loop)
+    except (ScheduleError, tvm.error.InternalError, ValueError):
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _extent(sch: Schedule, loop) -> int:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else 0

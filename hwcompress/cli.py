@@ -350,7 +350,8 @@ def cmd_example(args: argparse.Namespace) -> int:
     model = EXAMPLES[args.name](input_size=args.input_size, classes=args.classes, width=args.width, seed=args.seed)
     save_model(model, args.output)
     data = {"output": args.output, "model": args.name, "input_size": args.input_size, "seed": args.seed}
-    _emit(args, data, f"wrote {args.output}: {args.name} with random weights, input 1x3x{args.input_size}x{args.input_size}")
+    shape = "x".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim)
+    _emit(args, data, f"wrote {args.output}: {args.name} with random weights, input {shape}")
     return 0
 
 
@@ -368,11 +369,14 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
         bad_low = low is not None and (value <= low if low_open else value < low)
         bad_high = high is not None and (value >= high if high_open else value > high)
         if bad_low or bad_high:
-            left = "(" if low_open else "["
-            right = ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(
-                f"{text} is outside {left}{'-inf' if low is None else f'{low:g}'}, "
-                f"{'inf' if high is None else f'{high:g}'}{right}")
+            if low is not None and high is not None:
+                ends = " (exclusive)" if low_open and high_open else (
+                    f" ({'excluding' if low_open else 'including'} {low:g}, "
+                    f"{'excluding' if high_open else 'including'} {high:g})")
+                raise argparse.ArgumentTypeError(f"{text} is not between {low:g} and {high:g}{ends}")
+            if low is not None:
+                raise argparse.ArgumentTypeError(f"{text} must be {'above' if low_open else 'at least'} {low:g}")
+            raise argparse.ArgumentTypeError(f"{text} must be {'below' if high_open else 'at most'} {high:g}")
         return value
     return parse
 

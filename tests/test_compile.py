@@ -165,3 +165,17 @@ def test_npu16_latency_is_modelled_and_pads_channels_to_16(tmp_path, rng):
         return modelled_latency(model, npu16)[0].median_ms
 
     assert cycles(16) < cycles(17) == cycles(32)
+
+
+@pytest.mark.parametrize("name, size", [("yolo", 64), ("mobilenetv3", 64), ("shufflenet", 64), ("unet", 32),
+                                        ("audio", 50)])
+def test_deployed_structures_compile_and_match_onnx_runtime(tmp_path, name, size):
+    """Detector, SE/HardSwish, channel shuffle, ConvTranspose/Resize, channels-last audio input:
+    each compiles untuned and computes what ONNX Runtime computes."""
+    from hwcompress.model.examples import EXAMPLES
+    from hwcompress.model.fileio import save_model
+
+    save_model(EXAMPLES[name](input_size=size), tmp_path / "m.onnx")
+    report = compile_model(tmp_path / "m.onnx", tmp_path / "out", CompileOptions(tune_trials=0, repeat=2,
+                                                                                 cache_dir=tmp_path / "c"))
+    assert report["accuracy"]["max_relative_error"] < 1e-3

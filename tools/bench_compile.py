@@ -18,21 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import alternating_latency_ms  # noqa: E402
+from benchlib import side_by_side  # noqa: E402
 
-from hwcompress.backend.runtime import load_local  # noqa: E402
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
 from hwcompress.config import physical_cores  # noqa: E402
-from hwcompress.model import reference as ort  # noqa: E402
 from hwcompress.model.examples import resnet18  # noqa: E402
 from hwcompress.model.fileio import save_model  # noqa: E402
-from hwcompress.model.loading import load_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "models"
 
@@ -43,20 +37,6 @@ def model_path(name: str, scratch: Path) -> Path:
         save_model(resnet18(), path)
         return path
     return SHARED / {"mobilenetv2": "mobilenetv2-fp32", "squeezenet": "squeezenet1.1-caffe2"}[name] / "model.onnx"
-
-
-def side_by_side(path: Path, library: Path, threads: int, repeat: int) -> tuple[float, float, float]:
-    """ORT on the original model vs the compiled library, alternating rounds: the median ms of
-    each and the median of the per-round ratios TVM / ORT."""
-    model = load_model(path, require_supported=False, simplify=False)
-    feeds = ort.random_inputs(model)
-    session = ort.session(model, threads=threads)
-    vm, _, args = load_local(library, feeds, list(feeds))
-    main = vm["main"]
-    rounds = alternating_latency_ms({"ort": lambda: session.run(None, feeds), "tvm": lambda: main(*args)},
-                                    rounds=max(5, repeat // 5))
-    ratios = [t / o for t, o in zip(rounds["tvm"], rounds["ort"])]
-    return float(np.median(rounds["ort"])), float(np.median(rounds["tvm"])), float(np.median(ratios))
 
 
 def main() -> int:

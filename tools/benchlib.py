@@ -18,6 +18,7 @@ from hwcompress.model import reference as ort  # noqa: E402
 from hwcompress.data.calibration import Calibration  # noqa: E402
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
 from hwcompress.model.fileio import save_model  # noqa: E402
+from hwcompress.backend.runtime import load_local  # noqa: E402
 from hwcompress.model.loading import load_model  # noqa: E402
 from hwcompress.passes import canonicalize_reshape, eliminate_identity  # noqa: E402
 
@@ -123,3 +124,36 @@ def tvm_latency_ms(model: onnx.ModelProto, trials: int, cache_dir: Path | None, 
                                CompileOptions(target="host", tune_trials=trials, cache_dir=cache_dir, repeat=repeat,
                                               int8_compute=int8_compute))
     return report["latency"]["median_ms"]
+
+
+def side_by_side(path: Path, library: Path, threads: int, repeat: int) -> tuple[float, float, float]:
+    """ORT on the original model vs the compiled library, alternating rounds: the median ms of
+    each and the median of the per-round ratios TVM / ORT."""
+    model = load_model(path, require_supported=False, simplify=False)
+    feeds = ort.random_inputs(model)
+    session = ort.session(model, threads=threads)
+    vm, _, args = load_local(library, feeds, list(feeds))
+    main = vm["main"]
+    rounds = alternating_latency_ms({"ort": lambda: session.run(None, feeds), "tvm": lambda: main(*args)},
+                                    rounds=max(5, repeat // 5))
+    ratios = [t / o for t, o in zip(rounds["tvm"], rounds["ort"])]
+    return float(np.median(rounds["ort"])), float(np.median(rounds["tvm"])), float(np.median(ratios))
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector/matrix instruction sets that matter here, as lscpu reads them."""
+    import platform
+
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown CPU", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "asimddp")
+           if f in flags]
+    return f"{model}; {', '.join(isa) or 'no AVX2/AVX-512/NEON dot-product flags'}"

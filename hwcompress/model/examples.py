@@ -1,8 +1,11 @@
 """Example models written by the project's own code: real structure, random weights.
 
 They let a newcomer run hwc without downloading anything, and give tests and benchmarks standard
-architectures (ResNet-18, MobileNetV2) with BatchNormalization still in place. Weights are He-scaled
-and BN statistics are non-trivial, so activations stay in a realistic range and folding is exercised.
+architectures with BatchNormalization still in place: classifiers (ResNet-18, MobileNetV2,
+MobileNetV3-style with squeeze-and-excitation and HardSwish, ShuffleNet-style with channel split and
+shuffle), a YOLO-style detector (Focus slicing, SiLU, SPP, upsampling), a U-Net-style segmenter
+(ConvTranspose, Resize, skip concatenations) and an audio CNN with a channels-last input. Weights are
+He-scaled and BN statistics non-trivial, so activations stay in a realistic range and folding is exercised.
 """
 
 from __future__ import annotations
@@ -46,11 +49,38 @@ class _Builder:
         bn_params = [self.rng.uniform(0.5, 1.5, cout), self.rng.normal(0, 0.1, cout),
                      self.rng.normal(0, 0.1, cout), self.rng.uniform(0.5, 1.5, cout)]
         y = self.node("BatchNormalization", [y] + [self.const("bn", p) for p in bn_params], "bn", epsilon=1e-5)
+        return self.act(y, act)
+
+    def act(self, y: str, act: str | None) -> str:
+        """An activation as exporters write it (SiLU as Sigmoid x Mul, as PyTorch exports it)."""
         if act == "Relu":
-            y = self.node("Relu", [y], "relu")
-        elif act == "Relu6":
-            y = self.node("Clip", [y, self.const("lo", 0.0), self.const("hi", 6.0)], "relu6")
+            return self.node("Relu", [y], "relu")
+        if act == "Relu6":
+            return self.node("Clip", [y, self.const("lo", 0.0), self.const("hi", 6.0)], "relu6")
+        if act == "SiLU":
+            return self.node("Mul", [y, self.node("Sigmoid", [y], "sigmoid")], "silu")
+        if act == "HardSwish":
+            return self.node("HardSwish", [y], "hswish")
+        if act == "LeakyRelu":
+            return self.node("LeakyRelu", [y], "leaky", alpha=0.1)
         return y
+
+    def const_int(self, prefix: str, values) -> str:
+        name = self._name(prefix)
+        self.initializers.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        return name
+
+    def conv(self, x: str, cin: int, cout: int, k: int, bias: bool = False) -> str:
+        """A plain conv (no BN): heads and squeeze-and-excitation layers."""
+        w = self.rng.normal(0, np.sqrt(2.0 / (cin * k * k)), (cout, cin, k, k))
+        inputs = [x, self.const("w", w)] + ([self.const("b", self.rng.normal(0, 0.1, cout))] if bias else [])
+        return self.node("Conv", inputs, "conv", kernel_shape=[k, k], pads=[k // 2] * 4)
+
+    def shuffle(self, x: str, channels: int, size: int, groups: int) -> str:
+        """Channel shuffle as exporters write it: Reshape -> Transpose -> Reshape."""
+        y = self.node("Reshape", [x, self.const_int("shape", [1, groups, channels // groups, size, size])], "shuffle")
+        y = self.node("Transpose", [y], "shuffle_t", perm=[0, 2, 1, 3, 4])
+        return self.node("Reshape", [y, self.const_int("shape", [1, channels, size, size])], "shuffle_r")
 
     def head(self, x: str, features: int, classes: int) -> str:
         y = self.node("GlobalAveragePool", [x], "gap")
@@ -59,10 +89,12 @@ class _Builder:
         return self.node("Gemm", [y, self.const("fc_w", w), self.const("fc_b", self.rng.normal(0, 0.01, classes))],
                          "fc", transB=1)
 
-    def model(self, name: str, x: str, y: str, input_size: int, classes: int) -> onnx.ModelProto:
+    def model(self, name: str, x: str, y: str, input_size: int, classes: int,
+              input_shape: list[int] | None = None, output_shape: list[int] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, name, [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 3, input_size, input_size])],
-            [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, classes])], self.initializers)
+            self.nodes, name,
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, input_shape or [1, 3, input_size, input_size])],
+            [helper.make_tensor_value_info(y, TensorProto.FLOAT, output_shape or [1, classes])], self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", CANONICAL_OPSET)],
                                   producer_name="hwcompress.examples")
         model.ir_version = 8
@@ -118,4 +150,145 @@ def mobilenetv2(input_size: int = 224, classes: int = 1000, width: float = 1.0, 
     return b.model("mobilenetv2", "input", b.head(y, last, classes), input_size, classes)
 
 
-EXAMPLES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2}
+def mobilenetv3(input_size: int = 224, classes: int = 1000, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """MobileNetV3-Small-style (Howard et al. 2019): depthwise 3x3/5x5, HardSwish, and
+    squeeze-and-excitation (pool -> 1x1 -> ReLU -> 1x1 -> HardSigmoid -> scale)."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width + 4) // 8 * 8)  # noqa: E731
+    cin = ch(16)
+    y = b.conv_bn("input", 3, cin, 3, stride=2, act="HardSwish")
+    # (kernel, expansion, out, squeeze-excite, activation, stride)
+    for k, exp, c, se, act, s in ((3, 16, 16, True, "Relu", 2), (3, 72, 24, False, "Relu", 2),
+                                  (5, 96, 40, True, "HardSwish", 2), (5, 240, 40, True, "HardSwish", 1),
+                                  (5, 288, 96, True, "HardSwish", 2), (5, 576, 96, True, "HardSwish", 1)):
+        hidden, cout = ch(exp), ch(c)
+        z = b.conv_bn(y, cin, hidden, 1, act=act) if hidden != cin else y
+        z = b.conv_bn(z, hidden, hidden, k, s, groups=hidden, act=act)
+        if se:
+            squeeze = ch(hidden // 4)
+            g = b.node("GlobalAveragePool", [z], "se_pool")
+            g = b.node("Relu", [b.conv(g, hidden, squeeze, 1, bias=True)], "se_relu")
+            g = b.node("HardSigmoid", [b.conv(g, squeeze, hidden, 1, bias=True)], "se_gate", alpha=1 / 6, beta=0.5)
+            z = b.node("Mul", [z, g], "se_scale")
+        z = b.conv_bn(z, hidden, cout, 1, act=None)
+        y = b.node("Add", [y, z], "add") if s == 1 and cin == cout else z
+        cin = cout
+    y = b.conv_bn(y, cin, ch(576), 1, act="HardSwish")
+    return b.model("mobilenetv3", "input", b.head(y, ch(576), classes), input_size, classes)
+
+
+def shufflenet(input_size: int = 224, classes: int = 1000, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNetV2-style (Ma et al. 2018): channel split, a depthwise branch, concat, channel shuffle."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
+    cin = ch(24)
+    y = b.conv_bn("input", 3, cin, 3, stride=2)
+    y = b.node("MaxPool", [y], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    size = input_size // 4
+    for cout, repeats in ((ch(116), 3), (ch(232), 3), (ch(464), 2)):
+        for i in range(repeats):
+            if i == 0:  # downsampling unit: both branches see the whole input
+                left = b.conv_bn(b.conv_bn(y, cin, cin, 3, 2, groups=cin, act=None), cin, cout // 2, 1)
+                right = b.conv_bn(y, cin, cout // 2, 1)
+                right = b.conv_bn(b.conv_bn(right, cout // 2, cout // 2, 3, 2, groups=cout // 2, act=None),
+                                  cout // 2, cout // 2, 1)
+                size = (size + 1) // 2
+            else:
+                half = cout // 2
+                left = b.node("Split", [y, b.const_int("split", [half, half])], "split", axis=1)
+                left, keep = left, left + "_b"
+                b.nodes[-1].output[:] = [left, keep]
+                right = b.conv_bn(b.conv_bn(b.conv_bn(keep, half, half, 1), half, half, 3, groups=half, act=None),
+                                  half, half, 1)
+            y = b.node("Concat", [left, right], "concat", axis=1)
+            y = b.shuffle(y, cout, size, groups=2)
+            cin = cout
+    y = b.conv_bn(y, cin, ch(1024), 1)
+    return b.model("shufflenet", "input", b.head(y, ch(1024), classes), input_size, classes)
+
+
+def yolo(input_size: int = 320, classes: int = 80, width: float = 0.5, seed: int = 0) -> onnx.ModelProto:
+    """YOLOv5/YOLOX-style detector: Focus slicing, conv + SiLU, residual bottlenecks, SPP max-pools,
+    nearest upsampling with skip concatenations from strides 16 and 8, and a 1x1 head (boxes,
+    objectness, classes) at stride 8. The output is the raw head map [1, 5 + classes, H/8, W/8]."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
+    quarters = []
+    for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1)):  # Focus: space-to-depth by four strided slices
+        quarters.append(b.node("Slice", ["input", b.const_int("st", [dy, dx]), b.const_int("en", [input_size] * 2),
+                                         b.const_int("ax", [2, 3]), b.const_int("sp", [2, 2])], "focus"))
+    y = b.conv_bn(b.node("Concat", quarters, "focus_cat", axis=1), 12, ch(32), 3, act="SiLU")
+    y = b.conv_bn(y, ch(32), ch(64), 3, 2, act="SiLU")  # stride 4
+    skips, cin = [], ch(64)
+    for stage, c in enumerate((128, 256, 512)):
+        cout = ch(c)
+        y = b.conv_bn(y, cin, cout, 3, 2, act="SiLU")
+        for _ in range(1 if stage < 2 else 1):
+            z = b.conv_bn(b.conv_bn(y, cout, cout // 2, 1, act="SiLU"), cout // 2, cout, 3, act="SiLU")
+            y = b.node("Add", [y, z], "bottleneck")
+        skips.append(y)
+        cin = cout
+    half = cin // 2
+    y = b.conv_bn(y, cin, half, 1, act="SiLU")  # SPP: max-pools of three sizes, concatenated
+    pools = [b.node("MaxPool", [y], "spp", kernel_shape=[k, k], strides=[1, 1], pads=[k // 2] * 4) for k in (5, 9, 13)]
+    y = b.conv_bn(b.node("Concat", [y] + pools, "spp_cat", axis=1), half * 4, cin, 1, act="SiLU")
+    for skip, c in zip(reversed(skips[:-1]), (256, 128)):
+        cout = ch(c)
+        y = b.conv_bn(y, cin, cout, 1, act="SiLU")
+        up = b.node("Resize", [y, b.const("roi", np.zeros(0)), b.const("scales", [1, 1, 2, 2])], "upsample",
+                    mode="nearest")
+        y = b.conv_bn(b.node("Concat", [up, skip], "neck_cat", axis=1), cout * 2, cout, 3, act="SiLU")
+        cin = cout
+    head = b.conv(y, cin, 5 + classes, 1, bias=True)
+    stride8 = input_size // 8
+    return b.model("yolo", "input", head, input_size, classes, output_shape=[1, 5 + classes, stride8, stride8])
+
+
+def unet(input_size: int = 128, classes: int = 4, width: float = 0.5, seed: int = 0) -> onnx.ModelProto:
+    """U-Net-style segmenter (Ronneberger et al. 2015): conv pairs, max-pool down, ConvTranspose up,
+    skip concatenations, and a final bilinear Resize of the class map to the input size."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
+    y, cin, skips = "input", 3, []
+    for c in (32, 64, 128):
+        cout = ch(c)
+        y = b.conv_bn(b.conv_bn(y, cin, cout, 3), cout, cout, 3)
+        skips.append((y, cout))
+        y = b.node("MaxPool", [y], "down", kernel_shape=[2, 2], strides=[2, 2])
+        cin = cout
+    y = b.conv_bn(y, cin, cin * 2, 3)
+    cin *= 2
+    for skip, c in reversed(skips):
+        w = b.rng.normal(0, np.sqrt(2.0 / (cin * 4)), (cin, c, 2, 2))
+        up = b.node("ConvTranspose", [y, b.const("up_w", w), b.const("up_b", b.rng.normal(0, 0.1, c))], "up",
+                    kernel_shape=[2, 2], strides=[2, 2])
+        y = b.conv_bn(b.conv_bn(b.node("Concat", [up, skip], "skip", axis=1), c * 2, c, 3), c, c, 3)
+        cin = c
+    y = b.conv(y, cin, classes, 1, bias=True)
+    y = b.node("Resize", [y, b.const("roi", np.zeros(0)), b.const("scales", [1, 1, 2, 2])], "resize",
+               mode="linear")
+    return b.model("unet", "input", y, input_size, classes,
+                   output_shape=[1, classes, input_size * 2, input_size * 2])
+
+
+def audio_cnn(input_size: int = 98, classes: int = 128, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """A speech-embedding CNN over a log-mel spectrogram given channels-last ([1, frames, 40 mel
+    bins, 1]) and transposed to NCHW inside: 3x1 and 1x3 kernels, LeakyRelu then Max with a
+    constant after every conv (as such exports write a clamped activation), an embedding of ``classes``."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
+    y = b.node("Transpose", ["input"], "to_nchw", perm=[0, 3, 1, 2])
+    cin = 1
+    for c, (kh, kw), stride in ((32, (3, 1), 1), (32, (1, 3), 2), (64, (3, 1), 1), (64, (1, 3), 2), (128, (3, 3), 2)):
+        cout = ch(c)
+        w = b.rng.normal(0, np.sqrt(2.0 / (cin * kh * kw)), (cout, cin, kh, kw))
+        y = b.node("Conv", [y, b.const("w", w), b.const("b", b.rng.normal(0, 0.1, cout))], "conv",
+                   kernel_shape=[kh, kw], strides=[stride, stride], pads=[kh // 2, kw // 2, kh // 2, kw // 2])
+        y = b.node("Max", [b.act(y, "LeakyRelu"), b.const("floor", -0.5)], "clamp")
+        cin = cout
+    return b.model("audio_cnn", "input", b.head(y, cin, classes), input_size, classes,
+                   input_shape=[1, input_size, 40, 1])
+
+
+EXAMPLES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "mobilenetv3": mobilenetv3,
+            "shufflenet": shufflenet, "yolo": yolo, "unet": unet, "audio": audio_cnn}

@@ -188,9 +188,16 @@ def test_search_input_errors(tmp_path, mnist_files):
 
 def test_compare_labels_every_latency_and_survives_a_failing_target(tmp_path):
     out = tmp_path / "cmp"
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    (targets / "tpu9.yaml").write_text(  # a valid target whose build fails here: its toolchain is missing
+        "name: tpu9\ndescription: a board whose cross compiler is not installed\n"
+        "tvm: {target: {kind: llvm, mtriple: aarch64-linux-gnu}, cross_compiler: no-such-cross-g++}\n"
+        "channel_multiple: 4\ndtypes: [float32]\nlatency: {method: rpc}\n")
     result = hwc("compare", str(shared_model("mnist-8")), "--targets", "host,npu16,arm-a72,tpu9", "-o", str(out),
-                 "--tune-trials", "0", "--repeat", "5", "--json")
-    assert result.returncode == 4 and "1 of 4 target(s) failed (tpu9: unknown target" in result.stderr
+                 "--tune-trials", "0", "--repeat", "5", "--json", "--targets-dir", str(targets))
+    assert result.returncode == 4 and "1 of 4 target(s) failed (tpu9: target tpu9 needs the cross compiler" \
+        in result.stderr, result.stderr
     rows = {r["target"]: r for r in json.loads((out / "comparison.json").read_text())}
     assert rows["host"]["label"] == "measured" and rows["host"]["latency_ms"] > 0
     assert rows["npu16"]["label"] == "modelled" and rows["npu16"]["latency_ms"] > 0

@@ -347,11 +347,13 @@ def cmd_example(args: argparse.Namespace) -> int:
     from .model.fileio import check_output_file, save_model
 
     check_output_file(args.output)
-    model = EXAMPLES[args.name](input_size=args.input_size, classes=args.classes, width=args.width, seed=args.seed)
+    knobs = {k: v for k, v in (("input_size", args.input_size), ("classes", args.classes), ("width", args.width))
+             if v is not None}  # unset: the example's own default (a detector's classes are not a classifier's)
+    model = EXAMPLES[args.name](seed=args.seed, **knobs)
     save_model(model, args.output)
-    data = {"output": args.output, "model": args.name, "input_size": args.input_size, "seed": args.seed}
-    shape = "x".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim)
-    _emit(args, data, f"wrote {args.output}: {args.name} with random weights, input {shape}")
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = {"output": args.output, "model": args.name, "input_shape": shape, "seed": args.seed}
+    _emit(args, data, f"wrote {args.output}: {args.name} with random weights, input {'x'.join(map(str, shape))}")
     return 0
 
 
@@ -539,9 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("example", cmd_example, "write an example model (real structure, random weights)")
     p.add_argument("name", choices=sorted(EXAMPLES))
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--input-size", type=_number(int, 8, 4096), default=224)
-    p.add_argument("--classes", type=_number(int, 1, 100_000), default=1000)
-    p.add_argument("--width", type=_number(float, 0, 8, low_open=True), default=1.0, help="channel width multiplier")
+    p.add_argument("--input-size", type=_number(int, 8, 4096), help="input height/width, or frames for audio "
+                                                                     "(default: the example's own, 224 for classifiers)")
+    p.add_argument("--classes", type=_number(int, 1, 100_000), help="output classes (default: the example's own)")
+    p.add_argument("--width", type=_number(float, 0, 8, low_open=True), help="channel width multiplier (default: the "
+                                                                            "example's own)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 

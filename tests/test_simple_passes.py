@@ -1,4 +1,5 @@
-"""Identity/Dropout removal and Reshape canonicalization: exact rewrites, checked with ONNX Runtime."""
+"""Identity/Dropout removal, Reshape canonicalization, ConvTranspose as 1x1 conv + pixel shuffle: exact
+rewrites, checked with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import numpy as np
 from onnx import helper
 
 from conftest import assert_same_outputs, make_model, op_count
-from hwcompress.passes import canonicalize_reshape, eliminate_identity, explicit_pads
+import pytest
+
+from hwcompress.passes import canonicalize_reshape, convtranspose_as_conv, eliminate_identity, explicit_pads
 
 
 def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
@@ -64,3 +67,21 @@ def test_auto_pad_becomes_the_explicit_pads_it_stands_for(rng):
     assert pads == {"up": [1, 1, 2, 1], "pool": [1, 1, 0, 0], "valid": [0, 0, 0, 0]}
     assert len(result.log.applied) == 3
     assert_same_outputs(model, result.model, tol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, bias", [((2, 2), True), ((2, 1), False), ((3, 3), True)])
+def test_non_overlapping_convtranspose_becomes_a_1x1_conv_and_a_pixel_shuffle(rng, kernel, bias):
+    kh, kw = kernel
+    inits = {"w": rng.normal(0, 1, (6, 5, kh, kw))} | ({"b": rng.normal(0, 1, 5)} if bias else {})
+    node = helper.make_node("ConvTranspose", ["x", "w"] + (["b"] if bias else []), ["y"], strides=[kh, kw])
+    model = make_model([node], [("x", [1, 6, 7, 9])], [("y", [1, 5, 7 * kh, 9 * kw])], inits)
+    result = convtranspose_as_conv.apply(model)
+    assert op_count(result.model, "ConvTranspose") == 0 and op_count(result.model, "Conv") == 1
+    assert_same_outputs(model, result.model, tol=1e-5)
+
+
+def test_overlapping_or_padded_convtranspose_is_left_alone(rng):
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1])
+    model = make_model([node], [("x", [1, 4, 5, 5])], [("y", [1, 3, 7, 7])], {"w": rng.normal(0, 1, (4, 3, 3, 3))})
+    result = convtranspose_as_conv.apply(model)
+    assert op_count(result.model, "ConvTranspose") == 1 and "overlap or are padded" in result.log.skipped[0]

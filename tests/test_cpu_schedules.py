@@ -159,11 +159,13 @@ def test_register_tiles_fit_the_register_file_and_divide_the_output(unit, width,
 
 
 @pytest.mark.parametrize("channels,lanes,padded", [(1000, 16, 1024), (1000, 4, 1000), (1000, 8, 1000),
-                                                    (200, 16, 224), (144, 16, 144), (40, 16, 40)])
+                                                    (200, 16, 224), (144, 16, 144), (40, 16, 40), (85, 16, 96),
+                                                    (3, 16, 3)])
 def test_output_channels_are_padded_to_whole_vector_tiles_and_sliced_back(channels, lanes, padded):
     """1000 classes compute as 1024 zero-padded channels on AVX-512 (not 8-lane vectors); AVX2's 8
     and NEON's 4 lanes divide 1000 already; a multiple of the lanes (144 = 9 x 16), or a layer too
-    small to pay for the padding, is kept."""
+    small to pay for the padding, is kept; a small layer that no vector divides (a detector head's
+    85 = 5 + 80 classes) pads to one more vector."""
     model = make_model([conv_node("x", "w", "y", "b")], [("x", [1, 32, 5, 5])], [("y", [1, channels, 5, 5])],
                        {"w": np.ones((channels, 32, 1, 1)), "b": np.ones(channels)})
     mod = pad_output_channels(nhwc_layout(import_onnx(model)), lanes)

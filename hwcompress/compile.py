@@ -169,6 +169,12 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
         progress.at("measure")(f"latency {measured.latency.describe()}"
                                + (f"; max relative error {accuracy['max_relative_error']:.1e}"
                                   if accuracy["max_relative_error"] is not None else ""))
+        kernels, baseline = {}, None
+        if measured.outputs is not None and measurer.runs_here:
+            progress.at("measure")("timing each kernel, and ONNX Runtime on the same machine")
+            kernels = measurer.kernel_times(Job("kernels", artifact.library, feeds, artifact.input_names, model))
+            baseline = measurer.baseline(Job("baseline", artifact.library, feeds, artifact.input_names, original),
+                                         rounds=max(2, min(6, options.repeat // 5)))
         codes = attach_pow2_codes(model, tmp / ONNX_NAME)
         save_model(model, tmp / ONNX_NAME)
         files = {ONNX_NAME: "the optimized ONNX model", **artifact.files}
@@ -191,6 +197,8 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
                 "note": "QDQ Conv/MatMul run as int8 x int8 -> int32, then scaled per channel"},
             "build_seconds": artifact.build_seconds,
             "latency": measured.latency.to_dict(),
+            "baseline": baseline,
+            "kernels": _kernel_table(kernels),
             "accuracy": accuracy,
             "files": {name: {"bytes": (tmp / name).stat().st_size, "note": note} for name, note in files.items()},
         }
@@ -201,6 +209,12 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             report["search"] = search_info
         write_reports(report, tmp)
     return report
+
+
+def _kernel_table(kernels: dict[str, float]) -> list[dict[str, Any]]:
+    total = sum(kernels.values()) or 1.0
+    return [{"kernel": name, "ms": ms, "share": ms / total}
+            for name, ms in sorted(kernels.items(), key=lambda item: -item[1])]
 
 
 def _budget_failures(report: dict[str, Any], search: dict | None, options: SearchOptions) -> list[str]:

@@ -60,6 +60,15 @@ def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist
     md = (out / "report.md").read_text()
     assert "| local |" in md and "max abs error" in md
     assert "measuring" in stderr and "building for host" in stderr
+    # What a user would get instead, measured beside it, and where the time goes.
+    base = report["baseline"]
+    assert base["onnxruntime_ms"] > 0 and base["tvm_ms"] > 0 and base["threads"] == lat["threads"]
+    assert abs(base["tvm_over_onnxruntime"] - base["tvm_ms"] / base["onnxruntime_ms"]) < 0.5 * base["tvm_over_onnxruntime"]
+    kernels = report["kernels"]
+    assert kernels and any(k["kernel"].startswith("fused_conv2d") for k in kernels)
+    assert abs(sum(k["share"] for k in kernels) - 1) < 1e-6 and kernels[0]["ms"] >= kernels[-1]["ms"]
+    assert "TVM / ONNX Runtime =" in md and "## Time per kernel" in md
+    assert (out / "report.html").read_text().count("<img") == 1
 
 
 def test_compiled_mnist_keeps_its_accuracy_on_real_digits(host_mnist):

@@ -19,6 +19,7 @@ from hwcompress.data.calibration import Calibration  # noqa: E402
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
 from hwcompress.model.fileio import save_model  # noqa: E402
 from hwcompress.backend.runtime import load_local  # noqa: E402
+from hwcompress.measure.local import alternating_latency_ms, median_call_ms  # noqa: E402,F401
 from hwcompress.model.loading import load_model  # noqa: E402
 from hwcompress.passes import canonicalize_reshape, eliminate_identity  # noqa: E402
 
@@ -65,40 +66,6 @@ def bench_parser(doc: str):
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--no-latency", action="store_true")
     return parser
-
-
-def alternating_latency_ms(runners: dict, rounds: int = 10, repeat: int = 10,
-                           pause_s: float = 0.4) -> dict[str, list[float]]:
-    """Per round, the median ms per call of each runner, timed in alternating rounds by the same
-    Python loop (A, B, A, B, ...).
-
-    A shared machine's speed drifts by tens of percent within a minute; timing A then B puts that
-    drift into the ratio, while the ratio of neighbouring rounds cancels it. The pause before each
-    round lets the other runtime's worker threads stop spinning: after its last run TVM's keep a
-    core busy for about 0.18 s here, ONNX Runtime's for 0.05 s (process CPU time while sleeping);
-    with a shorter pause ORT read up to 1.7x slower."""
-    import time
-
-    medians: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            time.sleep(pause_s)
-            medians[name].append(median_call_ms(run, repeat, warmup=3))
-    return medians
-
-
-def median_call_ms(run, repeat: int, warmup: int) -> float:
-    """Median milliseconds of ``run()`` over ``repeat`` calls after ``warmup`` untimed ones."""
-    import time
-
-    for _ in range(warmup):
-        run()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e3)
 
 
 def ort_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, repeat: int = 50) -> float:

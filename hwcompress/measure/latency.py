@@ -119,6 +119,10 @@ class Measurer:
         """Milliseconds per fused kernel where the artifact runs here (see ``local.kernel_times``); else empty."""
         return {}
 
+    def baseline(self, job: Job, rounds: int) -> dict | None:
+        """ONNX Runtime on ``job.model`` beside the library, where both run here; else None."""
+        return None
+
     def measure_all(self, jobs: list[Job], cache: MeasurementCache, progress: Progress = SILENT) -> dict[str, Latency]:
         results = {}
         for job in jobs:

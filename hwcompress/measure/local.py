@@ -45,6 +45,9 @@ class LocalMeasurer(Measurer):
     def kernel_times(self, job: Job) -> dict[str, float]:
         return kernel_times(job.library, job.feeds, job.input_names)
 
+    def baseline(self, job: Job, rounds: int) -> dict:
+        return onnxruntime_baseline(job, self.threads, rounds)
+
 
 class _tvm_threads:
     """Pin TVM's thread pool size for a measurement (TVM_NUM_THREADS is read when the pool starts)."""
@@ -88,3 +91,51 @@ def kernel_times(library: Path, feeds: dict[str, np.ndarray], input_names: list[
     for _ in range(runs):
         vm["main"](*args)
     return {name: float(np.median(v)) * (len(v) // runs or 1) for name, v in samples.items()}
+
+
+def alternating_latency_ms(runners: dict, rounds: int = 10, repeat: int = 10,
+                           pause_s: float = 0.4) -> dict[str, list[float]]:
+    """Per round, the median ms per call of each runner, timed in alternating rounds by the same
+    Python loop (A, B, A, B, ...).
+
+    A shared machine's speed drifts by tens of percent within a minute; timing A then B puts that
+    drift into the ratio, while the ratio of neighbouring rounds cancels it. The pause before each
+    round lets the other runtime's worker threads stop spinning: after its last run TVM's keep a
+    core busy for about 0.18 s, ONNX Runtime's for 0.05 s; with a shorter pause ORT read up to 1.7x
+    slower."""
+    medians: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            time.sleep(pause_s)
+            medians[name].append(median_call_ms(run, repeat, warmup=3))
+    return medians
+
+
+def median_call_ms(run, repeat: int, warmup: int) -> float:
+    """Median milliseconds of ``run()`` over ``repeat`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e3)
+
+
+def onnxruntime_baseline(job: Job, threads: int, rounds: int) -> dict:
+    """ONNX Runtime (CPU, fp32 or the model's own QDQ) on the same model, inputs and thread count,
+    timed in alternating rounds with the compiled library: what a user would get instead."""
+    from ..model import reference
+
+    session = reference.session(job.model, threads=threads)
+    with _tvm_threads(threads):
+        vm, _, args = load_local(job.library, job.feeds, job.input_names)
+        main = vm["main"]
+        medians = alternating_latency_ms({"onnxruntime": lambda: session.run(None, job.feeds),
+                                          "tvm": lambda: main(*args)}, rounds=rounds, repeat=10, pause_s=0.2)
+    ratios = [t / o for t, o in zip(medians["tvm"], medians["onnxruntime"])]
+    return {"onnxruntime_ms": float(np.median(medians["onnxruntime"])), "tvm_ms": float(np.median(medians["tvm"])),
+            "tvm_over_onnxruntime": float(np.median(ratios)), "rounds": rounds, "threads": threads,
+            "how": "same machine, inputs and threads; alternating rounds of 10 calls each, median of the rounds' "
+                   "ratios (ONNX Runtime's own graph optimizations on)"}

@@ -84,6 +84,21 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- |",
                   f"| {lat['method']} | {lat['device']} | {lat['threads']} | {_ms(lat['median_ms'])} | "
                   f"{_ms(lat['p90_ms'])} | {_ms(lat['min_ms'])} | {lat['repeat']} x {lat['number']} |"]
+    base = report.get("baseline")
+    if base:
+        lines += ["", f"ONNX Runtime on the same machine, inputs and {base['threads']} thread(s): "
+                      f"**{base['onnxruntime_ms']:.3f} ms**, TVM {base['tvm_ms']:.3f} ms: **TVM / ONNX Runtime = "
+                      f"{base['tvm_over_onnxruntime']:.2f}** (median of {base['rounds']} alternating rounds)."]
+    kernels = report.get("kernels") or []
+    if kernels:
+        lines += ["", "## Time per kernel", "",
+                  "Each fused TVM kernel timed alone in the running model (the VM's instrument hook: figures include "
+                  "a return to Python between kernels, so they add up to more than the latency; compare them "
+                  "with each other).", "", "| kernel | ms | share |", "| --- | --- | --- |"]
+        lines += [f"| `{k['kernel']}` | {k['ms']:.3f} | {k['share']:.0%} |" for k in kernels[:20]]
+        if len(kernels) > 20:
+            lines.append(f"| ({len(kernels) - 20} more) | {sum(k['ms'] for k in kernels[20:]):.3f} | "
+                         f"{sum(k['share'] for k in kernels[20:]):.0%} |")
     lines += ["", "## Accuracy", ""]
     if acc["max_abs_error"] is None:
         lines.append(f"**not checked**: {acc['reason']}")
@@ -129,8 +144,17 @@ def render_html(report: dict[str, Any]) -> str:
     lat = report["latency"]
     figure = ("not measured: " + str(lat["reason"])) if lat["median_ms"] is None else (
         f"{lat['median_ms']:.3f} ms ({lat['method']}{', ' + lat['device'] if lat.get('device') else ''})")
-    sections = [("Result", html.table(["model", "target", "latency", "max rel. error vs ONNX Runtime"], [[
-        report["model"]["path"], report["target"]["name"], figure, report["accuracy"]["max_relative_error"]]]))]
+    base = report.get("baseline") or {}
+    sections = [("Result", html.table(
+        ["model", "target", "latency", "ONNX Runtime here", "TVM / ONNX Runtime", "max rel. error vs ONNX Runtime"],
+        [[report["model"]["path"], report["target"]["name"], figure,
+          f"{base['onnxruntime_ms']:.3f} ms" if base else "n/a",
+          f"{base['tvm_over_onnxruntime']:.2f}" if base else "n/a", report["accuracy"]["max_relative_error"]]]))]
+    kernels = report.get("kernels") or []
+    if kernels:
+        sections.append(("Time per kernel", html.bar_plot({k["kernel"]: k["ms"] for k in kernels},
+                                                          "fused TVM kernels, timed in the running model",
+                                                          "ms per run (instrumented)")))
     search = report.get("search")
     if search:
         trials = search["trials"]

@@ -34,6 +34,17 @@ def kernel_plot(before: dict[str, float], after: dict[str, float], title: str) -
     return _png(figure)
 
 
+def bar_plot(values: dict[str, float], title: str, unit: str) -> str:
+    names = sorted(values, key=lambda n: -values[n])[:25]
+    figure, axis = plt.subplots(figsize=(9, 0.3 * len(names) + 1.2))
+    axis.barh(range(len(names)), [values[n] for n in names])
+    axis.set_yticks(list(range(len(names))), names, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel(unit)
+    axis.set_title(title)
+    return _png(figure)
+
+
 def pareto_plot(trials: list[dict[str, Any]], pareto: list[dict[str, Any]], metric: str, method: str) -> str:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     points = [t for t in trials if t["latency_ms"] is not None]

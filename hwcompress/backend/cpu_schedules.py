@@ -277,13 +277,18 @@ def schedule_convolutions(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Every fused function of ``mod`` with a dense or depthwise float NHWC conv, register-blocked
     for ``target``."""
     unit = VectorUnit.of(target)
+    return schedule_unscheduled(mod, lambda func: schedule_conv2d_nhwc(func, unit))
+
+
+def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
+    """``mod`` with every PrimFunc that has no schedule yet replaced by ``schedule(func)``, where
+    that gives one (None: left as it is)."""
     updates = {}
     for gvar, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
-            continue
-        scheduled = schedule_conv2d_nhwc(func, unit)
-        if scheduled is not None:
-            updates[gvar] = scheduled
+        if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
+            scheduled = schedule(func)
+            if scheduled is not None:
+                updates[gvar] = scheduled
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod

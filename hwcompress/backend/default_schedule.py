@@ -13,20 +13,12 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.dlight import normalize_prim_func, try_inline
 from tvm.s_tir.schedule import ScheduleError
 
-from .cpu_schedules import is_scheduled
+from .cpu_schedules import schedule_unscheduled
 
 
 def schedule_untuned(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     """Every PrimFunc of ``mod`` without a schedule, given the default one."""
-    updates = {}
-    for gvar, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
-            scheduled = default_schedule(func, lanes)
-            if scheduled is not None:
-                updates[gvar] = scheduled
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return schedule_unscheduled(mod, lambda func: default_schedule(func, lanes))
 
 
 def default_schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:

@@ -174,7 +174,7 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             progress.at("measure")("timing each kernel, and ONNX Runtime on the same machine")
             kernels = measurer.kernel_times(Job("kernels", artifact.library, feeds, artifact.input_names, model))
             baseline = measurer.baseline(Job("baseline", artifact.library, feeds, artifact.input_names, original),
-                                         rounds=max(2, min(6, options.repeat // 5)))
+                                         rounds=max(2, min(5, options.repeat // 6)))
         codes = attach_pow2_codes(model, tmp / ONNX_NAME)
         save_model(model, tmp / ONNX_NAME)
         files = {ONNX_NAME: "the optimized ONNX model", **artifact.files}

@@ -158,7 +158,8 @@ def test_search_keeps_only_measured_gains_within_budget(tmp_path, mnist_files):
     # The final artifact is the chosen model, measured again.
     assert report["latency"]["median_ms"] > 0 and search["pareto"]
     html = (out / "report.html").read_text()
-    assert html.count("<img") == 2 and "Pareto" in html
+    # Plots: time per kernel of the artifact, the Pareto front, per-layer latency baseline vs chosen.
+    assert html.count("<img") == 3 and "Pareto" in html and "Time per kernel" in html
     assert "## Search" in (out / "report.md").read_text()
     rejected_as_slower = [t for t in trials if "is not 2% below" in t["reason"]]
     assert all(not t["chosen"] for t in rejected_as_slower)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,8 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
     with atomic_dir(out_dir) as tmp:
         artifact = build_model(model, target, options, tmp, LIBRARY_NAME, progress.at("build"))
         progress.at("measure")(f"measuring {measurer.description()}")
-        measured = measurer.measure(Job("model", artifact.library, feeds, artifact.input_names, model))
+        job = Job("model", artifact.library, feeds, artifact.input_names, model)
+        measured = measurer.measure(job)
         if measured.outputs is None:
             accuracy = {"max_abs_error": None, "max_relative_error": None, "tolerance": options.tolerance,
                         "reason": measured.reason}
@@ -172,9 +173,8 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
         kernels, baseline = {}, None
         if measured.outputs is not None and measurer.runs_here:
             progress.at("measure")("timing each kernel, and ONNX Runtime on the same machine")
-            kernels = measurer.kernel_times(Job("kernels", artifact.library, feeds, artifact.input_names, model))
-            baseline = measurer.baseline(Job("baseline", artifact.library, feeds, artifact.input_names, original),
-                                         rounds=max(2, min(5, options.repeat // 6)))
+            kernels = measurer.kernel_times(job)
+            baseline = measurer.baseline(replace(job, model=original), rounds=max(2, min(5, options.repeat // 6)))
         codes = attach_pow2_codes(model, tmp / ONNX_NAME)
         save_model(model, tmp / ONNX_NAME)
         files = {ONNX_NAME: "the optimized ONNX model", **artifact.files}

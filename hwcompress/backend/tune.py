@@ -92,8 +92,7 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     if "num-cores" not in target.tvm_target_dict():
         raise HwcError(f"target {target.name} cannot be tuned: its TVM target has no num-cores "
                        f"(add num-cores: auto to {target.source})")
-    db_dir.mkdir(parents=True, exist_ok=True)
-    repair(db_dir, progress.warn)
+    db_dir.mkdir(parents=True, exist_ok=True)  # build_model has repaired the database already
     start = time.monotonic()
     tasks, known, tunable = _tasks(kernels, target, db_dir)
     if not tunable or trials <= 0:

@@ -54,9 +54,23 @@ class Knobs:
         return f.default if f.default is not MISSING else f.default_factory()
 
 
+class StructuralRecipe(Knobs):
+    """A family whose search values (``values``: ratios, energies) are each a whole-model candidate
+    where the profile does not decide per layer."""
+
+    values: ClassVar[str]
+
+    def whole_model(self, target: Target, calibration: Calibration | None) -> list[tuple[str, Any]]:
+        if not self.enabled or self.per_layer:
+            return []
+        return [(f"{self.family} {v:g}", lambda m, v=v: self.apply(m, v, target, calibration))
+                for v in getattr(self, self.values)]
+
+
 @dataclass(frozen=True)
-class PruneRecipe(Knobs):
+class PruneRecipe(StructuralRecipe):
     family: ClassVar[str] = "prune"
+    values: ClassVar[str] = "ratios"
     enabled: bool = knob(False, _BOOL, "a candidate in the search")
     per_layer: bool = knob(False, _BOOL, "steps per group of coupled layers, priced by the latency table "
                                         "(NetAdapt); off: one global ratio per candidate")
@@ -71,15 +85,11 @@ class PruneRecipe(Knobs):
         return prune_model(model, ratio, target.channel_multiple, self.importance, layer_ratios,
                            calibration=calibration, reconstruct=self.reconstruct and calibration is not None)[0]
 
-    def whole_model(self, target: Target, calibration: Calibration | None) -> list[tuple[str, Any]]:
-        if not self.enabled or self.per_layer:
-            return []
-        return [(f"prune {r:g}", lambda m, r=r: self.apply(m, r, target, calibration)) for r in self.ratios]
-
 
 @dataclass(frozen=True)
-class LowrankRecipe(Knobs):
+class LowrankRecipe(StructuralRecipe):
     family: ClassVar[str] = "lowrank"
+    values: ClassVar[str] = "energies"
     enabled: bool = knob(False, _BOOL, "a candidate in the search")
     per_layer: bool = knob(False, _BOOL, "one layer at a time, priced by the latency table; off: whole model")
     energies: tuple[float, ...] = knob((0.95,), _array(_ENERGY), "singular-value energy kept, each a candidate")
@@ -93,11 +103,6 @@ class LowrankRecipe(Knobs):
 
         return lowrank_model(model, energy, methods=self.methods, multiple=target.rank_multiple,
                              calibration=calibration if self.data_aware else None, layers=layers)[0]
-
-    def whole_model(self, target: Target, calibration: Calibration | None) -> list[tuple[str, Any]]:
-        if not self.enabled or self.per_layer:
-            return []
-        return [(f"lowrank {e:g}", lambda m, e=e: self.apply(m, e, target, calibration)) for e in self.energies]
 
 
 @dataclass(frozen=True)

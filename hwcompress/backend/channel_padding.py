@@ -20,10 +20,11 @@ from tvm import relax
 # the model's time).
 MIN_VECTORS = 8
 MAX_SMALL_WASTE = 0.25
+INT8_MIN_LANES = 8
 
 
 def pad_output_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    """Every dense float NHWC/HWIO conv with constant weights whose output channels are not a
+    """Every dense float or int8 NHWC/HWIO conv with constant weights whose output channels are not a
     multiple of ``lanes`` computes zero-padded channels (up to a multiple of two vectors, the
     register tile's best width, for wide layers; of one vector for narrow ones where that wastes
     little) and slices them off. Multiples of ``lanes`` (144 on 16 lanes) are tiled as they are."""
@@ -50,17 +51,23 @@ class _PadOutChannels(relax.PyExprMutator):
                 or call.attrs.out_layout != "NHWC":
             return call
         weight = self._constant(call.args[1])
-        if weight is None or weight.dtype != np.float32:  # int8 convs are not register-blocked
+        if weight is None or weight.dtype not in (np.float32, np.int8):
             return call
         channels = weight.shape[3]
         if channels % self.lanes == 0:
             return call
-        if channels >= MIN_VECTORS * self.lanes:
+        if weight.dtype == np.int8 and channels < MIN_VECTORS * self.lanes:
+            # The int8 kernel has 16- and 8-lane forms and nothing narrower: any other count (a
+            # classifier's 10 classes) would run as a scalar loop.
+            extra = -channels % INT8_MIN_LANES
+        elif channels >= MIN_VECTORS * self.lanes:
             extra = -channels % (2 * self.lanes)
         elif channels % 4 and -channels % self.lanes <= channels * MAX_SMALL_WASTE:
             # No vector of 4 or more lanes divides it (a detector head's 85 channels): 96, 13% more work.
             extra = -channels % self.lanes
         else:
+            return call
+        if not extra:
             return call
         padded = np.pad(weight, [(0, 0)] * 3 + [(0, extra)])
         conv = self.builder_.emit(relax.Call(call.op, [call.args[0], relax.const(padded)], call.attrs))

@@ -40,13 +40,8 @@ class VectorUnit:
 
     @staticmethod
     def of(target) -> "VectorUnit":
-        from tvm.target.codegen import target_has_features
-
         def has(feature: str) -> bool:
-            try:
-                return bool(target_has_features(feature, target))
-            except Exception:  # a feature name this LLVM does not know
-                return False
+            return has_feature(feature, target)
 
         if has("avx512f"):
             return VectorUnit(16, 32)
@@ -55,6 +50,16 @@ class VectorUnit:
         if has("neon") or "aarch64" in str(target.attrs.get("mtriple", "")):
             return VectorUnit(4, 32)
         return VectorUnit(4, 16)
+
+
+def has_feature(feature: str, target) -> bool:
+    """Whether LLVM's ``target`` has an ISA feature (``avx512f``, ``avx512vnni``, ...)."""
+    from tvm.target.codegen import target_has_features
+
+    try:
+        return bool(target_has_features(feature, target))
+    except Exception:  # a feature name this LLVM does not know
+        return False
 
 
 @dataclass(frozen=True)
@@ -132,12 +137,13 @@ def _is_float_hwio(sch: Schedule, conv) -> bool:
         return False
     data, weight = (region.source for region in block.reads)  # buffers
     out = block.writes[0].source
-    if not all(b.dtype == "float32" for b in (data, weight, out)) or len(weight.shape) != 4:
+    if not all(b.dtype == "float32" for b in (weight, out)) or len(weight.shape) != 4:
         return False
     in_channels, out_channels = int(data.shape[3]), int(out.shape[3])
     per_group = int(weight.shape[2])
-    dense = per_group == in_channels
-    depthwise = per_group == 1 and in_channels == out_channels
+    dense = per_group == in_channels and data.dtype == "float32"
+    # An int8 model's depthwise conv reads its 8-bit input lanes and converts them (int8_lowering).
+    depthwise = per_group == 1 and in_channels == out_channels and data.dtype in ("float32", "uint8", "int8")
     return int(weight.shape[3]) == out_channels and (dense or depthwise)
 
 
@@ -216,9 +222,24 @@ def _fused_epilogue(sch: Schedule, conv):
         raise _NotApplicable("the epilogue writes more than the conv's output")
     for block in after[:-1]:
         sch.compute_inline(block)
+    if after:
+        _inline_side_inputs(sch, conv, after[-1])
     if after and sch.get_consumers(conv) and [sch.get(b) for b in sch.get_consumers(conv)] != [sch.get(after[-1])]:
         raise _NotApplicable("the conv output is read by more than its epilogue")
     return after[-1] if after else None
+
+
+def _inline_side_inputs(sch: Schedule, conv, epilogue) -> None:
+    """Elementwise blocks that feed the epilogue from elsewhere (an int8 residual's dequantize:
+    cast, subtract the zero point, scale) inlined into it: TVM inlines an epilogue into the
+    conv's register tile only when it reads no intermediate buffer of the same function."""
+    keep = {conv, epilogue, *sch.get_producers(conv)}
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if not any(sch.get(block).same_as(sch.get(k)) for k in keep):
+            try:
+                sch.compute_inline(block)
+            except ScheduleError as exc:
+                raise _NotApplicable("a side input of the epilogue is not elementwise") from exc
 
 
 def _blocks_after(sch: Schedule, conv) -> list:
@@ -274,10 +295,21 @@ def is_scheduled(func) -> bool:
 
 
 def schedule_convolutions(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Every fused function of ``mod`` with a dense or depthwise float NHWC conv, register-blocked
-    for ``target``."""
+    """Every fused function of ``mod`` with a dense or depthwise float NHWC conv, or a dense int8
+    one where the CPU has an integer dot product, register-blocked for ``target``."""
+    from .int8_conv_schedule import dot_product_intrinsics, schedule_int8_conv2d_nhwc
+
     unit = VectorUnit.of(target)
-    return schedule_unscheduled(mod, lambda func: schedule_conv2d_nhwc(func, unit))
+    intrinsics = dot_product_intrinsics(target)
+
+    def schedule(func):
+        if intrinsics:
+            scheduled = schedule_int8_conv2d_nhwc(func, intrinsics)
+            if scheduled is not None:
+                return scheduled
+        return schedule_conv2d_nhwc(func, unit)
+
+    return schedule_unscheduled(mod, schedule)
 
 
 def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
@@ -298,5 +330,7 @@ def nhwc_layout(mod: tvm.IRModule) -> tvm.IRModule:
     """Convolutions in NHWC with HWIO weights: channels innermost, where the vector lanes are.
     Transposed convolutions stay NCHW: TVM 0.27 can only lower those (in NHWC one reached the VM
     unlowered and the build failed)."""
-    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
-                                          "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]})(mod)
+    from .pad_layout import pads_after_transposes
+
+    return pads_after_transposes(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
+                                                                "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]})(mod))

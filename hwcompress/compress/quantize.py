@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from ..data.calibration import Calibration
+from ..errors import HwcError
 from ..model.graph import Graph
 from ..model.fileio import atomic_path
 from ..passes.quantize import pow2_layer_names, quantizable_layers, quantize, quantize_weight_pow2, weight_axis
@@ -25,6 +26,9 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
                    keep_fp32: tuple[str, ...] = (), pow2_layers: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize every layer but ``keep_fp32`` (e.g. those measured slower in int8), and, with
     ``min_sqnr_db``, those whose own quantization error is too large."""
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise HwcError("the model is already quantized (QuantizeLinear/DequantizeLinear or QOperator nodes); "
+                       "compile it as it is, or give hwc the fp32 model to quantize")
     fit, held_out, where = split_feeds(calibration)
     stats = calibrate(model, fit, method)
     knobs = dict(stats=stats, scheme=scheme, symmetric_activations=symmetric_activations,

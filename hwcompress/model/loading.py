@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from ..errors import HwcError, first_line
+from .qoperator import QOperatorError, qoperator_as_qdq, qoperator_ops
 
 CANONICAL_OPSET = 17
 ASSUMED_BATCH = "hwc.batch_1_assumed"  # inputs whose dynamic batch was set to 1 (the report says so)
@@ -46,6 +47,7 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
     model = _as_exported_plainly(model)
     model = _fix_input_shapes(model, input_shapes or {}, path)
     model = _convert_opset(model, path)
+    model = _qoperator_as_qdq(model, path)
     _check(model, path)
     if require_supported:
         check_supported_ops(model, path)
@@ -129,8 +131,9 @@ def check_supported_ops(model: onnx.ModelProto, path: Path) -> None:
     op = f"{first.domain}.{first.op_type}" if first.domain else first.op_type
     kinds = sorted({(f"{n.domain}." if n.domain else "") + n.op_type for n in bad})
     hint = ""
-    if any(k.split(".")[-1].startswith(("QLinear", "ConvInteger", "MatMulInteger")) for k in kinds):
-        hint = " (the model is already quantized in QOperator form; give hwc the fp32 model)"
+    if any(k.split(".")[-1].startswith(("QLinear", "QGemm", "ConvInteger")) for k in kinds):
+        hint = (" (hwc imports these already-quantized ops: " + ", ".join(qoperator_ops())
+                + "; for others give hwc the fp32 model)")
     raise HwcError(f"{path}: unsupported op {op} at node {first.name or '(unnamed)'}; "
                    f"{len(bad)} node(s) of {len(kinds)} unsupported kind(s): {', '.join(kinds)}{hint}")
 
@@ -209,6 +212,13 @@ def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     del model.graph.input[:]
     model.graph.input.extend(kept)
     return model
+
+
+def _qoperator_as_qdq(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    try:
+        return qoperator_as_qdq(model)
+    except QOperatorError as exc:
+        raise HwcError(f"{path}: {exc}") from exc
 
 
 def _check(model: onnx.ModelProto, path: Path) -> None:

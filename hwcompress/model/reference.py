@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -118,14 +119,39 @@ def run_with_intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
 
 
 QUANTIZED_RMS_TOLERANCE = 0.01
+NOISE_FLOOR_FACTOR = 2.0
 
 
-def check_outputs(model: onnx.ModelProto, reference: list[np.ndarray], outputs: list[np.ndarray],
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+@dataclass
+class Reference:
+    """ONNX Runtime's outputs for one input, and for a quantized model how far ORT's own fused int8
+    kernels land from the QDQ graph run as written (``noise_floor``, relative RMS): in a deep int8
+    network one value rounded to the neighbouring step flips more downstream, so two correct
+    implementations of the same QDQ graph differ at the output by far more than one step."""
+
+    outputs: list[np.ndarray]
+    noise_floor: float | None = None
+
+
+def reference_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Reference:
+    if not is_quantized(model):
+        return Reference(run(model, feeds))
+    exact = run(model, feeds, exact=True)
+    return Reference(exact, rms_error(exact, run(model, feeds)))
+
+
+def check_outputs(model: onnx.ModelProto, reference: Reference, outputs: list[np.ndarray],
                   tolerance: float) -> dict:
     """Compare a compiled artifact's outputs with ONNX Runtime's; raise (one line) above the tolerance.
 
-    A quantized (QDQ) model is held to its RMS error: the reference runs the QDQ graph as written
-    (ORT's fused int8 kernels saturate), and a tie may still round to another int8 step."""
+    A quantized (QDQ) model is held to its RMS error against the QDQ graph run as written, allowed
+    up to twice what ORT's own int8 kernels differ from it on the same input (``Reference``)."""
+    noise_floor = reference.noise_floor
+    reference = reference.outputs
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise HwcError(f"tolerance {tolerance}: must be a finite number >= 0")
     require_finite_reference(reference)
@@ -134,13 +160,16 @@ def check_outputs(model: onnx.ModelProto, reference: list[np.ndarray], outputs: 
     pairs = [_comparable(r, o) for r, o in zip(reference, outputs)]
     abs_error = (float("inf") if any(p is None for p in pairs)
                  else max((float(np.max(np.abs(r - o))) for r, o in pairs if r.size), default=0.0))
-    if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+    if noise_floor is not None:
         criterion, measured = "relative RMS error (quantized model)", typical
-        limit = max(tolerance, QUANTIZED_RMS_TOLERANCE)
+        limit = max(tolerance, QUANTIZED_RMS_TOLERANCE, NOISE_FLOOR_FACTOR * noise_floor)
     else:
         criterion, measured, limit = "max error relative to the output scale", error, tolerance
     if not measured <= limit:
         raise HwcError(f"the compiled model's outputs differ from ONNX Runtime's: {criterion} {measured:.2e} "
                        f"above the tolerance {limit:g}; nothing was written")
-    return {"max_abs_error": abs_error, "max_relative_error": error, "rms_relative_error": typical,
-            "criterion": criterion, "tolerance": limit}
+    found = {"max_abs_error": abs_error, "max_relative_error": error, "rms_relative_error": typical,
+             "criterion": criterion, "tolerance": limit}
+    if noise_floor is not None:
+        found["ort_int8_rms_relative_error"] = noise_floor
+    return found

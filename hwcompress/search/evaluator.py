@@ -48,11 +48,10 @@ class Evaluator:
         try:
             artifact = build_model(model, self.target, self.build, folder)
             feeds = reference.random_inputs(model, seed=0)
-            quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
             job = Job("candidate", artifact.library, feeds, artifact.input_names, model)
             measured = self.measurer.measure(job)
             if measured.outputs is not None:
-                reference.check_outputs(model, reference.run(model, feeds, exact=quantized), measured.outputs,
+                reference.check_outputs(model, reference.reference_outputs(model, feeds), measured.outputs,
                                         self.tolerance)
             outputs = self.measurer.run_many(job, self.inputs)
             predictions = (np.array([o[0].reshape(-1).argmax() for o in outputs]) if outputs is not None
@@ -72,6 +71,5 @@ class Evaluator:
         return float((predictions == truth).mean() * 100.0)
 
     def _predict_ort(self, model: onnx.ModelProto) -> np.ndarray:
-        quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
-        session = reference.session(model, exact=quantized)
+        session = reference.session(model, exact=reference.is_quantized(model))
         return np.array([session.run(None, feed)[0].reshape(-1).argmax() for feed in self.inputs])

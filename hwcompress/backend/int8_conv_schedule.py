@@ -1,0 +1,161 @@
+"""Register-blocked int8 NHWC convolution on the CPU's integer dot-product instruction.
+
+The int8 lowering turns a QDQ conv into ``conv2d(u8 activations, s8 weights) -> int32`` followed by
+its requantize epilogue (zero-point correction, per-channel scale, bias, ...). Untouched, TVM runs
+that as a scalar int32 loop nest (MobileNetV2 int8: 27x slower than ONNX Runtime's int8). Here it
+gets the structure of ``cpu_schedules``' float kernel with the FMA replaced by ``vpdpbusd``
+(AVX512-VNNI): one instruction multiplies 4 consecutive input channels of one pixel (u8, broadcast
+as one 32-bit word) by the matching 4 weights of each of 16 output channels (s8, one 64-byte
+vector) and adds the 4 products into 16 int32 accumulators. So an output tile of pixels x 16-lane
+channel vectors stays in registers while the reduction runs over kernel rows, columns and groups
+of 4 input channels; the weights are repacked at compile time to ``[O/tile][KH][KW][I/4][tile/16]
+[16][4]``, the layout the instruction reads; the epilogue is applied to the tile in registers.
+
+Applies to dense convs with u8 data, s8 weights, input channels a multiple of 4 and output
+channels a multiple of 16, on CPUs whose LLVM target has ``avx512vnni``; anything else is left
+to the generic path (and the search's measurement decides whether int8 pays there).
+"""
+
+
+import functools
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import ScheduleError
+
+from .cpu_schedules import (VectorUnit, _fused_epilogue, _NotApplicable, _schedule_input, _weights_outweigh_input,
+                            choose_tiles, has_feature)
+from .int8_lowering import DOT_GROUP as GROUP  # input channels one vpdpbusd lane sums
+
+
+def dot_product_intrinsics(target) -> dict[int, str]:
+    """The tensor intrinsics for the target's u8 x s8 -> s32 dot product by accumulator lanes
+    (16: zmm; 8: ymm, for output channel counts like 24), empty without one."""
+    if has_feature("avx512vnni", target):
+        return {lanes: _register_vnni(lanes) for lanes in (16, 8)}
+    return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _register_vnni(lanes: int) -> str:
+    """TVM's ``dot_16x4_vnni`` with the accumulators in a ``local`` buffer (the register tile), for
+    512-bit (16 lanes) or 256-bit (8 lanes) vectors."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+    from tvm.target.codegen import llvm_version_major
+
+    # LLVM 21 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>.
+    operand = f"int8x{4 * lanes}" if llvm_version_major() >= 21 else f"int32x{lanes}"
+    accumulators = f"int32x{lanes}"
+    u8, s8, s32, local = "uint8", "int8", "int32", "local"  # names, not literals, in the TVMScript signatures
+    instruction = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), u8, offset_factor=1), b: T.Buffer((lanes, 4), s8, offset_factor=1),
+             c: T.Buffer((lanes,), s32, offset_factor=1, scope=local)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), u8, offset_factor=1), b: T.Buffer((lanes, 4), s8, offset_factor=1),
+             c: T.Buffer((lanes,), s32, offset_factor=1, scope=local)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            word = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            weights = T.reinterpret(b.vload([0, 0], dtype=f"int8x{4 * lanes}"), dtype=operand)
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(instruction), c.vload([0], dtype=accumulators),
+                T.reinterpret(T.broadcast(word, lanes), dtype=operand), weights, dtype=accumulators)
+
+    name = f"hwc_vpdpbusd_{lanes}x4_local"
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def schedule_int8_conv2d_nhwc(func: tirx.PrimFunc, intrinsics: dict[int, str]) -> tirx.PrimFunc | None:
+    """``func`` with its int8 NHWC conv on the dot-product instruction, or None where it does not apply."""
+    sch = Schedule(func)
+    try:
+        conv = sch.get_sblock("conv2d_nhwc")
+    except Exception:  # no dense NHWC conv in this function
+        return None
+    if not _is_int8_hwio(sch, conv):
+        return None
+    out_shape = [int(x) for x in sch.get(conv).writes[0].source.shape]
+    tiles = choose_tiles(out_shape[2], out_shape[3], VectorUnit(max(intrinsics), 32))
+    if tiles is None or tiles.lanes not in intrinsics:
+        return None
+    try:
+        _schedule(sch, conv, tiles, intrinsics[tiles.lanes])
+    except (ScheduleError, _NotApplicable, tvm.error.InternalError):
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _is_int8_hwio(sch: Schedule, conv) -> bool:
+    block = sch.get(conv)
+    if len(block.iter_vars) != 7 or len(sch.get_loops(conv)) != 7 or len(block.reads) != 2:
+        return False
+    if [iv.iter_type for iv in block.iter_vars] != [0, 0, 0, 0, 2, 2, 2]:
+        return False
+    data, weight = (region.source for region in block.reads)
+    out = block.writes[0].source
+    if (data.dtype, weight.dtype, out.dtype) != ("uint8", "int8", "int32") or len(weight.shape) != 4:
+        return False
+    in_channels, out_channels = int(data.shape[3]), int(out.shape[3])
+    return (int(weight.shape[2]) == in_channels and int(weight.shape[3]) == out_channels
+            and in_channels % GROUP == 0)
+
+
+def _schedule(sch: Schedule, conv, tiles, intrinsic: str) -> None:
+    epilogue = _fused_epilogue(sch, conv)
+    lanes = tiles.lanes
+    _pack_weights(sch, conv, tiles.channels, lanes)
+    n, h, w, o, rh, rw, rc = sch.get_loops(conv)
+    w_outer, w_inner = sch.split(w, [None, tiles.width])
+    o_outer, o_vectors, o_lanes = sch.split(o, [None, tiles.vectors, lanes])
+    rc_outer, rc_inner = sch.split(rc, [None, GROUP])
+    parallel = [n, o_outer, h, w_outer] if _weights_outweigh_input(sch, conv) else [n, h, w_outer, o_outer]
+    sch.reorder(*parallel, rh, rw, rc_outer, w_inner, o_vectors, o_lanes, rc_inner)
+    store = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(store, parallel[-1])
+    if epilogue is not None:
+        sch.reverse_compute_inline(epilogue)
+    sch.parallel(sch.fuse(*parallel))
+    *_, store_w, store_o = sch.get_loops(store)
+    store_v, store_l = sch.split(store_o, [None, lanes])
+    sch.vectorize(store_l)
+    sch.unroll(store_v)
+    sch.unroll(store_w)
+    for producer in sch.get_producers(conv):  # the padding (with the input's zero point)
+        _schedule_input(sch, producer, lanes, depthwise=False)
+    init = sch.decompose_reduction(conv, rh)
+    *_, init_w, init_v, init_l = sch.get_loops(init)
+    sch.vectorize(init_l)
+    sch.unroll(init_v)
+    sch.unroll(init_w)
+    sch.tensorize(o_lanes, intrinsic)
+    sch.unroll(o_vectors)
+    sch.unroll(w_inner)
+
+
+def _pack_weights(sch: Schedule, conv, channels: int, lanes: int) -> None:
+    """HWIO weights to ``[O/tile][KH][KW][I/4][tile/lanes][lanes][4]``: each vpdpbusd reads one
+    contiguous row (16 or 8 output channels x 4 input channels), and a tile's filters are
+    contiguous; folded into the constant at compile time like the float kernel's repacking."""
+    packed = sch.cache_read(conv, 1, "global")
+    if channels == lanes:  # one vector per tile: no vector index (a constant 0 breaks the layout map)
+        layout = lambda kh, kw, i, o: (o // lanes, kh, kw, i // GROUP, o % lanes, i % GROUP)  # noqa: E731
+    else:
+        layout = lambda kh, kw, i, o: (o // channels, kh, kw, i // GROUP,  # noqa: E731
+                                       (o % channels) // lanes, o % lanes, i % GROUP)
+    sch.transform_layout(conv, ("read", 1), layout)
+    sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)

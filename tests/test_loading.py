@@ -65,11 +65,21 @@ def test_missing_file_is_refused(tmp_path):
         load_model(tmp_path / "absent.onnx")
 
 
-def test_unsupported_op_is_named_with_its_node():
+def test_unsupported_op_is_named_with_its_node(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("QLinearSoftmax", ["q", "s", "z", "s", "z"], ["y"], domain="com.microsoft",
+                          name="the_softmax")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 4])],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "m.onnx")
     with pytest.raises(HwcError) as info:
-        load_model(shared_model("mobilenetv2-12-int8"), {"input": [1, 3, 224, 224]})
+        load_model(tmp_path / "m.onnx")
     message = str(info.value)
-    assert "unsupported op QLinearConv at node" in message and "already quantized" in message
+    assert "unsupported op com.microsoft.QLinearSoftmax at node the_softmax" in message
+    assert "QLinearConv" in message  # the hint names the QOperator ops hwc does import
     assert "\n" not in message
 
 

@@ -193,8 +193,9 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             "passes": [l.to_dict() for l in logs],
             "tuning": artifact.tuning.__dict__ if artifact.tuning else None,
             "tuning_note": artifact.tuning_note,
-            "int8_lowering": None if artifact.int8_layers is None else {
-                "layers": artifact.int8_layers,
+            "int8_lowering": None if artifact.int8 is None else {
+                "layers": artifact.int8.lowered,
+                "kept_float": artifact.int8.kept_float,
                 "note": "QDQ Conv/MatMul run as int8 x int8 -> int32, then scaled per channel"},
             "build_seconds": artifact.build_seconds,
             "latency": measured.latency.to_dict(),

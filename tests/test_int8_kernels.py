@@ -64,7 +64,8 @@ def int8_net():
 def int8_build(int8_net, tmp_path_factory):
     quantized, _ = int8_net
     target = get_target("host")
-    mod, layers = lower_qdq(import_onnx(quantized))
+    mod, lowering = lower_qdq(import_onnx(quantized))
+    layers = lowering.lowered
     kernels = tvm_build.lower(mod, target)
     executable = tvm_build.build(kernels, target, None)
     path = tmp_path_factory.mktemp("int8") / "m.so"
@@ -203,3 +204,63 @@ def test_already_int8_model_compiles_and_picks_onnx_runtimes_classes(tmp_path):
         vm, _, args = load_local(tmp_path / "out" / "model.so", {"input": x}, ["input"])
         got = outputs_to_numpy(vm["main"](*args))[0]
         assert got.argmax() == session.run(None, {"input": x})[0].argmax()
+
+
+def _qdq_conv(weights: np.ndarray, zero: int, weight_type: int, activation_type: int = onnx.TensorProto.UINT8):
+    """One QDQ conv: per-channel weights of ``weight_type`` with zero point ``zero``."""
+    from onnx import TensorProto
+
+    act = helper.tensor_dtype_to_np_dtype(activation_type)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "xs"), numpy_helper.from_array(np.array(3, act), "xz"),
+             numpy_helper.from_array(np.full(8, 0.01, np.float32), "ws")]
+    if weight_type == TensorProto.INT4:
+        inits += [helper.make_tensor("W", TensorProto.INT4, weights.shape, weights.ravel().tolist()),
+                  helper.make_tensor("wz", TensorProto.INT4, [8], [zero] * 8)]
+    else:
+        dtype = helper.tensor_dtype_to_np_dtype(weight_type)
+        inits += [numpy_helper.from_array(weights.astype(dtype), "W"), numpy_helper.from_array(np.full(8, zero, dtype), "wz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["W", "ws", "wz"], ["Wd"], axis=0),
+             helper.make_node("Conv", ["xd", "Wd"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("case", ["uint8 weights around 128", "int8 weights, zero point 3", "int8 activations",
+                                  "zero point too far"])
+def test_weight_zero_points_are_folded_exactly_or_left_in_float_with_a_reason(tmp_path, case):
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(2)
+    weights = rng.integers(-100, 100, (8, 4, 3, 3))
+    model = {"uint8 weights around 128": lambda: _qdq_conv(weights + 128, 128, TensorProto.UINT8),
+             "int8 weights, zero point 3": lambda: _qdq_conv(weights, 3, TensorProto.INT8),
+             "int8 activations": lambda: _qdq_conv(weights, 0, TensorProto.INT8, TensorProto.INT8),
+             "zero point too far": lambda: _qdq_conv(weights, -100, TensorProto.INT8)}[case]()
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(tmp_path / "m.onnx")
+    mod, lowering = lower_qdq(import_onnx(loaded))
+    if case == "zero point too far":
+        assert not lowering.lowered and "do not fit int8" in lowering.kept_float[0]
+    else:
+        assert len(lowering.lowered) == 1 and not lowering.kept_float
+    target = get_target("host")
+    tvm_build.build(tvm_build.lower(mod, target), target, None).export_library(str(tmp_path / "m.so"))
+    feed = {"x": rng.normal(0, 2, (1, 4, 6, 6)).astype(np.float32)}
+    vm, _, args = load_local(tmp_path / "m.so", feed, ["x"])
+    want = ort.session(loaded, exact=True).run(None, feed)[0]
+    assert np.abs(outputs_to_numpy(vm["main"](*args))[0] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_four_bit_models_are_refused_in_one_line(tmp_path):
+    from onnx import TensorProto
+
+    from hwcompress.errors import HwcError
+
+    onnx.save(_qdq_conv(np.zeros((8, 4, 3, 3), np.int64), 0, TensorProto.INT4), tmp_path / "m.onnx")
+    with pytest.raises(HwcError, match="tensor 'W' is INT4; hwc compiles float and 8-bit integer models"):
+        load_model(tmp_path / "m.onnx")

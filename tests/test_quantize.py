@@ -207,7 +207,8 @@ def test_int8_lowering_is_integer_compute_equal_to_the_qdq_graph(tmp_path, rng):
     quantized, _ = quantize_model(model, Calibration(feeds, "synthetic"), "int8", "minmax", symmetric_activations=False)
     zero_points = [onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer if "zero" in t.name]
     assert any(np.any(z != 0) for z in zero_points if z.ndim == 0), "the test needs asymmetric activations"
-    mod, layers = lower_qdq(import_onnx(quantized))
+    mod, lowering = lower_qdq(import_onnx(quantized))
+    layers = lowering.lowered
     assert len(layers) == 3
     text = mod.script()
     assert text.count('out_dtype="int32"') == 3 and "R.dequantize" not in text  # no float weights left

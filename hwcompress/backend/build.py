@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -24,6 +25,9 @@ from .export import export
 from .importer import import_onnx
 from .tune import TuningResult, default_cache_dir, tune, tuning_db_dir
 from .tuning_db import repair
+
+if TYPE_CHECKING:  # the lowering imports TVM, which a build loads only when it runs
+    from .int8_lowering import Int8Lowering
 
 DEFAULT_TUNE_TRIALS = 500
 
@@ -52,7 +56,7 @@ class Artifact:
     build_seconds: float
     tuning: TuningResult | None = None
     tuning_note: str | None = None
-    int8_layers: list[str] | None = None
+    int8: Int8Lowering | None = None
 
 
 def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, directory: Path,
@@ -64,12 +68,13 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
         raise HwcError("--tune-trials must be 0 or more")
     progress("importing into TVM Relax")
     mod = import_onnx(model)
-    int8_layers = None
+    int8 = None
     if options.int8_compute and any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         from .int8_lowering import lower_qdq
 
-        mod, int8_layers = lower_qdq(mod)
-        progress(f"int8 lowering: {len(int8_layers)} QDQ layer(s) run as int8 x int8 -> int32")
+        mod, int8 = lower_qdq(mod)
+        progress(f"int8 lowering: {len(int8.lowered)} QDQ layer(s) run as int8 x int8 -> int32"
+                 + (f", {len(int8.kept_float)} kept in float" if int8.kept_float else ""))
     progress(f"lowering for {target.name}")
     kernels = lower(mod, target)
     db_dir, tuning, note = _tune_where_possible(kernels, target, options, progress)
@@ -81,7 +86,7 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
     Path(directory).mkdir(parents=True, exist_ok=True)
     files = export(executable, target, Path(directory), name)
     return Artifact(target, model, Path(directory) / name, files, [v.name for v in model.graph.input], seconds,
-                    tuning, note, int8_layers)
+                    tuning, note, int8)
 
 
 def _tune_where_possible(kernels, target: Target, options: BuildOptions, progress: Progress):

@@ -18,6 +18,8 @@ faster than fp32 depends on the CPU's integer dot-product support; the search me
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -35,11 +37,29 @@ def _constant(expr) -> np.ndarray | None:
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
+def _as_zero_point_free_int8(weight: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray | None:
+    """``weight - zero`` as int8 where it fits (uint8 weights around 128, int8 ones with a small
+    zero point: exact), else None."""
+    if weight.dtype not in (np.int8, np.uint8):
+        return None
+    if not np.any(zero):
+        return weight.astype(np.int8) if weight.dtype == np.int8 else (weight if weight.max() < 128 else None)
+    if zero.size > 1:
+        shape = [1] * weight.ndim
+        shape[axis] = zero.size
+        zero = zero.reshape(shape)
+    shifted = weight.astype(np.int16) - zero.astype(np.int16)
+    if shifted.min() < -128 or shifted.max() > 127:
+        return None
+    return shifted.astype(np.int8)
+
+
 @mutator
 class _LowerQDQ(PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.lowered: list[str] = []
+        self.kept_float: list[str] = []
 
     def _dequantized(self, expr):
         """(q, scale, zero) if ``expr`` is bound to a dequantize call, else None."""
@@ -59,14 +79,30 @@ class _LowerQDQ(PyExprMutator):
         w_q, s_w, z_w, w_axis = weight
         values = [_constant(e) for e in (s_x, z_x, s_w, z_w)]
         w_int = _constant(w_q)
-        if any(v is None for v in values) or w_int is None or w_int.dtype != np.int8:
-            return call
+        kind = "conv2d" if call.op == _CONV else "matmul"
+        if any(v is None for v in values) or w_int is None:
+            return self._kept(call, kind, "its weights or quantization parameters are not constant")
         s_x, z_x, s_w, z_w = values
-        if s_x.size != 1 or z_x.size != 1 or np.any(z_w != 0) or z_x.dtype not in (np.int8, np.uint8):
-            return call
+        if s_x.size != 1 or z_x.size != 1 or z_x.dtype not in (np.int8, np.uint8):
+            return self._kept(call, f"{kind} {w_int.shape}", "its input is not per-tensor 8-bit")
+        w_int = _as_zero_point_free_int8(w_int, z_w, w_axis)
+        if w_int is None:
+            return self._kept(call, f"{kind} {_constant(w_q).shape}",
+                              "its weights minus their zero point do not fit int8")
+        w_q = relax.const(w_int)
+        z_x = int(z_x.reshape(()))
+        if x_q.ty.dtype == "int8":
+            # The dot product multiplies unsigned by signed bytes: x + 128 as uint8 (a bit flip,
+            # fused into the producer's epilogue) with the zero point moved by the same 128.
+            x_q = relax.op.astype(relax.op.add(relax.op.astype(x_q, "int16"), relax.const(np.int16(128))), "uint8")
+            z_x += 128
         if call.op == _CONV:
-            return self._conv(call, x_q, float(s_x.reshape(())), int(z_x.reshape(())), w_q, w_int, s_w, w_axis)
-        return self._matmul(call, x_q, float(s_x.reshape(())), int(z_x.reshape(())), w_q, w_int, s_w, w_axis)
+            return self._conv(call, x_q, float(s_x.reshape(())), z_x, w_q, w_int, s_w, w_axis)
+        return self._matmul(call, x_q, float(s_x.reshape(())), z_x, w_q, w_int, s_w, w_axis)
+
+    def _kept(self, call, what: str, why: str):
+        self.kept_float.append(f"{what}: {why}; runs in float")
+        return call
 
     def _conv(self, call, x_q, s_x, z_x, w_q, w_int, s_w, w_axis):
         attrs = call.attrs
@@ -179,9 +215,17 @@ class _ElementwiseQDQ(PyExprMutator):
         return relax.op.astype(relax.op.astype(clipped, "int32"), out_dtype)
 
 
-def lower_qdq(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[str]]:
+@dataclass
+class Int8Lowering:
+    """What the lowering did: the layers now integer compute, and those left in float and why."""
+
+    lowered: list[str]
+    kept_float: list[str]
+
+
+def lower_qdq(mod: tvm.IRModule) -> tuple[tvm.IRModule, Int8Lowering]:
     """``mod`` with every matching QDQ Conv/MatMul as int8 x int8 -> int32 compute, and the
-    remaining per-tensor quantize/dequantize as elementwise ops; the layers lowered."""
+    remaining per-tensor quantize/dequantize as elementwise ops."""
     lowering = _LowerQDQ(mod)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -191,4 +235,4 @@ def lower_qdq(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[str]]:
         if isinstance(func, relax.Function):
             mod[gvar] = elementwise.visit_expr(func)
     mod = relax.transform.DeadCodeElimination()(mod)
-    return mod, lowering.lowered
+    return mod, Int8Lowering(lowering.lowered, lowering.kept_float)

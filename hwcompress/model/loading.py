@@ -46,6 +46,7 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
     model = read_model(path)
     model = _as_exported_plainly(model)
     model = _fix_input_shapes(model, input_shapes or {}, path)
+    _check_element_types(model, path)
     model = _convert_opset(model, path)
     model = _qoperator_as_qdq(model, path)
     _check(model, path)
@@ -193,6 +194,23 @@ def _fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], path
         raise HwcError(f"{path}: input {name!r} has a dynamic shape {dims}; "
                        f"give it a static one with --input-shape {name}={example}")
     return model
+
+
+_NARROW_TYPES = {onnx.TensorProto.INT4: "INT4", onnx.TensorProto.UINT4: "UINT4",
+                 onnx.TensorProto.FLOAT8E4M3FN: "FLOAT8E4M3FN", onnx.TensorProto.FLOAT8E4M3FNUZ: "FLOAT8E4M3FNUZ",
+                 onnx.TensorProto.FLOAT8E5M2: "FLOAT8E5M2", onnx.TensorProto.FLOAT8E5M2FNUZ: "FLOAT8E5M2FNUZ"}
+
+
+def _check_element_types(model: onnx.ModelProto, path: Path) -> None:
+    """4-bit and 8-bit float tensors, named, before the opset converter fails on them obscurely."""
+    graph = model.graph
+    types = [(t.name, t.data_type) for t in graph.initializer]
+    types += [(v.name, v.type.tensor_type.elem_type) for v in [*graph.input, *graph.output, *graph.value_info]]
+    types += [(n.output[0], a.t.data_type) for n in graph.node for a in n.attribute if a.HasField("t")]
+    for name, elem in types:
+        if elem in _NARROW_TYPES:
+            raise HwcError(f"{path}: tensor {name!r} is {_NARROW_TYPES[elem]}; hwc compiles float and 8-bit integer "
+                           f"models (quantize the fp32 model with hwc quantize, or give it int8 QDQ)")
 
 
 def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

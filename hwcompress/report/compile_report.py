@@ -117,6 +117,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if lowering is not None:
         lines += ["", "## int8", "", f"{len(lowering['layers'])} layer(s) lowered to integer compute "
                   f"({lowering['note']}): {', '.join(lowering['layers']) or 'none matched'}."]
+        if lowering.get("kept_float"):
+            lines += ["", "Kept in float (dequantized weights, measured as they are):", ""]
+            lines += [f"- {why}" for why in lowering["kept_float"]]
     search = report.get("search")
     if search:
         lines += ["", "## Search", "",

@@ -131,7 +131,7 @@ def test_unknown_target_and_failed_check_write_nothing(tmp_path):
     assert not any(tmp_path.glob("[xy]*")), "a failed compile leaves no output behind"
 
 
-def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng):
+def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng, monkeypatch):
     """Tune a two-kernel model a little; the second compile finds every kernel in the database."""
     inits = {"w": rng.normal(0, 0.2, (16, 8, 3, 3)), "b": rng.normal(0, 0.1, 16),
              "fw": rng.normal(0, 0.2, (10, 16)), "fb": np.zeros(10)}
@@ -142,11 +142,18 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng):
     onnx.save_model(make_model(nodes, [("x", [1, 8, 16, 16])], [("y", [1, 10])], inits), str(path))
     options = CompileOptions(tune_trials=16, cache_dir=tmp_path / "cache", repeat=5)
     events = []
+    from hwcompress.backend import tune
+
+    monkeypatch.setattr(tune._Heartbeat, "EVERY_S", 0.5)  # a silent MetaSchedule still prints a line
     first = compile_model(path, tmp_path / "a", options, Progress(events.append))
     assert first["tuning"]["trials_run"] > 0 and first["tuning"]["records_reused"] == 0
-    # Tuning reports structured, counted events (the CLI draws them as a bar) up to the trials it ran.
+    # Tuning reports structured, counted events (the CLI draws them as a bar) up to the trials it ran,
+    # each with the kernels finished and the best time of the kernel just measured.
     counted = [e for e in events if e.stage == "tune" and e.counted]
     assert counted and counted[-1].done == first["tuning"]["trials_run"] <= counted[-1].total
+    assert any("kernels done;" in e.message and ("best" in e.message or "no valid" in e.message) for e in counted)
+    beats = [e for e in events if e.stage == "tune" and e.message.startswith("tuning: searching")]
+    assert beats and all(e.message.endswith(" s)") for e in beats)
     assert {"load", "build", "measure"} <= {e.stage for e in events}
     database = Path(first["tuning"]["database"])
     assert (database / "database_tuning_record.json").stat().st_size > 0

@@ -104,6 +104,7 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     child = context.Process(target=_tune_in_child, args=(tvm.ir.save_json(kernels), target, trials, str(db_dir),
                                                          device, events), daemon=True)
     child.start()
+    heartbeat = _Heartbeat(progress)
     try:
         while True:
             try:
@@ -112,8 +113,10 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
                 if not child.is_alive():
                     raise HwcError(f"tuning stopped unexpectedly (exit code {child.exitcode}); the records "
                                    f"written so far are kept in {db_dir}")
+                heartbeat.beat()
                 continue
             if kind == "event":
+                heartbeat.saw(*payload)
                 progress(*payload)
             elif kind == "warning":
                 progress.warn(payload)
@@ -128,6 +131,32 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     child.join()
     repair(db_dir, progress.warn)  # failed candidates of this run never become records
     return result
+
+
+class _Heartbeat:
+    """A line every few seconds while MetaSchedule is silent: its first measurement of a kernel
+    comes only after it has searched and compiled a whole batch of candidates (minutes on 2 cores),
+    and a user must see that tuning is alive, what it is at and for how long."""
+
+    EVERY_S = 5.0
+
+    def __init__(self, progress: Progress):
+        self.progress, self.start, self.last = progress, time.monotonic(), time.monotonic()
+        self.done, self.total = None, None
+
+    def saw(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        self.last = time.monotonic()
+        if total is not None:
+            self.done, self.total = done, total
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.EVERY_S:
+            return
+        self.last = now
+        what = ("searching and compiling the first candidates" if not self.done
+                else "searching, compiling and measuring the next candidates")
+        self.progress(f"tuning: {what} ({now - self.start:.0f} s)", done=self.done, total=self.total)
 
 
 def _stop(child) -> None:
@@ -170,7 +199,7 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
     if tunable and trials > 0:
         # Every kernel gets an equal share: a budget spent on a few kernels leaves the rest naive.
         per_task = max(1, -(-trials // len(tunable)))
-        callback = _progress_callback(progress, per_task * len(tunable))
+        callback = _progress_callback(progress, per_task * len(tunable), [t.task_name for t in tunable], per_task)
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         builder = ms.builder.LocalBuilder(
             f_build=ms_build, f_export=functools.partial(ms_export, target.cross_compiler),
@@ -186,7 +215,8 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
             ms.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_task * len(tunable),
-                max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32),
+                # Batches of 16, not 32: a kernel's first measurement (and line) comes twice as soon.
+                max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 16),
                 builder=builder, runner=runner, database=database, cost_model=ms.cost_model.XGBModel(),
                 measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
             )
@@ -245,7 +275,9 @@ def _named_handlers_only(logger: logging.Logger):
             logger.addHandler(handler)
 
 
-def _progress_callback(progress: Progress, total: int):
+def _progress_callback(progress: Progress, total: int, task_names: list[str], per_task: int):
+    """A line per measured batch (at most every 5 s): trials done, kernels finished, and the kernel
+    just measured with its best time so far."""
     import tvm.s_tir.meta_schedule as ms
     from tvm.ir.utils import derived_object
 
@@ -254,11 +286,23 @@ def _progress_callback(progress: Progress, total: int):
         def __init__(self):
             self.count = 0
             self._last = 0.0
+            self.trials: dict[int, int] = {}
+            self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             self.count += len(measure_candidates)
+            self.trials[task_id] = self.trials.get(task_id, 0) + len(measure_candidates)
+            times = [float(sum(r.run_secs) / len(r.run_secs)) for r in runner_results
+                     if r.error_msg is None and r.run_secs]
+            if times:
+                self.best[task_id] = min(self.best.get(task_id, float("inf")), min(times))
             if time.monotonic() - self._last > 5 or self.count >= total:
                 self._last = time.monotonic()
-                progress("tuning trials", done=self.count, total=total)
+                finished = sum(1 for n in self.trials.values() if n >= per_task)
+                best = self.best.get(task_id)
+                name = task_names[task_id] if task_id < len(task_names) else f"kernel {task_id}"
+                progress(f"tuning trials ({finished}/{len(task_names)} kernels done; {name}: "
+                         + (f"best {best * 1e3:.3g} ms)" if best is not None else "no valid candidate yet)"),
+                         done=self.count, total=total)
 
     return _Progress()

@@ -83,11 +83,28 @@ def test_bad_model_file_is_one_line_and_writes_nothing(tmp_path, make_bad, fragm
 
 
 def test_unsupported_and_dynamic_models_are_refused(tmp_path):
-    int8 = str(shared_model("mobilenetv2-12-int8"))
-    _one_line_error(hwc("fold", int8, "-o", str(tmp_path / "o.onnx")), "unsupported op QLinearConv")
-    _one_line_error(hwc("fold", int8, "-o", str(tmp_path / "o.onnx"), "--input-shape", "input=1x3x224x224"),
-                    "unsupported op QLinearConv")
-    assert not any(tmp_path.iterdir())
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    weights = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("QLinearSoftmax", ["q", "s", "z", "s", "z"], ["y"], domain="com.microsoft")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 4])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
+              source / "unsupported.onnx")
+    _one_line_error(hwc("fold", str(source / "unsupported.onnx"), "-o", str(out / "o.onnx")),
+                    "unsupported op com.microsoft.QLinearSoftmax")
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "h", "w"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source / "dynamic.onnx")
+    _one_line_error(hwc("fold", str(source / "dynamic.onnx"), "-o", str(out / "o.onnx")), "--input-shape")
+    assert not any(out.iterdir())
 
 
 def test_bad_targets_dir_is_one_line(tmp_path):

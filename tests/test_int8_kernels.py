@@ -264,3 +264,21 @@ def test_four_bit_models_are_refused_in_one_line(tmp_path):
     onnx.save(_qdq_conv(np.zeros((8, 4, 3, 3), np.int64), 0, TensorProto.INT4), tmp_path / "m.onnx")
     with pytest.raises(HwcError, match="tensor 'W' is INT4; hwc compiles float and 8-bit integer models"):
         load_model(tmp_path / "m.onnx")
+
+
+def test_avx_vnni_cpus_get_the_256_bit_kernel(int8_net):
+    """A CPU with AVX-VNNI but no AVX-512 (Intel client cores): the same kernel on 8-lane ymm
+    vectors and 16 registers. Compiled only: this machine may not execute VEX-encoded vpdpbusd."""
+    import tvm
+
+    from hwcompress.backend.build import allow_vectorized_rounding, cpu_kernels
+    from hwcompress.backend.default_schedule import schedule_untuned
+
+    quantized, _ = int8_net
+    mod, _ = lower_qdq(import_onnx(quantized))
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"})
+    allow_vectorized_rounding()
+    with target, tvm.transform.PassContext(opt_level=3):
+        executable = tvm.compile(schedule_untuned(cpu_kernels(mod, target), 8), target=target)
+    assembly = "".join(m.inspect_source("asm") for m in executable.mod.imports)
+    assert assembly.count("vpdpbusd") >= 4 and "zmm" not in assembly

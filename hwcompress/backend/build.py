@@ -147,7 +147,8 @@ def cpu_kernels(mod, tvm_target):
 
     from .channel_padding import pad_output_channels
     from .dense_as_conv import dense_as_conv
-    from .cpu_schedules import VectorUnit, nhwc_layout, schedule_convolutions
+    from .conv_schedules import schedule_convolutions
+    from .cpu_schedules import VectorUnit, nhwc_layout
 
     lanes = VectorUnit.of(tvm_target).lanes
     lowered = relax.get_pipeline("zero")(pad_output_channels(nhwc_layout(dense_as_conv(mod)), lanes))

@@ -294,24 +294,6 @@ def is_scheduled(func) -> bool:
     return isinstance(func, tirx.PrimFunc) and func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled"))
 
 
-def schedule_convolutions(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Every fused function of ``mod`` with a dense or depthwise float NHWC conv, or a dense int8
-    one where the CPU has an integer dot product, register-blocked for ``target``."""
-    from .int8_conv_schedule import dot_product_intrinsics, schedule_int8_conv2d_nhwc
-
-    unit = VectorUnit.of(target)
-    intrinsics = dot_product_intrinsics(target)
-
-    def schedule(func):
-        if intrinsics:
-            scheduled = schedule_int8_conv2d_nhwc(func, intrinsics)
-            if scheduled is not None:
-                return scheduled
-        return schedule_conv2d_nhwc(func, unit)
-
-    return schedule_unscheduled(mod, schedule)
-
-
 def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
     """``mod`` with every PrimFunc that has no schedule yet replaced by ``schedule(func)``, where
     that gives one (None: left as it is)."""

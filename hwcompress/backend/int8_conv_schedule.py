@@ -12,8 +12,9 @@ of 4 input channels; the weights are repacked at compile time to ``[O/tile][KH][
 [16][4]``, the layout the instruction reads; the epilogue is applied to the tile in registers.
 
 Applies to dense convs with u8 data, s8 weights, input channels a multiple of 4 and output
-channels a multiple of 16, on CPUs whose LLVM target has ``avx512vnni``; anything else is left
-to the generic path (and the search's measurement decides whether int8 pays there).
+channels a multiple of 8, on CPUs whose LLVM target has ``avx512vnni`` (16 and 8 lanes) or
+``avxvnni`` (8 lanes, 16 registers); anything else is left to the generic path (and the search's
+measurement decides whether int8 pays there).
 """
 
 
@@ -34,6 +35,8 @@ def dot_product_intrinsics(target) -> dict[int, str]:
     (16: zmm; 8: ymm, for output channel counts like 24), empty without one."""
     if has_feature("avx512vnni", target):
         return {lanes: _register_vnni(lanes) for lanes in (16, 8)}
+    if has_feature("avxvnni", target):  # VEX-encoded, 256-bit only (Intel client cores, Sierra Forest)
+        return {8: _register_vnni(8)}
     return {}
 
 
@@ -80,7 +83,7 @@ def _register_vnni(lanes: int) -> str:
     return name
 
 
-def schedule_int8_conv2d_nhwc(func: tirx.PrimFunc, intrinsics: dict[int, str]) -> tirx.PrimFunc | None:
+def schedule_int8_conv2d_nhwc(func: tirx.PrimFunc, intrinsics: dict[int, str], registers: int) -> tirx.PrimFunc | None:
     """``func`` with its int8 NHWC conv on the dot-product instruction, or None where it does not apply."""
     sch = Schedule(func)
     try:
@@ -90,7 +93,7 @@ def schedule_int8_conv2d_nhwc(func: tirx.PrimFunc, intrinsics: dict[int, str]) -
     if not _is_int8_hwio(sch, conv):
         return None
     out_shape = [int(x) for x in sch.get(conv).writes[0].source.shape]
-    tiles = choose_tiles(out_shape[2], out_shape[3], VectorUnit(max(intrinsics), 32))
+    tiles = choose_tiles(out_shape[2], out_shape[3], VectorUnit(max(intrinsics), registers))
     if tiles is None or tiles.lanes not in intrinsics:
         return None
     try:

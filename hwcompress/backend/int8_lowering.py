@@ -174,6 +174,9 @@ class _LowerQDQ(PyExprMutator):
 
 
 _QUANTIZE = tvm.ir.Op.get("relax.quantize")
+_RELU = tvm.ir.Op.get("relax.nn.relu")
+_MAXIMUM = tvm.ir.Op.get("relax.maximum")
+_MINIMUM = tvm.ir.Op.get("relax.minimum")
 
 
 @mutator
@@ -205,14 +208,49 @@ class _ElementwiseQDQ(PyExprMutator):
         # x * (1 / s), not x / s: a vector division costs ten multiplies, in every epilogue. The two
         # differ by at most one unit in the last place, so a value lands on another step only when
         # x / s is within that of a rounding tie (ONNX Runtime's int8 kernels multiply too).
-        inverse = relax.const(np.float32(1.0 / np.float64(scale_value)))
-        rounded = relax.op.add(relax.op.round(relax.op.multiply(data, inverse)), relax.const(np.float32(zero.reshape(()))))
+        inverse_value = np.float32(1.0 / np.float64(scale_value))
+        zero_value = np.float32(zero.reshape(()))
+        data, low, high = self._without_clamps(data)
+
+        def quantized(y: float) -> float:  # the kernel's own arithmetic, on one value
+            return float(np.clip(np.round(np.float32(y) * inverse_value) + zero_value, info.min, info.max))
+
+        low = max(float(info.min), quantized(low)) if low is not None else float(info.min)
+        high = min(float(info.max), quantized(high)) if high is not None else float(info.max)
+        rounded = relax.op.add(relax.op.round(relax.op.multiply(data, relax.const(inverse_value))),
+                               relax.const(zero_value))
         # maximum/minimum, not clip: clip has no layout rule either.
-        clipped = relax.op.minimum(relax.op.maximum(rounded, relax.const(np.float32(info.min))),
-                                   relax.const(np.float32(info.max)))
-        # Through int32: LLVM turns a float -> uint8 vector conversion into 16 scalar ones (the
-        # MobileNetV2 depthwise epilogue ran 3.7x slower); the value is already an integer in range.
+        clipped = relax.op.minimum(relax.op.maximum(rounded, relax.const(np.float32(low))),
+                                   relax.const(np.float32(high)))
+        # float -> int32 -> uint8 (vcvttps2dq, vpmovdb): x86 has no float -> byte conversion.
         return relax.op.astype(relax.op.astype(clipped, "int32"), out_dtype)
+
+    def _without_clamps(self, data):
+        """``data`` without the ReLU / ReLU6 / Clip in front of the quantize, and its bounds.
+
+        Quantizing is monotone, so quantize(clip(y, a, b)) = clamp(quantize(y), quantize(a),
+        quantize(b)) exactly: the clamp the quantize does anyway takes the activation's bounds and
+        the float max/min go (two instructions per vector in every conv epilogue)."""
+        original, low, high = data, None, None
+        while True:
+            value = self.lookup_binding(data) if isinstance(data, relax.Var) else data
+            if low is not None and high is not None and low > high:
+                return original, None, None  # a clamp to a constant: left as written
+            if not isinstance(value, relax.Call):
+                return data, low, high
+            if value.op == _RELU:
+                low = 0.0 if low is None else max(low, 0.0)
+                data = value.args[0]
+                continue
+            bound = _constant(value.args[1]) if value.op in (_MAXIMUM, _MINIMUM) and len(value.args) == 2 else None
+            if bound is None or bound.size != 1 or not np.issubdtype(bound.dtype, np.floating):
+                return data, low, high
+            bound = float(bound.reshape(()))
+            if value.op == _MAXIMUM:
+                low = bound if low is None else max(low, bound)
+            else:
+                high = bound if high is None else min(high, bound)
+            data = value.args[0]
 
 
 @dataclass

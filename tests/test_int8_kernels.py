@@ -231,14 +231,15 @@ def _qdq_conv(weights: np.ndarray, zero: int, weight_type: int, activation_type:
     return model
 
 
-@pytest.mark.parametrize("case", ["uint8 weights around 128", "int8 weights, zero point 3", "int8 activations",
-                                  "zero point too far"])
+@pytest.mark.parametrize("case", ["uint8 weights around 128", "uint8 weights, zero point 0", "int8 weights, zero point 3",
+                                  "int8 activations", "zero point too far"])
 def test_weight_zero_points_are_folded_exactly_or_left_in_float_with_a_reason(tmp_path, case):
     from onnx import TensorProto
 
     rng = np.random.default_rng(2)
     weights = rng.integers(-100, 100, (8, 4, 3, 3))
     model = {"uint8 weights around 128": lambda: _qdq_conv(weights + 128, 128, TensorProto.UINT8),
+             "uint8 weights, zero point 0": lambda: _qdq_conv(np.abs(weights), 0, TensorProto.UINT8),
              "int8 weights, zero point 3": lambda: _qdq_conv(weights, 3, TensorProto.INT8),
              "int8 activations": lambda: _qdq_conv(weights, 0, TensorProto.INT8, TensorProto.INT8),
              "zero point too far": lambda: _qdq_conv(weights, -100, TensorProto.INT8)}[case]()
@@ -250,7 +251,10 @@ def test_weight_zero_points_are_folded_exactly_or_left_in_float_with_a_reason(tm
     else:
         assert len(lowering.lowered) == 1 and not lowering.kept_float
     target = get_target("host")
-    tvm_build.build(tvm_build.lower(mod, target), target, None).export_library(str(tmp_path / "m.so"))
+    executable = tvm_build.build(tvm_build.lower(mod, target), target, None)
+    executable.export_library(str(tmp_path / "m.so"))
+    if lowering.lowered and _host_has_vnni():  # folded weights are int8, so the conv runs the dot product
+        assert "vpdpbusd" in "".join(m.inspect_source("asm") for m in executable.mod.imports)
     feed = {"x": rng.normal(0, 2, (1, 4, 6, 6)).astype(np.float32)}
     vm, _, args = load_local(tmp_path / "m.so", feed, ["x"])
     want = ort.session(loaded, exact=True).run(None, feed)[0]

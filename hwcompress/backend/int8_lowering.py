@@ -43,7 +43,7 @@ def _as_zero_point_free_int8(weight: np.ndarray, zero: np.ndarray, axis: int) ->
     if weight.dtype not in (np.int8, np.uint8):
         return None
     if not np.any(zero):
-        return weight.astype(np.int8) if weight.dtype == np.int8 else (weight if weight.max() < 128 else None)
+        return weight if weight.dtype == np.int8 else (weight.astype(np.int8) if weight.max() < 128 else None)
     if zero.size > 1:
         shape = [1] * weight.ndim
         shape[axis] = zero.size
@@ -107,7 +107,7 @@ class _LowerQDQ(PyExprMutator):
     def _conv(self, call, x_q, s_x, z_x, w_q, w_int, s_w, w_axis):
         attrs = call.attrs
         if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or w_axis != 0:
-            return call
+            return self._kept(call, f"conv2d {w_int.shape}", "its layout or weight scale axis is not NCHW/OIHW, axis 0")
         if attrs.groups != 1:
             return self._depthwise(call, x_q, s_x, z_x, w_int, s_w)
         padding = [int(p) for p in attrs.padding]  # top, left, bottom, right
@@ -137,7 +137,7 @@ class _LowerQDQ(PyExprMutator):
         attrs = call.attrs
         channels = w_int.shape[0]
         if attrs.groups != channels or w_int.shape[1] != 1:
-            return call
+            return self._kept(call, f"grouped conv2d {w_int.shape}", "only dense and depthwise convs are lowered")
         weight = (w_int.astype(np.float32) * (s_x * np.broadcast_to(s_w.reshape(-1), (channels,)))
                   .astype(np.float32).reshape(-1, 1, 1, 1)).astype(np.float32)
         padding = [int(p) for p in attrs.padding]
@@ -155,7 +155,7 @@ class _LowerQDQ(PyExprMutator):
 
     def _matmul(self, call, x_q, s_x, z_x, w_q, w_int, s_w, w_axis):
         if w_int.ndim != 2 or w_axis not in (1, -1):
-            return call
+            return self._kept(call, f"matmul {w_int.shape}", "its weights are not 2-D with per-column scales")
         columns = w_int.shape[1]
         # As a 1x1 conv, a fully connected layer gets the conv's dot-product kernel.
         acc = matmul_as_conv(x_q, w_int, "int32", pad_value=float(z_x), depth_multiple=DOT_GROUP)

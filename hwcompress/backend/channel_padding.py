@@ -14,6 +14,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .relax_rewrite import bound_constant, rewrite_functions
+
 # Layers with this many vectors are padded to whole register tiles; smaller ones only to whole
 # vectors, and only where that adds at most MAX_SMALL_WASTE of work (3 -> 16 channels would cost
 # more than the wider vectors win; 85 -> 96, a YOLO head left to a generic kernel, cost a quarter of
@@ -28,21 +30,14 @@ def pad_output_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     multiple of ``lanes`` computes zero-padded channels (up to a multiple of two vectors, the
     register tile's best width, for wide layers; of one vector for narrow ones where that wastes
     little) and slices them off. Multiples of ``lanes`` (144 on 16 lanes) are tiled as they are."""
-    return relax.transform.DeadCodeElimination()(_PadOutChannels(mod, lanes).transform())
+    return rewrite_functions(_PadOutChannels(mod, lanes), mod)
 
 
 @relax.expr_functor.mutator
 class _PadOutChannels(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
-        self.module = mod
         self.lanes = lanes
-
-    def transform(self) -> tvm.IRModule:
-        for gvar, func in self.module.functions.items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
@@ -50,7 +45,7 @@ class _PadOutChannels(relax.PyExprMutator):
                 or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO" \
                 or call.attrs.out_layout != "NHWC":
             return call
-        weight = self._constant(call.args[1])
+        weight = bound_constant(self, call.args[1])
         if weight is None or weight.dtype not in (np.float32, np.int8):
             return call
         channels = weight.shape[3]
@@ -72,14 +67,3 @@ class _PadOutChannels(relax.PyExprMutator):
         padded = np.pad(weight, [(0, 0)] * 3 + [(0, extra)])
         conv = self.builder_.emit(relax.Call(call.op, [call.args[0], relax.const(padded)], call.attrs))
         return relax.op.strided_slice(conv, axes=[3], begin=[0], end=[channels])
-
-    def _constant(self, expr) -> np.ndarray | None:
-        """The value of a constant weight, also where layout conversion left it transposed."""
-        if isinstance(expr, relax.Var) and self.lookup_binding(expr) is not None:
-            expr = self.lookup_binding(expr)
-        if isinstance(expr, tvm.ir.expr.Constant):
-            return expr.value.numpy()
-        if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.permute_dims") \
-                and isinstance(expr.args[0], tvm.ir.expr.Constant):
-            return np.transpose(expr.args[0].value.numpy(), [int(a) for a in expr.attrs.axes])
-        return None

@@ -13,6 +13,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .relax_rewrite import bound_constant, rewrite_functions
+
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 
 
@@ -43,40 +45,17 @@ def matmul_as_conv(x, weight: np.ndarray, out_dtype: str, pad_value: float = 0.0
 
 def dense_as_conv(mod: tvm.IRModule) -> tvm.IRModule:
     """Every float32 matmul by a constant 2-D weight rewritten as a 1x1 conv."""
-    return relax.transform.DeadCodeElimination()(_Rewriter(mod).transform())
+    return rewrite_functions(_Rewriter(mod), mod)
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self.module = mod
-
-    def transform(self) -> tvm.IRModule:
-        for gvar, func in self.module.functions.items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
-
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         if call.op != _MATMUL:
             return call
-        value = self._constant(call.args[1])
+        value = bound_constant(self, call.args[1])
         if value is None or value.ndim != 2 or value.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
             return call
         conv = matmul_as_conv(call.args[0], value, "float32")
         return call if conv is None else conv
-
-    def _constant(self, expr) -> np.ndarray | None:
-        """A constant weight, also where the importer transposed it (Gemm with ``transB``)."""
-        if isinstance(expr, relax.Var) and self.lookup_binding(expr) is not None:
-            expr = self.lookup_binding(expr)
-        if isinstance(expr, tvm.ir.expr.Constant):
-            return expr.value.numpy()
-        if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.permute_dims") \
-                and isinstance(expr.args[0], tvm.ir.expr.Constant):
-            value = expr.args[0].value.numpy()
-            axes = [int(a) for a in expr.attrs.axes] if expr.attrs.axes is not None else None
-            return np.transpose(value, axes)
-        return None

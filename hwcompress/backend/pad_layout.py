@@ -13,26 +13,18 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .relax_rewrite import rewrite_functions
+
 _PAD = tvm.ir.Op.get("relax.nn.pad")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 
 
 def pads_after_transposes(mod: tvm.IRModule) -> tvm.IRModule:
-    return relax.transform.DeadCodeElimination()(_Mover(mod).transform())
+    return rewrite_functions(_Mover(mod), mod)
 
 
 @relax.expr_functor.mutator
 class _Mover(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self.module = mod
-
-    def transform(self) -> tvm.IRModule:
-        for gvar, func in self.module.functions.items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
-
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         if call.op != _PERMUTE or call.attrs.axes is None:

@@ -196,6 +196,7 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             "int8_lowering": None if artifact.int8 is None else {
                 "layers": artifact.int8.lowered,
                 "kept_float": artifact.int8.kept_float,
+                "instructions": artifact.int8.instructions,
                 "note": "QDQ Conv/MatMul run as int8 x int8 -> int32, then scaled per channel"},
             "build_seconds": artifact.build_seconds,
             "latency": measured.latency.to_dict(),

@@ -287,3 +287,53 @@ def test_avx_vnni_cpus_get_the_256_bit_kernel(int8_net):
         executable = tvm.compile(schedule_untuned(cpu_kernels(mod, target), 8), target=target)
     assembly = "".join(m.inspect_source("asm") for m in executable.mod.imports)
     assert assembly.count("vpdpbusd") >= 4 and "zmm" not in assembly
+
+
+ARM_DOTPROD_TARGET = """
+name: arm-a76
+description: Arm Cortex-A76, NEON with the dot-product extension
+tvm:
+  target: {kind: llvm, mtriple: aarch64-linux-gnu, mcpu: cortex-a76, mattr: ["+neon", "+dotprod"], num-cores: 4}
+  cross_compiler: aarch64-linux-gnu-g++
+channel_multiple: 4
+dtypes: [float32, int8]
+int8: {dot_product: true}
+latency: {method: rpc, device: null}
+"""
+
+
+@pytest.mark.parametrize("target_name, instructions", [("arm-a72", ("smull", "saddlp", "addp")),
+                                                       ("arm-a76", ("sdot",))])
+def test_arm_int8_kernels_use_neon_and_match_under_qemu(int8_net, tmp_path, target_name, instructions):
+    """On Arm the int8 convs run the same register-blocked kernel on NEON, with signed activations
+    (the lowering flips the uint8 ones by 128): smull/saddlp/addp on a Cortex-A72, sdot where the
+    target has the dot-product extension. No board here: the compiled library's outputs are
+    computed under qemu-aarch64 and checked against ONNX Runtime on the QDQ graph."""
+    import shutil
+
+    from hwcompress.compile import CompileOptions, compile_model
+
+    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing: run tools/install-system-deps.sh")
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "arm-a76.yaml").write_text(ARM_DOTPROD_TARGET)
+    target = get_target(target_name, [tmp_path / "targets"])
+    quantized, _ = int8_net
+    mod, lowering = lower_qdq(import_onnx(quantized), "int8")
+    kernels = tvm_build.lower(mod, target)
+    assembly = "".join(m.inspect_source("asm") for m in tvm_build.build(kernels, target, None).mod.imports)
+    for instruction in instructions:
+        assert f"\t{instruction}\t" in assembly, instruction
+    from hwcompress.backend.cpu_schedules import is_scheduled
+
+    convs = [gv.name_hint for gv in kernels.functions if "conv2d" in gv.name_hint]
+    assert len(convs) >= 5 and all(is_scheduled(kernels[name]) for name in convs)
+    onnx.save(quantized, str(tmp_path / "q.onnx"))
+    report = compile_model(tmp_path / "q.onnx", tmp_path / "out",
+                           CompileOptions(target=target_name, targets_dirs=[tmp_path / "targets"], tune_trials=0,
+                                          cache_dir=tmp_path / "cache"))
+    assert report["accuracy"]["checked_on"] == "qemu-aarch64 user emulation"
+    assert report["accuracy"]["max_relative_error"] < 1e-3  # the same integer arithmetic as the QDQ graph
+    assert len(report["int8_lowering"]["layers"]) == 6
+    assert report["int8_lowering"]["instructions"].startswith(instructions[0])  # the report says which path

@@ -70,9 +70,11 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
     mod = import_onnx(model)
     int8 = None
     if options.int8_compute and any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        from .int8_conv_schedule import dot_product_activations, dot_product_instructions
         from .int8_lowering import lower_qdq
 
-        mod, int8 = lower_qdq(mod)
+        mod, int8 = lower_qdq(mod, dot_product_activations(target.tvm_target()))
+        int8.instructions = dot_product_instructions(target.tvm_target())
         progress(f"int8 lowering: {len(int8.lowered)} QDQ layer(s) run as int8 x int8 -> int32"
                  + (f", {len(int8.kept_float)} kept in float" if int8.kept_float else ""))
     progress(f"lowering for {target.name}")

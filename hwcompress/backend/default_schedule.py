@@ -22,6 +22,13 @@ def schedule_untuned(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
 
 
 def default_schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    sch = default_schedule_of(func, lanes)
+    return None if sch is None else sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int) -> Schedule | None:
+    """The default schedule as a ``Schedule`` (its trace can be stored as a tuning record), or
+    None where the kernel has a form it does not handle."""
     sch = Schedule(func)
     try:
         infos = normalize_prim_func(sch)
@@ -52,7 +59,7 @@ def default_schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
             sch.decompose_reduction(block, loop)
     except (ScheduleError, tvm.error.InternalError, ValueError):
         return None
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
 
 
 def _extent(sch: Schedule, loop) -> int:

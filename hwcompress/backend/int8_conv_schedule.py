@@ -31,31 +31,44 @@ from .int8_lowering import DOT_GROUP as GROUP  # input channels one vpdpbusd lan
 
 
 def dot_product_intrinsics(target) -> dict[int, str]:
-    """The tensor intrinsics for the target's u8 x s8 -> s32 dot product by accumulator lanes
-    (16: zmm; 8: ymm, for output channel counts like 24), empty without one."""
+    """The tensor intrinsics for the target's 4-byte integer dot product by accumulator lanes
+    (x86: u8 x s8, 16 lanes zmm and 8 lanes ymm for output channel counts like 24; Arm: s8 x s8,
+    4 lanes), empty without one."""
     if has_feature("avx512vnni", target):
         return {lanes: _register_vnni(lanes) for lanes in (16, 8)}
     if has_feature("avxvnni", target):  # VEX-encoded, 256-bit only (Intel client cores, Sierra Forest)
         return {8: _register_vnni(8)}
+    if has_feature("neon", target):
+        return {4: _register_neon(has_feature("dotprod", target))}
     return {}
 
 
-@functools.lru_cache(maxsize=None)
-def _register_vnni(lanes: int) -> str:
-    """TVM's ``dot_16x4_vnni`` with the accumulators in a ``local`` buffer (the register tile), for
-    512-bit (16 lanes) or 256-bit (8 lanes) vectors."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-    from tvm.target.codegen import llvm_version_major
+def dot_product_instructions(target) -> str:
+    """The instructions the int8 kernels use on ``target``, in words (for the report)."""
+    if has_feature("avx512vnni", target):
+        return "vpdpbusd (AVX512-VNNI)"
+    if has_feature("avxvnni", target):
+        return "vpdpbusd (AVX-VNNI, 256-bit)"
+    if has_feature("neon", target):
+        return "sdot (Arm dot product)" if has_feature("dotprod", target) else "smull, saddlp, addp (NEON)"
+    return "no dot-product instruction: generic integer code (measured, not assumed faster)"
 
-    # LLVM 21 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>.
-    operand = f"int8x{4 * lanes}" if llvm_version_major() >= 21 else f"int32x{lanes}"
-    accumulators = f"int32x{lanes}"
-    u8, s8, s32, local = "uint8", "int8", "int32", "local"  # names, not literals, in the TVMScript signatures
-    instruction = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+
+def dot_product_activations(target) -> str:
+    """The byte type of the activations the target's dot product multiplies the int8 weights by:
+    x86's vpdpbusd takes unsigned bytes, Arm's sdot and smull signed ones."""
+    return "int8" if has_feature("neon", target) else "uint8"
+
+
+def _dot_description(lanes: int, activations: str):
+    """What every dot-product intrinsic computes: ``lanes`` int32 accumulators (in ``local``, the
+    register tile), each adding 4 activation bytes times its own 4 weight bytes."""
+    from tvm.script import tirx as T
+
+    s8, s32, local = "int8", "int32", "local"  # names, not literals, in the TVMScript signatures
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((4,), u8, offset_factor=1), b: T.Buffer((lanes, 4), s8, offset_factor=1),
+    def desc(a: T.Buffer((4,), activations, offset_factor=1), b: T.Buffer((lanes, 4), s8, offset_factor=1),
              c: T.Buffer((lanes,), s32, offset_factor=1, scope=local)) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
@@ -65,6 +78,23 @@ def _register_vnni(lanes: int) -> str:
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    return desc
+
+
+@functools.lru_cache(maxsize=None)
+def _register_vnni(lanes: int) -> str:
+    """``vpdpbusd`` on 512-bit (16 lanes) or 256-bit (8 lanes) vectors: the 4 activation bytes
+    broadcast as one 32-bit word to every lane."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+    from tvm.target.codegen import llvm_version_major
+
+    # LLVM 21 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>.
+    operand = f"int8x{4 * lanes}" if llvm_version_major() >= 21 else f"int32x{lanes}"
+    accumulators = f"int32x{lanes}"
+    u8, s8, s32, local = "uint8", "int8", "int32", "local"
+    instruction = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((4,), u8, offset_factor=1), b: T.Buffer((lanes, 4), s8, offset_factor=1),
@@ -79,7 +109,52 @@ def _register_vnni(lanes: int) -> str:
                 T.reinterpret(T.broadcast(word, lanes), dtype=operand), weights, dtype=accumulators)
 
     name = f"hwc_vpdpbusd_{lanes}x4_local"
-    TensorIntrin.register(name, desc, impl)
+    TensorIntrin.register(name, _dot_description(lanes, u8), impl)
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _register_neon(dotprod: bool) -> str:
+    """Arm, 4 lanes of 128 bits. With the dot-product extension one ``sdot``; without (Cortex-A72),
+    ``smull`` of the activations (4 bytes, repeated) by each half of the weights into 16-bit
+    products (s8 x s8 fits), ``saddlp`` adding neighbours into 32 bits and ``addp`` the remaining
+    pairs: 4 lanes x 4 products in 5 instructions besides the accumulate."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    s8, s32, local = "int8", "int32", "local"
+
+    def intrinsic(name: str, dtype: str, *args):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"), *args, dtype=dtype)
+
+    @T.prim_func(s_tir=True)
+    def sdot(a: T.Buffer((4,), s8, offset_factor=1), b: T.Buffer((4, 4), s8, offset_factor=1),
+             c: T.Buffer((4,), s32, offset_factor=1, scope=local)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:4], a[0:4], b[0:4, 0:4])
+            T.writes(c[0:4])
+            word = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 4)] = intrinsic("sdot.v4i32.v16i8", "int32x4", c.vload([0], dtype="int32x4"),
+                                                   T.reinterpret(T.broadcast(word, 4), dtype="int8x16"),
+                                                   b.vload([0, 0], dtype="int8x16"))
+
+    @T.prim_func(s_tir=True)
+    def smull(a: T.Buffer((4,), s8, offset_factor=1), b: T.Buffer((4, 4), s8, offset_factor=1),
+              c: T.Buffer((4,), s32, offset_factor=1, scope=local)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:4], a[0:4], b[0:4, 0:4])
+            T.writes(c[0:4])
+            word = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
+            twice = T.reinterpret(T.broadcast(word, 2), dtype="int8x8")
+            weights = b.vload([0, 0], dtype="int8x16")
+            low = intrinsic("saddlp.v4i32.v8i16", "int32x4",
+                            intrinsic("smull.v8i16", "int16x8", twice, T.vectorlow(weights, dtype="int8x8")))
+            high = intrinsic("saddlp.v4i32.v8i16", "int32x4",
+                             intrinsic("smull.v8i16", "int16x8", twice, T.vectorhigh(weights, dtype="int8x8")))
+            c[T.ramp(T.int32(0), 1, 4)] = c.vload([0], dtype="int32x4") + intrinsic("addp.v4i32", "int32x4", low, high)
+
+    name = "hwc_sdot_4x4_local" if dotprod else "hwc_smull_saddlp_4x4_local"
+    TensorIntrin.register(name, _dot_description(4, s8), sdot if dotprod else smull)
     return name
 
 
@@ -111,7 +186,7 @@ def _is_int8_hwio(sch: Schedule, conv) -> bool:
         return False
     data, weight = (region.source for region in block.reads)
     out = block.writes[0].source
-    if (data.dtype, weight.dtype, out.dtype) != ("uint8", "int8", "int32") or len(weight.shape) != 4:
+    if data.dtype not in ("uint8", "int8") or (weight.dtype, out.dtype) != ("int8", "int32") or len(weight.shape) != 4:
         return False
     in_channels, out_channels = int(data.shape[3]), int(out.shape[3])
     return (int(weight.shape[2]) == in_channels and int(weight.shape[3]) == out_channels

@@ -56,8 +56,9 @@ def _as_zero_point_free_int8(weight: np.ndarray, zero: np.ndarray, axis: int) ->
 
 @mutator
 class _LowerQDQ(PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, activations: str):
         super().__init__(mod)
+        self.activations = activations
         self.lowered: list[str] = []
         self.kept_float: list[str] = []
 
@@ -91,11 +92,14 @@ class _LowerQDQ(PyExprMutator):
                               "its weights minus their zero point do not fit int8")
         w_q = relax.const(w_int)
         z_x = int(z_x.reshape(()))
-        if x_q.ty.dtype == "int8":
-            # The dot product multiplies unsigned by signed bytes: x + 128 as uint8 (a bit flip,
-            # fused into the producer's epilogue) with the zero point moved by the same 128.
-            x_q = relax.op.astype(relax.op.add(relax.op.astype(x_q, "int16"), relax.const(np.int16(128))), "uint8")
-            z_x += 128
+        if x_q.ty.dtype != self.activations:
+            # The dot product wants the other byte type (x86's vpdpbusd: unsigned activations; Arm's
+            # sdot and smull: signed): x -/+ 128 (a bit flip, fused into the producer's epilogue)
+            # with the zero point moved by the same 128.
+            shift = 128 if self.activations == "uint8" else -128
+            x_q = relax.op.astype(relax.op.add(relax.op.astype(x_q, "int16"), relax.const(np.int16(shift))),
+                                  self.activations)
+            z_x += shift
         if call.op == _CONV:
             return self._conv(call, x_q, float(s_x.reshape(())), z_x, w_q, w_int, s_w, w_axis)
         return self._matmul(call, x_q, float(s_x.reshape(())), z_x, w_q, w_int, s_w, w_axis)
@@ -259,12 +263,16 @@ class Int8Lowering:
 
     lowered: list[str]
     kept_float: list[str]
+    instructions: str = ""  # what the target's int8 kernels run on (set by the build)
 
 
-def lower_qdq(mod: tvm.IRModule) -> tuple[tvm.IRModule, Int8Lowering]:
+def lower_qdq(mod: tvm.IRModule, activations: str = "uint8") -> tuple[tvm.IRModule, Int8Lowering]:
     """``mod`` with every matching QDQ Conv/MatMul as int8 x int8 -> int32 compute, and the
-    remaining per-tensor quantize/dequantize as elementwise ops."""
-    lowering = _LowerQDQ(mod)
+    remaining per-tensor quantize/dequantize as elementwise ops. ``activations``: the byte type
+    (``uint8`` or ``int8``) the target's dot product multiplies the int8 weights by."""
+    if activations not in ("uint8", "int8"):
+        raise ValueError(f"activations must be uint8 or int8, not {activations!r}")
+    lowering = _LowerQDQ(mod, activations)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mod[gvar] = lowering.visit_expr(func)

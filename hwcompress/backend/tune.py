@@ -75,6 +75,7 @@ class TuningResult:
     records_reused: int
     seconds: float
     database: str
+    defaults_kept: int = 0  # kernels where no candidate beat the default schedule (measured alike)
 
 
 def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress = SILENT,
@@ -190,12 +191,15 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
                device: str | None) -> TuningResult:
     import tvm.s_tir.meta_schedule as ms
 
+    from .cpu_schedules import VectorUnit
+    from .default_records import commit_default_records, defaults_kept
+
     start = time.monotonic()
     tasks, known, tunable = _tasks(kernels, target, db_dir)
     database = open_database(db_dir)
     progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, "
              f"{len(tunable)} to tune with up to {trials} trials")
-    run = 0
+    run, kept = 0, 0
     if tunable and trials > 0:
         # Every kernel gets an equal share: a budget spent on a few kernels leaves the rest naive.
         per_task = max(1, -(-trials // len(tunable)))
@@ -212,6 +216,8 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
         else:
             runner = ms.runner.LocalRunner(evaluator_config=evaluator)
         with contextlib.redirect_stdout(sys.stderr), _named_handlers_only(logging.getLogger("tvm.s_tir.meta_schedule")):
+            defaults = commit_default_records(tunable, target.tvm_target(), VectorUnit.of(target.tvm_target()).lanes,
+                                              builder, runner, database, progress)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
             ms.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_task * len(tunable),
@@ -220,11 +226,11 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
                 builder=builder, runner=runner, database=database, cost_model=ms.cost_model.XGBModel(),
                 measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
             )
-        run = callback.count
+        run, kept = callback.count, defaults_kept(defaults, database)
         progress("tuning trials", done=run, total=per_task * len(tunable))  # the last count, even if short of the total
         mark_tuned(db_dir, {task_key(t) for t in tunable})
     return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run, records_reused=len(known),
-                        seconds=time.monotonic() - start, database=str(db_dir))
+                        seconds=time.monotonic() - start, database=str(db_dir), defaults_kept=kept)
 
 
 def open_database(db_dir: Path):

@@ -24,9 +24,16 @@ def measurer_for(target: Target, device: str | None = None, repeat: int = 30, mi
         from .local import LocalMeasurer
 
         return LocalMeasurer(target.threads, repeat=repeat, min_repeat_ms=min_repeat_ms)
-    return NotMeasurable(f"target {target.name} is measured on a device through an RPC tracker and no device "
-                         f"was given (--device rpc://HOST:PORT/KEY)",
-                         f"the artifact for {target.name} cannot run on this machine")
+    reason = (f"target {target.name} is measured on a device through an RPC tracker and no device "
+              f"was given (--device rpc://HOST:PORT/KEY)")
+    from ..backend.emulator import unavailable_reason
+
+    why_not_emulated = unavailable_reason(target)
+    if why_not_emulated is None:
+        from .emulated import EmulatedMeasurer
+
+        return EmulatedMeasurer(target, reason)
+    return NotMeasurable(reason, f"the artifact for {target.name} cannot run on this machine ({why_not_emulated})")
 
 
 def check_device(device: str | None) -> None:

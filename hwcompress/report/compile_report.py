@@ -105,18 +105,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(f"Compiled artifact vs ONNX Runtime on the original model, same input: max abs error "
                      f"{acc['max_abs_error']:.3g} ({acc['max_relative_error']:.3g} relative to the output scale; "
-                     f"tolerance {acc['tolerance']:g}).")
+                     f"tolerance {acc['tolerance']:g})." + (f" Outputs computed on: {acc['checked_on']}."
+                                                            if acc.get("checked_on") else ""))
     lines += ["", "## Tuning", ""]
     if tuning:
         lines.append(f"{tuning['tasks']} kernels; {tuning['records_reused']} reused from the database, "
                      f"{tuning['trials_run']} trials run of {tuning['trials_requested']} allowed, "
                      f"{tuning['seconds']:.0f} s. Database: `{tuning['database']}`.")
+        if tuning.get("defaults_kept"):
+            lines.append(f"{tuning['defaults_kept']} kernel(s) kept the rule-based default schedule: no tuning "
+                         f"candidate measured faster than it.")
     else:
         lines.append(report.get("tuning_note", "no tuning"))
     lowering = report.get("int8_lowering")
     if lowering is not None:
         lines += ["", "## int8", "", f"{len(lowering['layers'])} layer(s) lowered to integer compute "
                   f"({lowering['note']}): {', '.join(lowering['layers']) or 'none matched'}."]
+        if lowering.get("instructions"):
+            lines += ["", f"int8 kernels on this target: {lowering['instructions']}."]
         if lowering.get("kept_float"):
             lines += ["", "Kept in float (dequantized weights, measured as they are):", ""]
             lines += [f"- {why}" for why in lowering["kept_float"]]

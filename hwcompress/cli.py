@@ -149,7 +149,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              tolerance=args.tolerance, repeat=args.repeat, device=args.device,
                              int8_compute=not args.no_int8_lowering, force=args.force)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
-                           labels=args.labels, preprocess=args.preprocess, max_accuracy_drop=args.max_accuracy_drop,
+                           labels=args.labels, metric=args.metric, preprocess=args.preprocess,
+                           max_accuracy_drop=args.max_accuracy_drop,
                            max_latency_ms=args.max_latency_ms,
                            search=args.search or bool(args.calib or args.val))
     result = compile_for_target(args.model, args.output, options, search, progress.progress)
@@ -182,7 +183,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              repeat=args.repeat, force=args.force)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
-                           labels=args.labels, preprocess=args.preprocess, search=bool(args.calib or args.val))
+                           labels=args.labels, metric=args.metric, preprocess=args.preprocess,
+                           search=bool(args.calib or args.val))
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets:
         raise HwcError(f"--targets {args.targets!r}: name at least one target (see hwc targets)")
@@ -468,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation inputs (.npz or image folder, as --calib) to score accuracy on")
     p.add_argument("--labels", help="class indices (.npy) of the --val samples; without: agreement with "
                                     "the uncompressed model")
+    p.add_argument("--metric", help="what accuracy is: top1 (needs --labels), agreement (top-1 agreement with the "
+                                    "uncompressed model), fidelity (output cosine similarity, %%), or MODULE:FUNCTION / "
+                                    "FILE.py:FUNCTION called as f(outputs, labels) -> number, higher is better "
+                                    "(default: top1 with --labels, agreement for a (1, N) output, else fidelity)")
     p.add_argument("--max-accuracy-drop", type=NON_NEGATIVE, help="accuracy budget in points (default: the profile's); "
                                                             "exceeding it exits 3 after writing the report")
     p.add_argument("--max-latency-ms", type=_number(float, 0, low_open=True), help="latency budget; exceeding it exits 3 after writing the report")
@@ -527,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib")
     p.add_argument("--val")
     p.add_argument("--labels")
+    p.add_argument("--metric", help="what accuracy is (as for hwc compile)")
 
     device = sub.add_parser("device", help="check devices behind a TVM RPC tracker")
     device_sub = device.add_subparsers(dest="device_command", metavar="ACTION", required=True, parser_class=_Parser)

@@ -58,6 +58,7 @@ class SearchOptions:
     calib: str | None = None
     val: str | None = None
     labels: str | None = None
+    metric: str | None = None      # top1, agreement, fidelity or MODULE:FUNCTION (search.metrics)
     preprocess: str | None = None  # for image folders; default: the profile's calibration.preprocess
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
@@ -114,17 +115,19 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
 def _search(model: onnx.ModelProto, target: Target, options: CompileOptions, search_options: SearchOptions,
             progress: Progress) -> tuple[onnx.ModelProto, dict[str, Any]]:
     from .search.loop import search
+    from .search.metrics import check_metric
 
     profile = get_profile(target.name, search_options.profile, search_options.profiles_dirs)
     preprocess = search_options.preprocess or profile.preprocess
     calibration = load_calibration(search_options.calib, model, preprocess=preprocess) if search_options.calib else None
     val_inputs, labels = _validation(search_options, model, preprocess)
+    check_metric(search_options.metric, labels)
     budget = search_options.max_accuracy_drop
     if budget is None:
         budget = profile.max_accuracy_drop
     progress(f"profile {profile.name} for {target.name}: searching within {budget:g} pt of accuracy")
     result = search(model, target, profile, options, calibration, val_inputs, labels, budget,
-                    repeat=options.repeat, tolerance=options.tolerance, progress=progress)
+                    repeat=options.repeat, tolerance=options.tolerance, progress=progress, metric=search_options.metric)
     progress(f"chosen: {', '.join(result.applied) or 'nothing (no candidate was measured faster within budget)'}")
     info = result.to_dict() | {"profile": profile.name, "accuracy_budget": budget,
                                "calibration": calibration.source if calibration else None}

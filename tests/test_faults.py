@@ -61,7 +61,7 @@ def test_output_directory_holding_the_input_or_foreign_files_is_refused(tmp_path
     out = tmp_path / "out"
     assert hwc("compile", str(small), "-o", str(out), "--tune-trials", "0", "--repeat", "3", "-q").returncode == 0
     assert hwc("compile", str(small), "-o", str(out), "--tune-trials", "0", "--repeat", "3", "-q").returncode == 0
-    assert hwc("compile", str(small), "-o", str(notes), "--tune-trials", "0", "-q", "--force").returncode == 0
+    assert hwc("compile", str(small), "-o", str(notes), "--tune-trials", "0", "--repeat", "3", "-q", "--force").returncode == 0
     assert not (notes / "todo.txt").exists() and (notes / "model.so").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary siblings left"
 

@@ -248,3 +248,64 @@ def test_npu16_gives_pow2_weights_only_where_its_cycle_model_prices_them_faster(
     layers = [n.name for n in quantized.graph.node if n.op_type in ("Conv", "Gemm")]
     assert pow2 and set(layers) - pow2 and layers[0] not in pow2  # weight-bound layers pow2, the stem int8
     assert modelled_latency(quantized, target)[0].median_ms == pytest.approx(mixed.latency_ms)
+
+
+def _detector_like(rng):
+    """A tiny detector: a conv trunk, then a box head and a sigmoid score head (no (1, N) logits)."""
+    from onnx import helper
+
+    from conftest import make_model
+
+    inits = {"w1": rng.normal(0, 0.3, (16, 3, 3, 3)), "w2": rng.normal(0, 0.2, (16, 16, 3, 3)),
+             "wb": rng.normal(0, 0.2, (4, 16, 1, 1)), "ws": rng.normal(0, 0.2, (3, 16, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "wb"], ["boxes"]),
+             helper.make_node("Conv", ["r2", "ws"], ["s"]), helper.make_node("Sigmoid", ["s"], ["scores"])]
+    return make_model(nodes, [("x", [1, 3, 32, 32])], [("boxes", [1, 4, 16, 16]), ("scores", [1, 3, 16, 16])], inits)
+
+
+def test_a_detector_is_scored_by_the_users_metric_with_each_outputs_fidelity(tmp_path, rng):
+    """A user metric (a .py file, called with every validation input's outputs and the labels) is
+    what the search keeps within budget; each built trial also carries every output's SQNR and
+    cosine against the uncompressed model, and the report states them. (Without --metric such a
+    model is scored by output fidelity: test_metrics.)"""
+    import onnx
+
+    onnx.save(_detector_like(rng), str(tmp_path / "det.onnx"))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (16, 3, 32, 32)).astype(np.float32))
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "int8.yaml").write_text(textwrap.dedent("""
+        name: int8
+        target: host
+        accuracy_budget: {max_top1_drop: 50.0}
+        search: {max_rounds: 1}
+        passes:
+          prune: {enabled: false}
+          lowrank: {enabled: false}
+          quantize: {enabled: true, schemes: [int8]}
+    """))
+    (tmp_path / "box_metric.py").write_text(
+        "import numpy as np\n"
+        "def mean_score(outputs, labels):\n"
+        "    assert labels is None and len(outputs) == 16 and len(outputs[0]) == 2\n"
+        "    return float(np.mean([o[1].mean() for o in outputs]) * 100)\n")
+    common = ["--target", "host", "--tune-trials", "0", "--repeat", "3", "--profile", "int8",
+              "--profiles-dir", str(tmp_path / "profiles"), "--calib", str(tmp_path / "calib.npz"), "--json"]
+    result = hwc("compile", str(tmp_path / "det.onnx"), "-o", str(tmp_path / "c"), *common, "--metric", "top1")
+    assert result.returncode == 2 and "--metric top1 needs --labels" in result.stderr
+    assert not (tmp_path / "c").exists()
+    result = hwc("compile", str(tmp_path / "det.onnx"), "-o", str(tmp_path / "a"), *common,
+                 "--metric", f"{tmp_path / 'box_metric.py'}:mean_score")
+    assert result.returncode == 0, result.stderr
+    search = json.loads(result.stdout)["search"]
+    assert search["accuracy_metric"].startswith("mean_score (user metric")
+    assert 0 < search["baseline_accuracy"] < 100  # the mean sigmoid score, in the user's units
+    baseline = search["trials"][0]["fidelity"]  # the compiled uncompressed model: float rounding only
+    assert all(db is None or db > 100 for db in baseline["sqnr_db"]) and baseline["cosine"] == [1.0, 1.0]
+    int8 = next(t for t in search["trials"] if t["candidate"] == "int8")
+    assert len(int8["fidelity"]["sqnr_db"]) == 2 and all(10 < db < 80 for db in int8["fidelity"]["sqnr_db"])
+    assert all(0.9 < c < 1 for c in int8["fidelity"]["cosine"])
+    assert "Outputs of the chosen model vs the uncompressed one" in (tmp_path / "a" / "report.md").read_text()

@@ -25,6 +25,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .affine_chain import affine_chain, shared_vars
 from .dense_as_conv import matmul_as_conv
 
 _CONV = tvm.ir.Op.get("relax.nn.conv2d")
@@ -191,6 +192,10 @@ class _ElementwiseQDQ(PyExprMutator):
     pair of NHWC <-> NCHW transposes (MobileNetV2 int8: 0.4 ms each); elementwise ops follow the
     convolutions into NHWC and fuse into their epilogues."""
 
+    def __init__(self, mod, shared: frozenset):
+        super().__init__(mod)
+        self.shared = shared  # variables other ops read too: the requantize folding stops there
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if call.op not in (_QUANTIZE, _DEQUANTIZE):
@@ -214,6 +219,9 @@ class _ElementwiseQDQ(PyExprMutator):
         # x / s is within that of a rounding tie (ONNX Runtime's int8 kernels multiply too).
         inverse_value = np.float32(1.0 / np.float64(scale_value))
         zero_value = np.float32(zero.reshape(()))
+        # Folding stops where another op reads the value too (a ReLU output that also feeds a float
+        # residual): else the conv's output would feed two chains and leave its kernel unfused.
+        foldable = data not in self.shared
         data, low, high = self._without_clamps(data)
 
         def quantized(y: float) -> float:  # the kernel's own arithmetic, on one value
@@ -221,8 +229,12 @@ class _ElementwiseQDQ(PyExprMutator):
 
         low = max(float(info.min), quantized(low)) if low is not None else float(info.min)
         high = min(float(info.max), quantized(high)) if high is not None else float(info.max)
-        rounded = relax.op.add(relax.op.round(relax.op.multiply(data, relax.const(inverse_value))),
-                               relax.const(zero_value))
+        chain = affine_chain(data, self.lookup_binding, self.shared) if foldable else None
+        if chain is not None:  # the requantize arithmetic in front, folded with this 1/s and + z
+            rounded = relax.op.round(chain.scaled(float(inverse_value), float(zero_value)).emit())
+        else:
+            rounded = relax.op.add(relax.op.round(relax.op.multiply(data, relax.const(inverse_value))),
+                                   relax.const(zero_value))
         # maximum/minimum, not clip: clip has no layout rule either.
         clipped = relax.op.minimum(relax.op.maximum(rounded, relax.const(np.float32(low))),
                                    relax.const(np.float32(high)))
@@ -276,9 +288,10 @@ def lower_qdq(mod: tvm.IRModule, activations: str = "uint8") -> tuple[tvm.IRModu
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mod[gvar] = lowering.visit_expr(func)
-    elementwise = _ElementwiseQDQ(mod)
+    # Biases reshaped to (1, C, 1, 1) become constants, so the requantize chains fold (affine_chain).
+    mod = relax.transform.FoldConstant()(mod)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            mod[gvar] = elementwise.visit_expr(func)
+            mod[gvar] = _ElementwiseQDQ(mod, shared_vars(func)).visit_expr(func)
     mod = relax.transform.DeadCodeElimination()(mod)
     return mod, Int8Lowering(lowering.lowered, lowering.kept_float)

@@ -18,6 +18,7 @@ from .latency import Job, Measurement, Measurer, not_measured
 
 class EmulatedMeasurer(Measurer):
     method = "not measured"
+    gives_latency = False
 
     def __init__(self, target: Target, no_latency_reason: str, cache_dir: Path | None = None):
         self.target, self.no_latency_reason, self.cache_dir = target, no_latency_reason, cache_dir

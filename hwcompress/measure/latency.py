@@ -98,6 +98,7 @@ class Measurer:
 
     method: str = "not measured"
     runs_here = False      # the artifact runs in this process: accuracy can be measured on it
+    gives_latency = True   # False: outputs at most (an emulator), or nothing (no device)
     needs_library = True   # False: the figure comes from the ONNX model alone (a cycle model)
     batches = False        # measure_all spreads a batch over several devices: build the batch first
 
@@ -136,6 +137,8 @@ class Measurer:
 
 class NotMeasurable(Measurer):
     """A target whose artifact cannot run here and that has no device or model: says why."""
+
+    gives_latency = False
 
     def __init__(self, reason: str, why_no_outputs: str):
         self.reason, self.why_no_outputs = reason, why_no_outputs

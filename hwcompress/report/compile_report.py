@@ -134,6 +134,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"Chosen: **{', '.join(search['applied']) or 'no compression'}**: "
                   f"{_ms(search['baseline_latency_ms'])} -> {_ms(search['latency_ms'])} ms, accuracy "
                   f"{search['baseline_accuracy']:.2f} -> {search['accuracy']:.2f}.", "",
+                  *_fidelity_lines(search),
                   *table_summary(search),
                   "| round | candidate | latency ms | table predicts ms | how | accuracy | kept | chosen | why not |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -186,3 +187,14 @@ def render_html(report: dict[str, Any]) -> str:
             sections.append(("Latency per layer", html.kernel_plot(
                 before, chosen.get("kernels_ms") or {}, f"baseline vs {chosen['candidate']}")))
     return html.render(f"hwc report: {Path(report['model']['path']).name} on {report['target']['name']}", sections)
+
+
+def _fidelity_lines(search: dict) -> list[str]:
+    """The chosen model's outputs against the uncompressed model's, per output (any model kind)."""
+    chosen = [t for t in search["trials"] if t.get("chosen") and t.get("fidelity")]
+    if not chosen:
+        return []
+    fidelity = chosen[-1]["fidelity"]
+    per_output = ", ".join(f"output {i}: " + ("identical" if sqnr is None else f"SQNR {sqnr:.1f} dB, cosine {cosine:.4f}")
+                           for i, (sqnr, cosine) in enumerate(zip(fidelity["sqnr_db"], fidelity["cosine"])))
+    return [f"Outputs of the chosen model vs the uncompressed one on the same inputs: {per_output}.", ""]

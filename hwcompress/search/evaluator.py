@@ -4,6 +4,7 @@ on the same ONNX model otherwise). Everything stays in memory; only the library 
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..backend.build import BuildOptions, build_model
 from ..config.targets import Target
 from ..measure.latency import Job, Latency, Measurer
 from ..model import reference
+from .metrics import cosine_similarity, metric_for, sqnr_db
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Evaluation:
     latency: Latency
     accuracy: float
     kernels_ms: dict[str, float] = field(default_factory=dict)  # per fused layer, where measured here
+    fidelity: dict[str, list[float]] = field(default_factory=dict)  # per output vs the uncompressed model
 
     @property
     def latency_ms(self) -> float | None:
@@ -33,14 +36,17 @@ class Evaluation:
 
 
 class Evaluator:
-    """Builds and measures a model on the target; scores it on the validation inputs."""
+    """Builds and measures a model on the target; scores it on the validation inputs with the
+    metric (``metrics``: top-1, agreement, output fidelity or the user's own)."""
 
     def __init__(self, target: Target, build: BuildOptions, measurer: Measurer, inputs: list[dict[str, np.ndarray]],
-                 labels: np.ndarray | None, uncompressed: onnx.ModelProto, scratch: Path, tolerance: float = 1e-3):
+                 labels: np.ndarray | None, uncompressed: onnx.ModelProto, scratch: Path, tolerance: float = 1e-3,
+                 metric: str | None = None):
         self.target, self.build, self.measurer = target, build, measurer
         self.inputs, self.labels, self.scratch, self.tolerance = inputs, labels, scratch, tolerance
         self.count = 0
-        self.reference_top1 = None if labels is not None else self._predict_ort(uncompressed)
+        self.reference = self._outputs_ort(uncompressed)
+        self.metric = metric_for(metric, labels, self.reference)
 
     def __call__(self, model: onnx.ModelProto) -> Evaluation:
         self.count += 1
@@ -54,22 +60,22 @@ class Evaluator:
                 reference.check_outputs(model, reference.reference_outputs(model, feeds), measured.outputs,
                                         self.tolerance)
             outputs = self.measurer.run_many(job, self.inputs)
-            predictions = (np.array([o[0].reshape(-1).argmax() for o in outputs]) if outputs is not None
-                           else self._predict_ort(model))
+            if outputs is None:
+                outputs = self._outputs_ort(model)
             kernels = self.measurer.kernel_times(Job("kernels", artifact.library, self.inputs[0],
                                                      artifact.input_names, model))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return Evaluation(measured.latency, self._score(predictions), kernels)
+        return Evaluation(measured.latency, self.metric.score(outputs), kernels, self._fidelity(outputs))
 
     def score_ort(self, model: onnx.ModelProto) -> float:
-        """Accuracy of the ONNX model with ONNX Runtime (a per-layer candidate before it is built)."""
-        return self._score(self._predict_ort(model))
+        """The metric on the ONNX model with ONNX Runtime (a per-layer candidate before it is built)."""
+        return self.metric.score(self._outputs_ort(model))
 
-    def _score(self, predictions: np.ndarray) -> float:
-        truth = self.labels if self.labels is not None else self.reference_top1
-        return float((predictions == truth).mean() * 100.0)
+    def _fidelity(self, outputs) -> dict[str, list[float]]:
+        return {"sqnr_db": [round(v, 2) if math.isfinite(v) else None for v in sqnr_db(self.reference, outputs)],
+                "cosine": [round(v, 6) for v in cosine_similarity(self.reference, outputs)]}
 
-    def _predict_ort(self, model: onnx.ModelProto) -> np.ndarray:
+    def _outputs_ort(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
         session = reference.session(model, exact=reference.is_quantized(model))
-        return np.array([session.run(None, feed)[0].reshape(-1).argmax() for feed in self.inputs])
+        return [session.run(None, feed) for feed in self.inputs]

@@ -32,7 +32,7 @@ from ..backend.tune import tuning_db_dir
 from ..config.targets import Target
 from ..errors import HwcError
 from ..measure.factory import measurer_for
-from ..measure.latency import Job, MeasurementCache, NotMeasurable
+from ..measure.latency import Job, MeasurementCache
 from ..progress import SILENT, Progress
 from .layer_spec import LayerSpec, model_layers
 
@@ -44,7 +44,7 @@ class LatencyTable:
                  progress: Progress = SILENT, budget_s: float | None = None, int8_compute: bool = True):
         self.target, self.trials, self.progress = target, trials, progress
         self.measurer = measurer_for(target, device, repeat=10, min_repeat_ms=20)
-        if isinstance(self.measurer, NotMeasurable):
+        if not self.measurer.gives_latency:
             raise HwcError(f"the layers of {target.name} can only be timed on a device: give "
                            f"--device rpc://HOST:PORT/KEY")
         self.method = self.measurer.method

@@ -20,8 +20,9 @@ prediction it is rejected and the next best is tried. So nothing is ever applied
 measure faster. Every trial is kept (with the table's prediction next to the measurement), and the
 Pareto front of (latency, accuracy) over all of them is reported.
 
-Accuracy is top-1 on labelled validation data, or, without labels, top-1 agreement with the
-uncompressed model on the validation (or calibration) inputs; it is measured on the compiled
+Accuracy is the metric of ``metrics``: top-1 on labelled validation data; without labels, top-1
+agreement with the uncompressed model for a classifier and output cosine similarity for any other
+model; or the user's own function. It is measured on the validation (or calibration) inputs, on the compiled
 artifact where the target runs here, and with ONNX Runtime on the same ONNX model otherwise
 (the report says which).
 """
@@ -63,6 +64,7 @@ class Trial:
     kernels_ms: dict[str, float] = field(default_factory=dict)  # per fused layer, where measured here
     predicted_ms: float | None = None  # the latency table's prediction (per-layer candidates)
     layers: dict[str, list[int]] = field(default_factory=dict)  # per-layer step: layer -> [before, after]
+    fidelity: dict[str, list[float]] = field(default_factory=dict)  # per output: SQNR (dB), cosine vs uncompressed
 
 
 @dataclass
@@ -105,9 +107,10 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
            calibration: Calibration | None, val_inputs: list[dict[str, np.ndarray]] | None,
            labels: np.ndarray | None, max_accuracy_drop: float, min_gain: float = 0.02,
            max_rounds: int | None = None, repeat: int = 30, tolerance: float = 1e-3,
-           progress: Progress = SILENT) -> SearchResult:
+           progress: Progress = SILENT, metric: str | None = None) -> SearchResult:
     """Greedy rounds over the profile's candidates; ``build`` says how each candidate is built (the
-    same options as the final compile), ``repeat`` how many samples each measurement takes."""
+    same options as the final compile), ``repeat`` how many samples each measurement takes,
+    ``metric`` what accuracy is (``metrics.metric_for``; None: chosen from the labels and outputs)."""
     inputs = val_inputs or (calibration.feeds if calibration else None)
     if not inputs:
         raise HwcError("the search needs inputs to score accuracy on: --val (with --labels) or --calib")
@@ -120,15 +123,15 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
     layer_steps = LayerSteps(profile, target, table, calibration) if table else None
     measurer = measurer_for(target, build.device, repeat)
     with tempfile.TemporaryDirectory(prefix="hwc-search-") as scratch:
-        evaluate = Evaluator(target, build, measurer, inputs, labels, model, Path(scratch), tolerance)
+        evaluate = Evaluator(target, build, measurer, inputs, labels, model, Path(scratch), tolerance, metric)
         progress(f"search: baseline on {target.name}")
         base = evaluate(model)
         base_latency, method, base_accuracy = base.latency_ms, base.method, base.accuracy
         result = SearchResult(model, [], base_latency, base_accuracy, base_latency, base_accuracy,
-                              "top-1 (%)" if labels is not None else "top-1 agreement with the uncompressed model (%)",
+                              evaluate.metric.name,
                               "compiled artifact" if measurer.runs_here else "ONNX Runtime on the same ONNX model")
         baseline = Trial(0, "baseline", base_latency, method, base_accuracy, True, True,
-                         kernels_ms=base.kernels_ms)
+                         kernels_ms=base.kernels_ms, fidelity=base.fidelity)
         result.trials.append(baseline)
         if base_latency is None:
             raise HwcError(f"target {target.name} cannot be measured here (no device, no model): the search "
@@ -185,7 +188,8 @@ def _measured_trial(candidate: Candidate, round_index: int, result: SearchResult
         result.trials.append(trial)
         progress(f"search round {round_index}: {candidate.name} failed: {exc}", done, total)
         return trial, None
-    trial = Trial(round_index, candidate.name, latency, method, accuracy, kernels_ms=evaluation.kernels_ms)
+    trial = Trial(round_index, candidate.name, latency, method, accuracy, kernels_ms=evaluation.kernels_ms,
+                  fidelity=evaluation.fidelity)
     _judge(trial, result, base_accuracy, max_accuracy_drop, min_gain)
     result.trials.append(trial)
     progress(f"search round {round_index}: {candidate.name}: {latency:.3f} ms ({method}), accuracy "
@@ -258,7 +262,7 @@ def _choose(kept: list[tuple[bool, float, Trial, Any]], result: SearchResult, ev
             evaluation = evaluate(model)
             latency, method, accuracy = evaluation.latency_ms, evaluation.method, evaluation.accuracy
             trial.latency_ms, trial.latency_method, trial.accuracy = latency, method, accuracy
-            trial.kernels_ms = evaluation.kernels_ms
+            trial.kernels_ms, trial.fidelity = evaluation.kernels_ms, evaluation.fidelity
             trial.accepted = False
             _judge(trial, result, base_accuracy, max_accuracy_drop, min_gain)
             progress(f"end-to-end: {trial.candidate}: measured {latency:.3f} ms ({method}) for the table's "

@@ -31,7 +31,7 @@ class Affine:
 
     terms: list[tuple[relax.Expr, np.ndarray]]
     offset: np.ndarray
-    steps: int  # ops the chain had: folding pays when it had more than it will have
+    steps: int  # ops the chain had; folded, they and the quantize's own two ops become at most one per term
 
     def scaled(self, factor: float, shift: float) -> "Affine":
         return Affine([(leaf, c * factor) for leaf, c in self.terms], self.offset * factor + shift, self.steps)
@@ -56,7 +56,7 @@ def affine_chain(expr: relax.Expr, lookup, shared: frozenset = frozenset(), max_
         return None if var in shared else lookup(var)
 
     result = _float(expr, resolve, max_depth)
-    if result is None or result.steps <= len(result.terms):
+    if result is None or result.steps == 0:  # a bare input: nothing to fold into the quantize's own multiply-add
         return None
     return result
 

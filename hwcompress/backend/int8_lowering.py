@@ -55,6 +55,18 @@ def _as_zero_point_free_int8(weight: np.ndarray, zero: np.ndarray, axis: int) ->
     return shifted.astype(np.int8)
 
 
+def _padded(x_q, padding: list[int], zero_point: int, extra_channels: int):
+    """(data, conv padding): the border must hold the input's zero point. Where that is 0 (any
+    ReLU/ReLU6 output quantized to uint8: every depthwise input of MobileNetV2) the conv pads by
+    itself, inside its kernel; else an explicit pad, a kernel of its own that writes a padded copy."""
+    if zero_point == 0 and not extra_channels:
+        return x_q, padding
+    if not any(padding) and not extra_channels:
+        return x_q, [0, 0, 0, 0]
+    return relax.op.nn.pad(x_q, [0, 0, 0, extra_channels, padding[0], padding[2], padding[1], padding[3]],
+                           pad_value=float(zero_point)), [0, 0, 0, 0]
+
+
 @mutator
 class _LowerQDQ(PyExprMutator):
     def __init__(self, mod, activations: str):
@@ -93,7 +105,8 @@ class _LowerQDQ(PyExprMutator):
                               "its weights minus their zero point do not fit int8")
         w_q = relax.const(w_int)
         z_x = int(z_x.reshape(()))
-        if x_q.ty.dtype != self.activations:
+        depthwise = call.op == _CONV and int(call.attrs.groups) != 1  # reads either byte type
+        if x_q.ty.dtype != self.activations and not depthwise:
             # The dot product wants the other byte type (x86's vpdpbusd: unsigned activations; Arm's
             # sdot and smull: signed): x -/+ 128 (a bit flip, fused into the producer's epilogue)
             # with the zero point moved by the same 128.
@@ -119,13 +132,10 @@ class _LowerQDQ(PyExprMutator):
         # Input channels padded to a multiple of the dot product's group of 4 (an RGB input's 3):
         # the new channels hold the zero point and meet zero weights, so the sums are unchanged.
         extra = -w_int.shape[1] % DOT_GROUP
-        data = x_q
-        if any(padding) or extra:
-            data = relax.op.nn.pad(x_q, [0, 0, 0, extra, padding[0], padding[2], padding[1], padding[3]],
-                                   pad_value=float(z_x))
+        data, inner = _padded(x_q, padding, z_x, extra)
         if extra:
             w_q = relax.const(np.pad(w_int, [(0, 0), (0, extra), (0, 0), (0, 0)]))
-        acc = relax.op.nn.conv2d(data, w_q, strides=attrs.strides, padding=(0, 0), dilation=attrs.dilation,
+        acc = relax.op.nn.conv2d(data, w_q, strides=attrs.strides, padding=inner, dilation=attrs.dilation,
                                  groups=1, out_dtype="int32")
         channels = w_int.shape[0]
         correction = z_x * w_int.astype(np.int64).reshape(channels, -1).sum(1)
@@ -145,12 +155,8 @@ class _LowerQDQ(PyExprMutator):
             return self._kept(call, f"grouped conv2d {w_int.shape}", "only dense and depthwise convs are lowered")
         weight = (w_int.astype(np.float32) * (s_x * np.broadcast_to(s_w.reshape(-1), (channels,)))
                   .astype(np.float32).reshape(-1, 1, 1, 1)).astype(np.float32)
-        padding = [int(p) for p in attrs.padding]
-        data = x_q
-        if any(padding):
-            data = relax.op.nn.pad(x_q, [0, 0, 0, 0, padding[0], padding[2], padding[1], padding[3]],
-                                   pad_value=float(z_x))
-        out = relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=(0, 0),
+        data, inner = _padded(x_q, [int(p) for p in attrs.padding], z_x, 0)
+        out = relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=inner,
                                  dilation=attrs.dilation, groups=channels, out_dtype="float32")
         self.lowered.append(f"depthwise conv2d {w_int.shape}")
         correction = (z_x * weight.reshape(channels, -1).astype(np.float64).sum(1)).astype(np.float32)

@@ -144,7 +144,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .model.loading import parse_input_shapes
 
     progress = ProgressLines(args.quiet)
-    options = CompileOptions(target=args.target, tune_trials=args.tune_trials, cache_dir=args.cache_dir,
+    options = CompileOptions(target=args.target, tune_trials=args.tune_trials, tune_seconds=args.tune_seconds,
+                             cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              tolerance=args.tolerance, repeat=args.repeat, device=args.device,
                              int8_compute=not args.no_int8_lowering, force=args.force)
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-4,
                    help="largest accepted output difference relative to the output scale (default 1e-4)")
 
-    from .backend.build import DEFAULT_TUNE_TRIALS
+    from .backend.build import DEFAULT_TUNE_SECONDS, DEFAULT_TUNE_TRIALS
     from .compress.recipes import (CALIBRATION_METHODS, IMPORTANCES, LOWRANK_METHODS, SCHEMES, LowrankRecipe,
                                    PruneRecipe, QuantizeRecipe)
 
@@ -452,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials", type=NON_NEGATIVE_INT, default=DEFAULT_TUNE_TRIALS,
                    help=f"MetaSchedule trials in all (default {DEFAULT_TUNE_TRIALS}; 0 = no tuning, "
                         "use what the tuning database already has)")
+    p.add_argument("--tune-seconds", type=NON_NEGATIVE, default=DEFAULT_TUNE_SECONDS,
+                   help=f"wall-time budget of the tuning (default {DEFAULT_TUNE_SECONDS:g} s; 0 = none): when spent, "
+                        "the build goes on with the records so far and a later compile tunes on")
     p.add_argument("--cache-dir", type=Path, help="tuning database location (default ~/.cache/hwcompress, "
                                                  "or HWC_CACHE_DIR)")
     p.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-3,

@@ -175,6 +175,21 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng, monkeypatc
     assert second["accuracy"]["max_relative_error"] < 1e-3
 
 
+def test_tuning_stops_at_its_time_budget_and_the_build_goes_on(tmp_path, rng):
+    """--tune-seconds bounds a compile's tuning: when it is spent, tuning stops (records so far kept),
+    the report says so, and the model is built, measured and checked as usual."""
+    inits = {"fw": rng.normal(0, 0.2, (10, 64)), "fb": np.zeros(10)}
+    nodes = [helper.make_node("Gemm", ["x", "fw", "fb"], ["g"], transB=1), helper.make_node("Softmax", ["g"], ["y"])]
+    path = tmp_path / "fc.onnx"
+    onnx.save_model(make_model(nodes, [("x", [1, 64])], [("y", [1, 10])], inits), str(path))
+    report = compile_model(path, tmp_path / "out", CompileOptions(tune_trials=10_000, tune_seconds=2,
+                                                                  cache_dir=tmp_path / "cache", repeat=3))
+    tuning = report["tuning"]
+    assert "time budget of 2 s spent" in tuning["stopped"] and tuning["trials_run"] < tuning["trials_requested"]
+    assert report["accuracy"]["max_relative_error"] < 1e-3
+    assert "Stopped early: time budget" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_npu16_latency_is_modelled_and_pads_channels_to_16(tmp_path, rng):
     from hwcompress.config.targets import get_target
     from hwcompress.measure.cycle_model import modelled_latency

@@ -30,11 +30,13 @@ if TYPE_CHECKING:  # the lowering imports TVM, which a build loads only when it 
     from .int8_lowering import Int8Lowering
 
 DEFAULT_TUNE_TRIALS = 500
+DEFAULT_TUNE_SECONDS = 600.0  # a default compile ends in bounded time; 0: no limit
 
 
 @dataclass
 class BuildOptions:
     tune_trials: int = DEFAULT_TUNE_TRIALS
+    tune_seconds: float = DEFAULT_TUNE_SECONDS  # wall-time budget of the tuning (0: none)
     cache_dir: Path | None = None
     device: str | None = None  # rpc://HOST:PORT/KEY where tuning candidates run; default the target's
     int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
@@ -66,6 +68,8 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
     check_toolchain(target)
     if options.tune_trials < 0:
         raise HwcError("--tune-trials must be 0 or more")
+    if options.tune_seconds < 0:
+        raise HwcError("--tune-seconds must be 0 (no limit) or more")
     progress("importing into TVM Relax")
     mod = import_onnx(model)
     int8 = None
@@ -102,7 +106,8 @@ def _tune_where_possible(kernels, target: Target, options: BuildOptions, progres
     repair(db_dir, progress.warn)
     device = options.device or target.latency.device
     if options.tune_trials > 0 and (device or not target.is_cross):
-        return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device), None
+        return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device,
+                            options.tune_seconds or None), None
     if options.tune_trials > 0:
         note = (f"{target.name} code cannot run here, so it is tuned only on its device "
                 f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")

@@ -76,10 +76,11 @@ class TuningResult:
     seconds: float
     database: str
     defaults_kept: int = 0  # kernels where no candidate beat the default schedule (measured alike)
+    stopped: str | None = None  # why tuning ended before its trials (the time budget), if it did
 
 
 def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress = SILENT,
-         device: str | None = None) -> TuningResult:
+         device: str | None = None, seconds: float | None = None) -> TuningResult:
     """Tune every fused kernel of ``kernels`` (from ``build.lower``) that has no schedule yet with
     MetaSchedule, adding to ``db_dir``.
 
@@ -87,7 +88,8 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     RPCRunner; a cross target is only tuned on its device. Tuning runs in a child process of its
     own process group: Ctrl-C reaches only hwc, which stops the child (native code cannot be
     interrupted safely), keeps the records written so far, and raises KeyboardInterrupt; the next
-    run tunes again what had not finished."""
+    run tunes again what had not finished. ``seconds`` bounds the wall time the same way: when it
+    is spent the child is stopped, the records so far are kept and the build goes on with them."""
     import tvm
 
     if "num-cores" not in target.tvm_target_dict():
@@ -108,6 +110,11 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     heartbeat = _Heartbeat(progress)
     try:
         while True:
+            if seconds and time.monotonic() - start > seconds:
+                return _stopped_by_budget(child, db_dir, seconds, heartbeat, progress,
+                                          TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=0,
+                                                       records_reused=len(known), seconds=0.0, database=str(db_dir)),
+                                          start)
             try:
                 kind, payload = events.get(timeout=0.5)
             except queue.Empty:
@@ -131,6 +138,20 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
         raise
     child.join()
     repair(db_dir, progress.warn)  # failed candidates of this run never become records
+    return result
+
+
+def _stopped_by_budget(child, db_dir: Path, seconds: float, heartbeat: "_Heartbeat", progress: Progress,
+                      result: TuningResult, start: float) -> TuningResult:
+    """End tuning at its time budget: the records written so far stay (a line torn by the stop is
+    dropped silently: this stop is expected), kernels not finished are tuned again by a later run."""
+    _stop(child)
+    repair(db_dir, lambda _message: None)
+    result.trials_run = heartbeat.done or 0
+    result.seconds = time.monotonic() - start
+    result.stopped = (f"time budget of {seconds:g} s spent after {result.trials_run} trials (--tune-seconds); "
+                      f"the records so far are used, a later compile goes on tuning")
+    progress.warn(f"tuning: {result.stopped}")
     return result
 
 

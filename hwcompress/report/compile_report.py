@@ -112,6 +112,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"{tuning['tasks']} kernels; {tuning['records_reused']} reused from the database, "
                      f"{tuning['trials_run']} trials run of {tuning['trials_requested']} allowed, "
                      f"{tuning['seconds']:.0f} s. Database: `{tuning['database']}`.")
+        if tuning.get("stopped"):
+            lines.append(f"Stopped early: {tuning['stopped']}.")
         if tuning.get("defaults_kept"):
             lines.append(f"{tuning['defaults_kept']} kernel(s) kept the rule-based default schedule: no tuning "
                          f"candidate measured faster than it.")

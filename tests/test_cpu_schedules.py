@@ -250,3 +250,32 @@ def test_untuned_kernels_get_a_parallel_vectorized_default_schedule(rng):
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
     assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+
+
+def test_exp_is_vector_arithmetic_as_exact_as_expf():
+    """exp (and sigmoid, SiLU) lowers to a polynomial in registers, not one expf call per lane (a
+    YOLO-style detector's SiLU convs ran 21% slower so): relative error below 3e-7 where the
+    result is a normal float, inf above, 0 below, NaN kept."""
+    from tvm import te
+
+    from hwcompress.backend.build import install_lowering_rules
+
+    install_lowering_rules()
+    size = 4096
+    data = te.placeholder((size,), "float32", name="data")
+    out = te.compute((size,), lambda i: te.exp(data[i]) + te.sigmoid(data[i]) * 0, name="out")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([data, out]))
+    loop = sch.get_loops(sch.get_sblock("out"))[0]
+    sch.vectorize(sch.split(loop, [None, 16])[1])
+    library = tvm.tirx.build(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
+                             target=get_target("host").tvm_target())
+    assert "expf" not in library.inspect_source("asm")
+    x = np.concatenate([np.linspace(-100, 100, size - 8, dtype=np.float32),
+                        np.array([np.nan, np.inf, -np.inf, 0, 88.72, 88.73, -87.3, -87.4], np.float32)])
+    result = tvm.runtime.tensor(np.zeros(size, np.float32))
+    library(tvm.runtime.tensor(x), result)
+    got, want = result.numpy(), np.exp(x.astype(np.float64))
+    normal = np.isfinite(x) & (want > np.finfo(np.float32).tiny) & (want < np.finfo(np.float32).max)
+    assert (np.abs(got[normal] - want[normal]) / want[normal]).max() < 3e-7
+    assert np.isnan(got[-8]) and got[-7] == np.inf and got[-6] == 0 and got[-5] == 1
+    assert got[-3] == np.inf and got[-1] == 0 and (x > 88.73).sum() and (got[x > 88.73] == np.inf).all()

@@ -124,7 +124,7 @@ def lower(mod, target: Target):
     from tvm import relax
 
     tvm_target = target.tvm_target()
-    allow_vectorized_rounding()
+    install_lowering_rules()
     with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
         if not target.is_gpu:
             return cpu_kernels(mod, tvm_target)
@@ -132,6 +132,14 @@ def lower(mod, target: Target):
 
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())(relax.get_pipeline("zero")(mod))
+
+
+def install_lowering_rules() -> None:
+    """The project's fixes to how TVM lowers math on CPUs (process-wide, idempotent)."""
+    from .fast_exp import install
+
+    allow_vectorized_rounding()
+    install()
 
 
 def allow_vectorized_rounding() -> None:
@@ -177,6 +185,7 @@ def build(kernels, target: Target, db_dir: Path | None):
     from .default_schedule import schedule_untuned
 
     tvm_target = target.tvm_target()
+    install_lowering_rules()
     with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
         if not target.is_gpu:
             if db_dir is not None and (db_dir / "database_tuning_record.json").exists():

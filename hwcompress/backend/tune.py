@@ -58,6 +58,10 @@ def ms_build(mod, target, _params):
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .build import install_lowering_rules
+
+    install_lowering_rules()  # candidates are built as the final model will be
+
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 

@@ -30,12 +30,13 @@ def commit_default_records(tasks, tvm_target, lanes: int, builder, runner, datab
 
     from .default_schedule import default_schedule_of
 
+    cores = int(tvm_target.attrs.get("num-cores") or 0) or None  # the target's, not this machine's
     scheduled = []
     for task in tasks:
         workload = task.dispatched[0]
         if database.query_tuning_record(workload, tvm_target, task.task_name) is not None:
             continue
-        sch = default_schedule_of(workload, lanes)
+        sch = default_schedule_of(workload, lanes, cores)
         if sch is not None:
             scheduled.append((task, sch))
     if not scheduled:

@@ -276,7 +276,8 @@ def test_avx_vnni_cpus_get_the_256_bit_kernel(int8_net):
     vectors and 16 registers. Compiled only: this machine may not execute VEX-encoded vpdpbusd."""
     import tvm
 
-    from hwcompress.backend.build import allow_vectorized_rounding, cpu_kernels
+    from hwcompress.backend.build import cpu_kernels
+    from hwcompress.backend.lowering_rules import allow_vectorized_rounding
     from hwcompress.backend.default_schedule import schedule_untuned
 
     quantized, _ = int8_net

@@ -23,6 +23,7 @@ from ..errors import HwcError, first_line
 from ..progress import SILENT, Progress
 from .export import export
 from .importer import import_onnx
+from .lowering_rules import install_lowering_rules
 from .tune import TuningResult, default_cache_dir, tune, tuning_db_dir
 from .tuning_db import repair
 
@@ -132,26 +133,6 @@ def lower(mod, target: Target):
 
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())(relax.get_pipeline("zero")(mod))
-
-
-def install_lowering_rules() -> None:
-    """The project's fixes to how TVM lowers math on CPUs (process-wide, idempotent)."""
-    from .fast_exp import install
-
-    allow_vectorized_rounding()
-    install()
-
-
-def allow_vectorized_rounding() -> None:
-    """Let TVM vectorize ``nearbyint`` (round half to even, what every quantize does). TVM 0.27
-    does not mark it vectorizable, so its loop vectorizer turned each quantize epilogue into 16
-    scalar roundings per vector (LLVM sometimes re-vectorized them, sometimes not: MobileNetV2's
-    first depthwise conv ran 2x slower); LLVM has the vector instruction (``vrndscaleps``)."""
-    import tvm
-
-    op = tvm.ir.Op.get("tirx.nearbyint")
-    if not op.get_attr("TVectorizable"):
-        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
 
 
 def cpu_kernels(mod, tvm_target):

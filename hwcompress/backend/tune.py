@@ -58,7 +58,7 @@ def ms_build(mod, target, _params):
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from .build import install_lowering_rules
+    from .lowering_rules import install_lowering_rules
 
     install_lowering_rules()  # candidates are built as the final model will be
 

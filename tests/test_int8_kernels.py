@@ -338,3 +338,26 @@ def test_arm_int8_kernels_use_neon_and_match_under_qemu(int8_net, tmp_path, targ
     assert report["accuracy"]["max_relative_error"] < 1e-3  # the same integer arithmetic as the QDQ graph
     assert len(report["int8_lowering"]["layers"]) == 6
     assert report["int8_lowering"]["instructions"].startswith(instructions[0])  # the report says which path
+
+
+def test_grouped_int8_convs_read_8_bit_activations(tmp_path):
+    """A grouped conv (2 groups, not depthwise) is lowered like a depthwise one: it reads the 8-bit
+    activations and multiplies in float, so the tensors around it stay 8-bit; its values are the QDQ
+    graph's (ONNX Runtime, as written)."""
+    from hwcompress.compile import CompileOptions, compile_model
+
+    rng = np.random.default_rng(3)
+    inits = {"W1": rng.normal(0, 0.3, (16, 3, 3, 3)), "W2": rng.normal(0, 0.2, (16, 8, 3, 3)),
+             "W3": rng.normal(0, 0.2, (8, 16, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1], group=2),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("Conv", ["r2", "W3"], ["y"])]
+    model = make_model(nodes, [("x", [1, 3, 12, 12])], [("y", [1, 8, 12, 12])], inits)
+    feeds = [{"x": rng.normal(0, 1, (1, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    quantized, _ = quantize_model(model, Calibration(feeds, "synthetic"), "int8", "minmax")
+    onnx.save(quantized, str(tmp_path / "q.onnx"))
+    report = compile_model(tmp_path / "q.onnx", tmp_path / "out",
+                           CompileOptions(tune_trials=0, cache_dir=tmp_path / "cache", repeat=3))
+    lowering = report["int8_lowering"]
+    assert "grouped (2 groups) conv2d (16, 8, 3, 3)" in lowering["layers"] and not lowering["kept_float"]
+    assert report["accuracy"]["max_relative_error"] < 1e-3

@@ -105,8 +105,8 @@ class _LowerQDQ(PyExprMutator):
                               "its weights minus their zero point do not fit int8")
         w_q = relax.const(w_int)
         z_x = int(z_x.reshape(()))
-        depthwise = call.op == _CONV and int(call.attrs.groups) != 1  # reads either byte type
-        if x_q.ty.dtype != self.activations and not depthwise:
+        grouped = call.op == _CONV and int(call.attrs.groups) != 1  # reads either byte type
+        if x_q.ty.dtype != self.activations and not grouped:
             # The dot product wants the other byte type (x86's vpdpbusd: unsigned activations; Arm's
             # sdot and smull: signed): x -/+ 128 (a bit flip, fused into the producer's epilogue)
             # with the zero point moved by the same 128.
@@ -127,7 +127,7 @@ class _LowerQDQ(PyExprMutator):
         if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or w_axis != 0:
             return self._kept(call, f"conv2d {w_int.shape}", "its layout or weight scale axis is not NCHW/OIHW, axis 0")
         if attrs.groups != 1:
-            return self._depthwise(call, x_q, s_x, z_x, w_int, s_w)
+            return self._grouped(call, x_q, s_x, z_x, w_int, s_w)
         padding = [int(p) for p in attrs.padding]  # top, left, bottom, right
         # Input channels padded to a multiple of the dot product's group of 4 (an RGB input's 3):
         # the new channels hold the zero point and meet zero weights, so the sums are unchanged.
@@ -143,22 +143,21 @@ class _LowerQDQ(PyExprMutator):
         self.lowered.append(f"conv2d {w_int.shape}")
         return self._rescale(acc, correction.reshape(1, channels, 1, 1), scale.reshape(1, channels, 1, 1))
 
-    def _depthwise(self, call, x_q, s_x, z_x, w_int, s_w):
-        """A depthwise conv reads the 8-bit activations itself and multiplies in float:
-        ``conv(x_q, W_q * s_w * s_x) - z_x * sum(W_q * s_w * s_x)``. Nine products per output leave
-        nothing for a dot product to sum; what pays is that the tensor between the previous layer
-        and this one stays 8-bit (as a separate dequantize it was fused into the producer, which
-        then wrote floats: 4x the memory traffic)."""
+    def _grouped(self, call, x_q, s_x, z_x, w_int, s_w):
+        """A grouped conv (depthwise: one input channel per group) reads the 8-bit activations
+        itself and multiplies in float: ``conv(x_q, W_q * s_w * s_x) - z_x * sum(W_q * s_w * s_x)``
+        per output channel. Nine products per output (depthwise) leave nothing for a dot product to
+        sum; what pays is that the tensors around it stay 8-bit (as a separate dequantize it was
+        fused into the producer, which then wrote floats: 4x the memory traffic)."""
         attrs = call.attrs
-        channels = w_int.shape[0]
-        if attrs.groups != channels or w_int.shape[1] != 1:
-            return self._kept(call, f"grouped conv2d {w_int.shape}", "only dense and depthwise convs are lowered")
+        channels, groups = w_int.shape[0], int(attrs.groups)
         weight = (w_int.astype(np.float32) * (s_x * np.broadcast_to(s_w.reshape(-1), (channels,)))
                   .astype(np.float32).reshape(-1, 1, 1, 1)).astype(np.float32)
         data, inner = _padded(x_q, [int(p) for p in attrs.padding], z_x, 0)
         out = relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=inner,
-                                 dilation=attrs.dilation, groups=channels, out_dtype="float32")
-        self.lowered.append(f"depthwise conv2d {w_int.shape}")
+                                 dilation=attrs.dilation, groups=groups, out_dtype="float32")
+        kind = "depthwise" if groups == channels and w_int.shape[1] == 1 else f"grouped ({groups} groups)"
+        self.lowered.append(f"{kind} conv2d {w_int.shape}")
         correction = (z_x * weight.reshape(channels, -1).astype(np.float64).sum(1)).astype(np.float32)
         if not np.any(correction):
             return out

@@ -108,6 +108,18 @@ def test_arm_a72_library_is_checked_under_qemu_but_not_timed(tmp_path):
     assert "not measured" in text and "Outputs computed on: qemu-aarch64 user emulation" in text
 
 
+def test_arm_build_without_an_emulation_runtime_stands_unchecked_and_says_why(tmp_path, monkeypatch):
+    """Offline, with HWC_AARCH64_RUNTIME naming a folder that lacks TVM's aarch64 runtime, the build
+    is still written; its outputs are "not checked", with the reason."""
+    (tmp_path / "runtime").mkdir()
+    monkeypatch.setenv("HWC_AARCH64_RUNTIME", str(tmp_path / "runtime"))
+    report = compile_model(shared_model("mnist-8"), tmp_path / "arm",
+                           CompileOptions(target="arm-a72", tune_trials=0, cache_dir=tmp_path / "cache"))
+    assert report["accuracy"]["max_abs_error"] is None
+    assert "lacks libtvm_runtime.so, libtvm_ffi.so" in report["accuracy"]["reason"]
+    assert (tmp_path / "arm" / "model.so").exists()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
 def test_nvidia_t4_builds_sm75_kernels_with_nvcc(tmp_path):
     report = compile_model(shared_model("mnist-8"), tmp_path / "t4",

@@ -60,6 +60,13 @@ def ensure_runtime(compiler: str, cache_dir: Path | None = None) -> Path:
     directory = runtime_dir(cache_dir)
     if (directory / DRIVER).exists():
         return directory
+    if os.environ.get("HWC_AARCH64_RUNTIME"):  # the user's own folder of runtime libraries
+        missing = [Path(member).name for member in RUNTIME_LIBS.values() if not (directory / Path(member).name).exists()]
+        if missing:
+            raise HwcError(f"HWC_AARCH64_RUNTIME={directory} lacks {', '.join(missing)} (from the aarch64 "
+                           f"apache-tvm / apache-tvm-ffi wheels)")
+        _build_driver(compiler, directory)
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".making-"))
     try:
@@ -104,10 +111,9 @@ def _build_driver(compiler: str, work: Path) -> None:
         raise HwcError(f"cannot build {DRIVER} for aarch64: {(done.stderr.strip().splitlines() or ['?'])[0]}")
 
 
-def run_emulated(library: Path, feeds: dict[str, np.ndarray], input_names: list[str], compiler: str,
-                 cache_dir: Path | None = None) -> list[np.ndarray]:
-    """The outputs of the aarch64 ``library`` on ``feeds``, computed under qemu-aarch64."""
-    runtime = ensure_runtime(compiler, cache_dir)
+def run_emulated(library: Path, feeds: dict[str, np.ndarray], input_names: list[str], runtime: Path) -> list[np.ndarray]:
+    """The outputs of the aarch64 ``library`` on ``feeds``, computed under qemu-aarch64 with the
+    runtime folder from ``ensure_runtime``."""
     with tempfile.TemporaryDirectory(prefix="hwc-qemu-") as tmp:
         args = []
         for i, name in enumerate(input_names):

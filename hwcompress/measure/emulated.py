@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend.emulator import QEMU, run_emulated
+from ..backend.emulator import QEMU, ensure_runtime, run_emulated
 from ..config.targets import Target
+from ..errors import HwcError
 from .latency import Job, Measurement, Measurer, not_measured
 
 
@@ -27,14 +28,17 @@ class EmulatedMeasurer(Measurer):
         return f"outputs under {QEMU} user emulation (latency needs the device)"
 
     def measure(self, job: Job) -> Measurement:
-        outputs = run_emulated(job.library, job.feeds, job.input_names, self.target.cross_compiler, self.cache_dir)
         latency = not_measured(self.no_latency_reason)
+        try:
+            runtime = ensure_runtime(self.target.cross_compiler, self.cache_dir)
+        except HwcError as exc:  # no runtime to emulate with (offline): the build stands, unchecked
+            return Measurement(latency, None, f"the artifact could not be emulated here: {exc}")
         latency.device = f"{QEMU} user emulation"
-        return Measurement(latency, outputs)
+        return Measurement(latency, run_emulated(job.library, job.feeds, job.input_names, runtime))
 
     def run_many(self, job: Job, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-        return [run_emulated(job.library, feed, job.input_names, self.target.cross_compiler, self.cache_dir)
-                for feed in inputs]
+        runtime = ensure_runtime(self.target.cross_compiler, self.cache_dir)
+        return [run_emulated(job.library, feed, job.input_names, runtime) for feed in inputs]
 
     def measure_all(self, jobs: list[Job], cache, progress=None) -> dict:
         """Latency tables and searches want figures, which an emulator cannot give: none, at no cost."""

@@ -18,6 +18,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .relax_rewrite import constant_value
+
 _ADD = tvm.ir.Op.get("relax.add")
 _SUBTRACT = tvm.ir.Op.get("relax.subtract")
 _MULTIPLY = tvm.ir.Op.get("relax.multiply")
@@ -72,7 +74,7 @@ def _float(expr, lookup, depth: int) -> Affine | None:
         return Affine([(inner[0], np.ones((), np.float64))], inner[1].astype(np.float64), inner[2] + 1)
     if op in (_ADD, _SUBTRACT):
         sign = 1.0 if op == _ADD else -1.0
-        left, right = _float(args[0], lookup, depth - 1), _constant(args[1])
+        left, right = _float(args[0], lookup, depth - 1), constant_value(args[1])
         if right is not None:
             return Affine(left.terms, left.offset + sign * right, left.steps + 1)
         right = _float(args[1], lookup, depth - 1)
@@ -80,7 +82,7 @@ def _float(expr, lookup, depth: int) -> Affine | None:
                       left.steps + right.steps + 1)
     if op == _MULTIPLY:
         for data, factor in ((args[0], args[1]), (args[1], args[0])):
-            constant = _constant(factor)
+            constant = constant_value(factor)
             if constant is not None:
                 inner = _float(data, lookup, depth - 1)
                 return Affine([(leaf, c * constant) for leaf, c in inner.terms], inner.offset * constant,
@@ -95,7 +97,7 @@ def _integer(expr, lookup, depth: int) -> tuple[relax.Expr, np.ndarray, int]:
     if depth <= 0 or not isinstance(value, relax.Call):
         return expr, np.zeros((), np.int64), 0
     if value.op in (_ADD, _SUBTRACT):
-        constant = _constant(value.args[1])
+        constant = constant_value(value.args[1])
         if constant is not None and np.issubdtype(constant.dtype, np.integer):
             leaf, offset, steps = _integer(value.args[0], lookup, depth - 1)
             sign = 1 if value.op == _ADD else -1
@@ -105,13 +107,6 @@ def _integer(expr, lookup, depth: int) -> tuple[relax.Expr, np.ndarray, int]:
         leaf, offset, steps = _integer(value.args[0], lookup, depth - 1)
         return leaf, offset, steps + 1
     return expr, np.zeros((), np.int64), 0
-
-
-def _constant(expr) -> np.ndarray | None:
-    if not isinstance(expr, tvm.ir.expr.Constant):
-        return None
-    value = expr.value.numpy()
-    return value.astype(np.float64) if value.dtype.kind == "f" else value
 
 
 def _const(values: np.ndarray) -> relax.Constant:

@@ -17,7 +17,6 @@ from ..progress import SILENT, Progress
 
 @dataclass
 class DefaultRecord:
-    task_name: str
     workload: object   # the task's IRModule
     seconds: float     # mean measured time of the default schedule
 
@@ -28,9 +27,9 @@ def commit_default_records(tasks, tvm_target, lanes: int, builder, runner, datab
     ``database`` yet; the records committed (kernels whose default failed to build or run get none)."""
     import tvm.s_tir.meta_schedule as ms
 
-    from .default_schedule import default_schedule_of
+    from .default_schedule import default_schedule_of, target_cores
 
-    cores = int(tvm_target.attrs.get("num-cores") or 0) or None  # the target's, not this machine's
+    cores = target_cores(tvm_target)  # the target's, not this machine's
     scheduled = []
     for task in tasks:
         workload = task.dispatched[0]
@@ -56,7 +55,7 @@ def commit_default_records(tasks, tvm_target, lanes: int, builder, runner, datab
         workload = database.commit_workload(task.dispatched[0])
         database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, result.run_secs, tvm_target, ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])))
-        committed.append(DefaultRecord(task.task_name, task.dispatched[0], sum(seconds) / len(seconds)))
+        committed.append(DefaultRecord(task.dispatched[0], sum(seconds) / len(seconds)))
     return committed
 
 

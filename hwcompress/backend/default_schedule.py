@@ -38,7 +38,7 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
     num-cores, else this machine's): the input layer of an int8 model (NCHW float -> NHWC 4-channel
     uint8 with padding) ran 0.20 ms with every spatial loop fused into one parallel loop (index
     arithmetic per pixel) and 0.06 ms parallel over rows, pixels serial and channels vectorized."""
-    tasks = TASKS_PER_CORE * (cores or _target_cores())
+    tasks = TASKS_PER_CORE * (cores or target_cores(tvm.target.Target.current(allow_none=True)))
     sch = Schedule(func)
     try:
         infos = normalize_prim_func(sch)
@@ -84,7 +84,7 @@ def _extent(sch: Schedule, loop) -> int:
     return int(extent) if isinstance(extent, tirx.IntImm) else 0
 
 
-def _target_cores() -> int:
-    target = tvm.target.Target.current(allow_none=True)
+def target_cores(target) -> int:
+    """The target's num-cores (a board's through RPC, say), else this machine's CPU count."""
     cores = target.attrs.get("num-cores") if target is not None else None
     return int(cores) if cores else (os.cpu_count() or 1)

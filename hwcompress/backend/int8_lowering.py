@@ -27,15 +27,12 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .affine_chain import affine_chain, shared_vars
 from .dense_as_conv import matmul_as_conv
+from .relax_rewrite import constant_value
 
 _CONV = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
 DOT_GROUP = 4  # input channels one integer dot-product lane sums (x86 vpdpbusd, Arm sdot)
-
-
-def _constant(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
 def _as_zero_point_free_int8(weight: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray | None:
@@ -59,10 +56,8 @@ def _padded(x_q, padding: list[int], zero_point: int, extra_channels: int):
     """(data, conv padding): the border must hold the input's zero point. Where that is 0 (any
     ReLU/ReLU6 output quantized to uint8: every depthwise input of MobileNetV2) the conv pads by
     itself, inside its kernel; else an explicit pad, a kernel of its own that writes a padded copy."""
-    if zero_point == 0 and not extra_channels:
+    if not extra_channels and (zero_point == 0 or not any(padding)):
         return x_q, padding
-    if not any(padding) and not extra_channels:
-        return x_q, [0, 0, 0, 0]
     return relax.op.nn.pad(x_q, [0, 0, 0, extra_channels, padding[0], padding[2], padding[1], padding[3]],
                            pad_value=float(zero_point)), [0, 0, 0, 0]
 
@@ -91,8 +86,8 @@ class _LowerQDQ(PyExprMutator):
             return call
         x_q, s_x, z_x, _ = data
         w_q, s_w, z_w, w_axis = weight
-        values = [_constant(e) for e in (s_x, z_x, s_w, z_w)]
-        w_int = _constant(w_q)
+        values = [constant_value(e) for e in (s_x, z_x, s_w, z_w)]
+        w_int = constant_value(w_q)
         kind = "conv2d" if call.op == _CONV else "matmul"
         if any(v is None for v in values) or w_int is None:
             return self._kept(call, kind, "its weights or quantization parameters are not constant")
@@ -101,7 +96,7 @@ class _LowerQDQ(PyExprMutator):
             return self._kept(call, f"{kind} {w_int.shape}", "its input is not per-tensor 8-bit")
         w_int = _as_zero_point_free_int8(w_int, z_w, w_axis)
         if w_int is None:
-            return self._kept(call, f"{kind} {_constant(w_q).shape}",
+            return self._kept(call, f"{kind} {constant_value(w_q).shape}",
                               "its weights minus their zero point do not fit int8")
         w_q = relax.const(w_int)
         z_x = int(z_x.reshape(()))
@@ -205,7 +200,7 @@ class _ElementwiseQDQ(PyExprMutator):
         call = super().visit_call_(call)
         if call.op not in (_QUANTIZE, _DEQUANTIZE):
             return call
-        scale, zero = _constant(call.args[1]), _constant(call.args[2])
+        scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
         if scale is None or zero is None or scale.size != 1 or zero.size != 1:
             return call
         scale_value = np.float32(scale.reshape(()))
@@ -263,7 +258,7 @@ class _ElementwiseQDQ(PyExprMutator):
                 low = 0.0 if low is None else max(low, 0.0)
                 data = value.args[0]
                 continue
-            bound = _constant(value.args[1]) if value.op in (_MAXIMUM, _MINIMUM) and len(value.args) == 2 else None
+            bound = constant_value(value.args[1]) if value.op in (_MAXIMUM, _MINIMUM) and len(value.args) == 2 else None
             if bound is None or bound.size != 1 or not np.issubdtype(bound.dtype, np.floating):
                 return data, low, high
             bound = float(bound.reshape(()))

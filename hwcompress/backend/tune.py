@@ -115,10 +115,14 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     try:
         while True:
             if seconds and time.monotonic() - start > seconds:
-                return _stopped_by_budget(child, db_dir, seconds, heartbeat, progress,
-                                          TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=0,
-                                                       records_reused=len(known), seconds=0.0, database=str(db_dir)),
-                                          start)
+                _stop_at_budget(child, db_dir)
+                run = heartbeat.done or 0
+                stopped = (f"time budget of {seconds:g} s spent after {run} trials (--tune-seconds); the "
+                           f"records so far are used, a later compile goes on tuning")
+                progress.warn(f"tuning: {stopped}")
+                return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run,
+                                    records_reused=len(known), seconds=time.monotonic() - start,
+                                    database=str(db_dir), stopped=stopped)
             try:
                 kind, payload = events.get(timeout=0.5)
             except queue.Empty:
@@ -145,18 +149,11 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     return result
 
 
-def _stopped_by_budget(child, db_dir: Path, seconds: float, heartbeat: "_Heartbeat", progress: Progress,
-                      result: TuningResult, start: float) -> TuningResult:
+def _stop_at_budget(child, db_dir: Path) -> None:
     """End tuning at its time budget: the records written so far stay (a line torn by the stop is
     dropped silently: this stop is expected), kernels not finished are tuned again by a later run."""
     _stop(child)
     repair(db_dir, lambda _message: None)
-    result.trials_run = heartbeat.done or 0
-    result.seconds = time.monotonic() - start
-    result.stopped = (f"time budget of {seconds:g} s spent after {result.trials_run} trials (--tune-seconds); "
-                      f"the records so far are used, a later compile goes on tuning")
-    progress.warn(f"tuning: {result.stopped}")
-    return result
 
 
 class _Heartbeat:

@@ -325,7 +325,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress.step(f"loading {args.model}")
     model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
     calibration = load_calibration(args.calib, model, max_samples=args.max_samples, preprocess=args.preprocess)
-    progress.step(f"calibrating ({args.method}) on {len(calibration.feeds)} sample(s) from {calibration.source}")
+    progress.step(f"measuring each layer's float16 error on {len(calibration.feeds)} sample(s) from {calibration.source}"
+                  if args.scheme == "float16" else
+                  f"calibrating ({args.method}) on {len(calibration.feeds)} sample(s) from {calibration.source}")
     quantized, report = quantize_model(model, calibration, args.scheme, args.method,
                                        target.symmetric_activations, args.min_sqnr,
                                        not args.no_bias_correction)
@@ -337,7 +339,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report.update({"input": args.model, "output": args.output, "target": target.name})
     if report.get("warning"):
         print(f"hwc: warning: {report['warning']}", file=sys.stderr)
-    lines = [f"{args.output}: {args.scheme} ({args.method} calibration, {report['activations']} activations); "
+    how = ("weights and activations in float16" if args.scheme == "float16" else
+           f"{args.method} calibration, {report['activations']} activations")
+    lines = [f"{args.output}: {args.scheme} ({how}); "
              f"output error {report['output_error']:.3g} (relative RMS, on {report['error_measured_on']})"]
     lines += [f"  {name}: SQNR {db:.1f} dB" + (" (kept fp32)" if name in report["fp32_fallback"] else "")
               for name, db in report["layer_sqnr_db"].items()]

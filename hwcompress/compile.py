@@ -192,7 +192,8 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             "model": {"path": str(model_path), "parameters": info["parameters"], "macs": info["macs"],
                       "inputs": info["inputs"], "outputs": info["outputs"]},
             "target": {"name": target.name, "description": target.description, "tvm": target.tvm_target_dict(),
-                       "source": str(target.source)},
+                       "source": str(target.source)} | ({"hardware_found": target.hardware_found}
+                                                        if target.hardware_found else {}),
             "passes": [l.to_dict() for l in logs],
             "tuning": artifact.tuning.__dict__ if artifact.tuning else None,
             "tuning_note": artifact.tuning_note,

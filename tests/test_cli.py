@@ -35,7 +35,7 @@ def test_targets_lists_each_with_a_description():
     result = hwc("targets")
     assert result.returncode == 0
     lines = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
-    assert set(lines) == {"host", "arm-a72", "nvidia-t4", "npu16"} and all(len(d) > 10 for d in lines.values())
+    assert set(lines) == {"host", "arm-a72", "nvidia-t4", "cuda", "npu16"} and all(len(d) > 10 for d in lines.values())
     data = json.loads(hwc("targets", "--json").stdout)
     assert {t["name"]: t["latency"] for t in data}["npu16"] == "model"
 
@@ -131,7 +131,7 @@ def test_installed_wheel_finds_builtin_targets_and_profiles(tmp_path):
     assert result.returncode == 0, result.stderr
     module, names_line, profile = result.stdout.splitlines()
     assert module.startswith(str(site)) and profile.startswith(str(site))
-    assert names_line == "['arm-a72', 'host', 'npu16', 'nvidia-t4']"
+    assert names_line == "['arm-a72', 'cuda', 'host', 'npu16', 'nvidia-t4']"
     assert Path(profile).name == "npu16.yaml"
 
 

@@ -121,12 +121,27 @@ def test_arm_build_without_an_emulation_runtime_stands_unchecked_and_says_why(tm
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
-def test_nvidia_t4_builds_sm75_kernels_with_nvcc(tmp_path):
+def test_nvidia_t4_library_holds_nvcc_compiled_kernels_that_tvms_runtime_loads(tmp_path):
+    """One file to deploy: the kernels inside are nvcc's binary (fatbin), not CUDA source that the
+    device would have to compile, and TVM's runtime reads the library back with a CUDA module."""
+    import tvm
+
+    from hwcompress.backend.cuda_kernels import load_cuda_runtime
+
     report = compile_model(shared_model("mnist-8"), tmp_path / "t4",
                            CompileOptions(target="nvidia-t4", tune_trials=0, cache_dir=tmp_path / "cache"))
-    fatbin = (tmp_path / "t4" / "model.sm_75.fatbin").read_bytes()
-    assert fatbin[:4] == bytes.fromhex("50ed55ba"), "fatbin magic"
-    assert elf_machine(tmp_path / "t4" / "model.so") == "x86-64", "host side of the CUDA library"
+    library = tmp_path / "t4" / "model.so"
+    data = library.read_bytes()
+    assert bytes.fromhex("50ed55ba") in data, "nvcc's fatbin (its magic) is inside the library"
+    assert b"__global__" not in data, "no CUDA source left for the device to compile"
+    assert elf_machine(library) == "x86-64", "host side of the CUDA library"
+    assert not any(name.endswith(".fatbin") for name in report["files"]) and "sm_75" in report["files"]["model.so"]["note"]
+    load_cuda_runtime()
+
+    def kinds(module):
+        return [module.kind] + [k for child in module.imports for k in kinds(child)]
+
+    assert "cuda" in kinds(tvm.runtime.load_module(str(library)))
     assert report["latency"]["method"] == "not measured"
     assert report["target"]["tvm"]["arch"] == "sm_75"
 

@@ -13,7 +13,7 @@ from hwcompress.errors import HwcError
 
 def test_builtin_targets_and_their_tvm_targets():
     targets = {t.name: t for t in config.list_targets()}
-    assert set(targets) == {"host", "arm-a72", "nvidia-t4", "npu16"}
+    assert set(targets) == {"host", "arm-a72", "nvidia-t4", "cuda", "npu16"}
     arm = targets["arm-a72"].tvm_target()
     assert arm.kind.name == "llvm" and str(arm.attrs["mtriple"]) == "aarch64-linux-gnu"
     assert not bool(arm.attrs["feature.has_dotprod"]), "cortex-a72 has no dot-product instructions"
@@ -40,10 +40,13 @@ def test_profiles_differ_where_the_hardware_does():
     assert npu.quantize.per_layer is True and config.get_target("npu16").latency.model.bits("pow2") == 4
     for name in ("host", "arm-a72", "nvidia-t4", "npu16"):
         assert get_profile(name).prune.per_layer is True
+    # float16 is a candidate where tensor cores take it, never on a CPU target.
+    assert "float16" in get_profile("nvidia-t4").quantize.usable_schemes(config.get_target("nvidia-t4"))
+    assert "float16" not in get_profile("host").quantize.usable_schemes(config.get_target("host"))
 
 
 def test_unknown_target_lists_known_ones():
-    with pytest.raises(HwcError, match=r"unknown target 'riscv'; known targets: arm-a72, host, npu16, nvidia-t4"):
+    with pytest.raises(HwcError, match=r"unknown target 'riscv'; known targets: arm-a72, cuda, host, npu16, nvidia-t4"):
         config.get_target("riscv")
 
 

@@ -4,7 +4,8 @@
 ``lower`` makes the fused kernels once; ``tune`` and ``build`` both take them. On CPU targets
 convolutions run in NHWC with the project's register-blocked schedule (``cpu_schedules``, dense and
 depthwise); the other kernels are tuned with MetaSchedule (``tune``). GPU targets get dlight's
-rule-based schedules (no tuning; building needs no GPU).
+rule-based schedules (no tuning; building needs no GPU), CUDA kernels compiled by nvcc into the
+library (``cuda_kernels``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..progress import SILENT, Progress
 from .export import export
 from .importer import import_onnx
 from .lowering_rules import install_lowering_rules
-from .tune import TuningResult, default_cache_dir, tune, tuning_db_dir
+from ..config.cache import default_cache_dir
+from .tune import TuningResult, tune, tuning_db_dir
 from .tuning_db import repair
 
 if TYPE_CHECKING:  # the lowering imports TVM, which a build loads only when it runs
@@ -73,6 +75,10 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
         raise HwcError("--tune-seconds must be 0 (no limit) or more")
     progress("importing into TVM Relax")
     mod = import_onnx(model)
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        from .float16_accumulate import accumulate_in_float32
+
+        mod = accumulate_in_float32(mod)
     int8 = None
     if options.int8_compute and any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         from .int8_conv_schedule import dot_product_activations, dot_product_instructions
@@ -168,6 +174,11 @@ def build(kernels, target: Target, db_dir: Path | None):
     tvm_target = target.tvm_target()
     install_lowering_rules()
     with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
+        if target.kind == "cuda":
+            from .cuda_kernels import kernels_compiled_by_nvcc
+
+            with kernels_compiled_by_nvcc(tvm_target):
+                return tvm.compile(kernels, target=tvm_target)
         if not target.is_gpu:
             if db_dir is not None and (db_dir / "database_tuning_record.json").exists():
                 kernels = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(kernels)
@@ -192,6 +203,8 @@ def check_toolchain(target: Target) -> None:
     if target.kind == "cuda" and shutil.which("nvcc") is None:
         raise HwcError(f"target {target.name} needs the CUDA toolkit (nvcc) to build; none is on PATH. "
                        f"Install CUDA or build on a machine that has it")
+    if target.is_gpu:
+        target.tvm_target_dict()  # a GPU taken from this machine (arch: auto) must be here
     if target.cross_compiler and shutil.which(target.cross_compiler) is None:
         raise HwcError(f"target {target.name} needs the cross compiler {target.cross_compiler!r}, which is not on "
                        f"PATH (Debian: apt-get install g++-aarch64-linux-gnu)")

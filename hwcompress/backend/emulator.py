@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HwcError
-from .tune import default_cache_dir
+from ..config.cache import default_cache_dir
 
 QEMU = "qemu-aarch64"
 SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's cross libc, which the cross compiler links against
@@ -31,7 +31,7 @@ RUN_TIMEOUT_S = 1800
 
 
 def is_aarch64(target) -> bool:
-    return str(target.tvm_target_dict().get("mtriple", "")).startswith("aarch64")
+    return str(target.tvm_target_spec.get("mtriple", "")).startswith("aarch64")
 
 
 def unavailable_reason(target) -> str | None:

@@ -7,12 +7,17 @@ from pathlib import Path
 import numpy as np
 
 
-def load_local(library: Path, feeds: dict[str, np.ndarray], input_names: list[str]):
-    """Load an exported library in this process; return the VM, its device and the inputs on it."""
+def load_local(library: Path, feeds: dict[str, np.ndarray], input_names: list[str], device_kind: str = "cpu"):
+    """Load an exported library in this process, on this machine's CPU or (``cuda``) first GPU;
+    return the VM, its device and the inputs on it."""
     import tvm
     from tvm import relax
 
-    device = tvm.cpu()
+    if device_kind == "cuda":
+        from .cuda_kernels import load_cuda_runtime
+
+        load_cuda_runtime()
+    device = tvm.device(device_kind, 0)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
     return vm, device, to_device(feeds, input_names, device)
 
@@ -29,9 +34,10 @@ def outputs_to_numpy(result) -> list[np.ndarray]:
     return [r.numpy() for r in result]
 
 
-def run_outputs(library: Path, inputs: list[dict[str, np.ndarray]], input_names: list[str]) -> list[list[np.ndarray]]:
+def run_outputs(library: Path, inputs: list[dict[str, np.ndarray]], input_names: list[str],
+                device_kind: str = "cpu") -> list[list[np.ndarray]]:
     """The library's outputs for each input, loaded once."""
-    vm, device, _ = load_local(library, inputs[0], input_names)
+    vm, device, _ = load_local(library, inputs[0], input_names, device_kind)
     return [outputs_to_numpy(vm["main"](*to_device(feed, input_names, device))) for feed in inputs]
 
 

@@ -34,12 +34,6 @@ from .tuning_db import mark_tuned, repair, tuned_tasks
 KERNEL_FORM = "nhwc-blocked-conv-1"
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("HWC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hwcompress")
-    return Path(base)
-
-
 def tuning_db_dir(cache_dir: Path, target: Target) -> Path:
     """One MetaSchedule database per (TVM version, resolved target, kernel form, runner threads)."""
     import tvm

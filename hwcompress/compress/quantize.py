@@ -1,4 +1,4 @@
-"""``hwc quantize``: calibrate, quantize (int8 QDQ or pow2 weights), fall back per layer, measure."""
+"""``hwc quantize``: calibrate, quantize (int8 QDQ, pow2 weights or float16), fall back per layer, measure."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from ..data.calibration import Calibration
 from ..errors import HwcError
 from ..model.graph import Graph
 from ..model.fileio import atomic_path
+from ..passes.float16 import float16
 from ..passes.quantize import pow2_layer_names, quantizable_layers, quantize, quantize_weight_pow2, weight_axis
 from .calibrate import calibrate, layer_sqnr
 from .fidelity import output_error, split_feeds
 
 
 POW2_CODES_METADATA = "hwc.pow2_codes"
+# float16 keeps about 3 decimal digits (a layer's output near 60 dB SQNR); a layer far below that is
+# one whose values overflow or cancel in half precision, and stays float32.
+FLOAT16_MIN_SQNR_DB = 40.0
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str = "int8",
@@ -30,31 +34,49 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
         raise HwcError("the model is already quantized (QuantizeLinear/DequantizeLinear or QOperator nodes); "
                        "compile it as it is, or give hwc the fp32 model to quantize")
     fit, held_out, where = split_feeds(calibration)
-    stats = calibrate(model, fit, method)
-    knobs = dict(stats=stats, scheme=scheme, symmetric_activations=symmetric_activations,
-                 bias_correction=bias_correction, pow2_layers=tuple(pow2_layers))
-    result = quantize.apply(model, **knobs, keep_fp32=tuple(keep_fp32))
+    if scheme == "float16":  # no ranges to calibrate: the data measure each layer's error
+        min_sqnr_db = FLOAT16_MIN_SQNR_DB if min_sqnr_db is None else min_sqnr_db
+
+        def convert(keep: tuple[str, ...]):
+            return float16.apply(model, keep_fp32=keep)
+
+        def measured(keep: tuple[str, ...]):  # ONNX Runtime sees float16's rounding only when simulated
+            return float16(model, keep_fp32=keep, simulate=True)
+    else:
+        stats = calibrate(model, fit, method)
+        knobs = dict(stats=stats, scheme=scheme, symmetric_activations=symmetric_activations,
+                     bias_correction=bias_correction, pow2_layers=tuple(pow2_layers))
+
+        def convert(keep: tuple[str, ...]):
+            return quantize.apply(model, **knobs, keep_fp32=keep)
+
+        def measured(keep: tuple[str, ...]):  # QDQ is exact in ONNX Runtime: the model is its own measure
+            return result.model
+    keep = tuple(keep_fp32)
+    result = convert(keep)
     graph = Graph(model)
     layers = [n.name for n in quantizable_layers(graph)]
-    sqnr = layer_sqnr(model, result.model, layers, fit[:8])
+    sqnr = layer_sqnr(model, measured(keep), layers, fit[:8])
     fallback: list[str] = []
     if min_sqnr_db is not None:
-        inputs_sqnr = layer_sqnr(model, result.model, layers, fit[:8], side="input")
+        inputs_sqnr = layer_sqnr(model, measured(keep), layers, fit[:8], side="input")
         # A layer stays fp32 where it is itself the cause: low output SQNR, well below its input's.
         fallback = [n for n in layers if sqnr[n] < min_sqnr_db and inputs_sqnr[n] - sqnr[n] > 3.0]
         if fallback:
-            result = quantize.apply(model, **knobs, keep_fp32=tuple(keep_fp32) + tuple(fallback))
-            sqnr = layer_sqnr(model, result.model, layers, fit[:8])
+            keep += tuple(fallback)
+            result = convert(keep)
+            sqnr = layer_sqnr(model, measured(keep), layers, fit[:8])
     report = {
-        "scheme": scheme, "calibration_method": method, "calibration": calibration.source,
+        "scheme": scheme, "calibration_method": None if scheme == "float16" else method, "calibration": calibration.source,
         "calibration_is_random": calibration.is_random,
-        "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",
-        "bias_correction": bias_correction, "layer_sqnr_db": sqnr, "fp32_fallback": fallback,
+        "activations": ("float16" if scheme == "float16" else
+                        "int8 symmetric" if symmetric_activations else "uint8 asymmetric"),
+        "bias_correction": bias_correction and scheme != "float16", "layer_sqnr_db": sqnr, "fp32_fallback": fallback,
         "kept_fp32": list(keep_fp32),
         "quantize": result.log.to_dict() | {"pow2_codes": None},
-        "error_measured_on": where, "output_error": output_error(model, result.model, held_out),
+        "error_measured_on": where, "output_error": output_error(model, measured(keep), held_out),
     }
-    if calibration.is_random:
+    if calibration.is_random and scheme != "float16":
         report["warning"] = "activation scales come from random data, not from real inputs"
     report["pow2_layers"] = sorted(pow2_layer_names(result.model))
     return result.model, report

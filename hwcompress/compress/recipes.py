@@ -18,7 +18,7 @@ _RATIO = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
 _ENERGY = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
 IMPORTANCES = ("l1", "l2", "bn_gamma")
 LOWRANK_METHODS = ("svd", "spatial", "tucker2")
-SCHEMES = ("int8", "pow2")
+SCHEMES = ("int8", "pow2", "float16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -111,7 +111,7 @@ class QuantizeRecipe(Knobs):
     enabled: bool = knob(False, _BOOL, "a candidate in the search (needs calibration data)")
     per_layer: bool = knob(False, _BOOL, "int8 only in the layers the latency table measures faster")
     schemes: tuple[str, ...] = knob(("int8",), _array({"enum": list(SCHEMES)}),
-                                    "int8 QDQ and/or pow2 weights, each a candidate where the target has the dtype")
+                                    "int8 QDQ, pow2 weights and/or float16, each a candidate where the target has the dtype")
     calibration: str = knob("percentile", {"enum": list(CALIBRATION_METHODS)}, "activation range calibration")
 
     def apply(self, model: onnx.ModelProto, scheme: str, target: Target, calibration: Calibration,

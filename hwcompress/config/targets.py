@@ -141,6 +141,15 @@ class Target:
         return bool(self.cross_compiler) or self.is_gpu
 
     @property
+    def hardware_found(self) -> str | None:
+        """The device this machine has, where the target is defined by it (``arch: auto``): what the
+        report names, so that a GPU is labelled as itself."""
+        if self.kind == "cuda" and self.tvm_target_spec.get("arch") == "auto":
+            gpu = gpu_here()
+            return f"{gpu.name} ({gpu.arch})"
+        return None
+
+    @property
     def symmetric_activations(self) -> bool:
         return self.int8_activation == "symmetric"
 
@@ -201,6 +210,8 @@ def list_targets(extra_dirs: list | None = None) -> list[Target]:
 
 
 def _resolve_auto(target: dict[str, Any]) -> dict[str, Any]:
+    if target.get("kind") == "cuda" and target.get("arch") == "auto":
+        target.update(gpu_here().target_attrs())
     if target.get("mcpu") == "auto":
         import tvm
 
@@ -208,3 +219,15 @@ def _resolve_auto(target: dict[str, Any]) -> dict[str, Any]:
     if target.get("num-cores") == "auto":
         target["num-cores"] = physical_cores()
     return target
+
+
+def gpu_here():
+    """The CUDA GPU of this machine, for a target whose ``arch`` is ``auto``; none is one clear error."""
+    from .gpu import gpu_found
+
+    gpu = gpu_found()
+    if gpu is None:
+        raise HwcError("this target takes its CUDA arch from the GPU on this machine (arch: auto), and no NVIDIA "
+                       "GPU with a driver was found here; build for a named GPU (-t nvidia-t4) or give the arch "
+                       "in a target file (tvm.target.arch: sm_XY)")
+    return gpu

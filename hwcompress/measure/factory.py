@@ -24,6 +24,11 @@ def measurer_for(target: Target, device: str | None = None, repeat: int = 30, mi
         from .local import LocalMeasurer
 
         return LocalMeasurer(target.threads, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    if target.latency.method == "local" and target.kind == "cuda":  # the GPU of this machine
+        from .local import LocalMeasurer
+
+        return LocalMeasurer(target.threads, repeat=repeat, min_repeat_ms=min_repeat_ms, device_kind="cuda",
+                             device_name=target.hardware_found or target.name)
     reason = (f"target {target.name} is measured on a device through an RPC tracker and no device "
               f"was given (--device rpc://HOST:PORT/KEY)")
     from ..backend.emulator import unavailable_reason

@@ -12,40 +12,51 @@ from .latency import Job, Measurement, Measurer, from_samples
 
 
 class LocalMeasurer(Measurer):
-    """Warm-up, then ``repeat`` samples of ``number`` runs, on ``threads`` threads."""
+    """Warm-up, then ``repeat`` samples of ``number`` runs, on ``threads`` threads of this machine's
+    CPU, or on its first GPU (``device_kind`` cuda: TVM's timer synchronizes the device)."""
 
     method = "local"
     runs_here = True
 
-    def __init__(self, threads: int, repeat: int = 30, min_repeat_ms: int = 100):
+    def __init__(self, threads: int, repeat: int = 30, min_repeat_ms: int = 100, device_kind: str = "cpu",
+                 device_name: str = "host cpu"):
         self.threads = threads
         self.repeat = repeat
         self.min_repeat_ms = min_repeat_ms
+        self.device_kind = device_kind
+        self.device_name = device_name
 
     def identity(self):
-        return {"method": self.method, "threads": self.threads}
+        return {"method": self.method, "threads": self.threads} | (
+            {"device": self.device_name} if self.device_kind != "cpu" else {})
 
     def description(self) -> str:
+        if self.device_kind != "cpu":
+            return f"on this machine's {self.device_name}"
         return f"on this machine ({self.threads} threads)"
 
     def measure(self, job: Job) -> Measurement:
         with _tvm_threads(self.threads):
-            vm, device, args = load_local(job.library, job.feeds, job.input_names)
+            vm, device, args = load_local(job.library, job.feeds, job.input_names, self.device_kind)
             outputs = outputs_to_numpy(vm["main"](*args))
             timer = vm.time_evaluator("main", device, number=1, repeat=self.repeat,
                                       min_repeat_ms=self.min_repeat_ms, cooldown_interval_ms=0)
             timer(*args)  # warm-up: caches, thread pool, page faults
             result = timer(*args)
-        latency = from_samples("local", list(result.results), number=1, threads=self.threads, device="host cpu")
+        latency = from_samples("local", list(result.results), number=1, threads=self.threads, device=self.device_name)
         return Measurement(latency, outputs)
 
     def run_many(self, job: Job, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-        return run_outputs(job.library, inputs, job.input_names)
+        return run_outputs(job.library, inputs, job.input_names, self.device_kind)
 
     def kernel_times(self, job: Job) -> dict[str, float]:
+        if self.device_kind != "cpu":  # kernels run asynchronously: a host-side hook would time the launches
+            return {}
         return kernel_times(job.library, job.feeds, job.input_names)
 
-    def baseline(self, job: Job, rounds: int) -> dict:
+    def baseline(self, job: Job, rounds: int) -> dict | None:
+        if self.device_kind != "cpu":  # this ONNX Runtime runs on the CPU: no like-for-like figure
+            return None
         return onnxruntime_baseline(job, self.threads, rounds)
 
 

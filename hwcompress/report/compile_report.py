@@ -65,7 +65,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# hwc compile report: {Path(report['model']['path']).name} for {report['target']['name']}",
         "",
-        f"- target: **{report['target']['name']}** ({report['target']['description']})",
+        f"- target: **{report['target']['name']}** ({report['target']['description']})"
+        + (f", on this machine's {report['target']['hardware_found']}" if report['target'].get('hardware_found') else ""),
         f"- TVM {report['tvm_version']}, target `{json.dumps(report['target']['tvm'])}`",
         f"- model: `{report['model']['path']}`, {report['model']['parameters']:,} parameters, "
         f"{report['model']['macs']:,} MACs",

@@ -120,6 +120,7 @@ def test_installed_wheel_finds_builtin_targets_and_profiles(tmp_path):
     (wheel,) = tmp_path.glob("hwcompress-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hwcompress/targets/arm-a72.yaml" in names and "hwcompress/profiles/npu16.yaml" in names
+    assert "hwcompress/backend/cuda_driver_stub.c" in names and "hwcompress/backend/run_vm.cc" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=600)

@@ -43,6 +43,10 @@ def test_profiles_differ_where_the_hardware_does():
     # float16 is a candidate where tensor cores take it, never on a CPU target.
     assert "float16" in get_profile("nvidia-t4").quantize.usable_schemes(config.get_target("nvidia-t4"))
     assert "float16" not in get_profile("host").quantize.usable_schemes(config.get_target("host"))
+    # ... and, with int8 there too, channels and ranks in the multiple int8 tensor cores take.
+    t4 = get_profile("nvidia-t4")
+    assert t4.prune.multiple_for(config.get_target("nvidia-t4")) == t4.lowrank.multiple_for(config.get_target("nvidia-t4")) == 16
+    assert get_profile("npu16").prune.multiple_for(config.get_target("npu16")) == 16  # the target's own
 
 
 def test_unknown_target_lists_known_ones():

@@ -54,11 +54,20 @@ class Knobs:
         return f.default if f.default is not MISSING else f.default_factory()
 
 
+_MULTIPLE = {"type": ["integer", "null"], "minimum": 1}
+
+
 class StructuralRecipe(Knobs):
     """A family whose search values (``values``: ratios, energies) are each a whole-model candidate
     where the profile does not decide per layer."""
 
     values: ClassVar[str]
+    target_multiple: ClassVar[str]  # the Target field that gives the multiple when the profile does not
+
+    def multiple_for(self, target: Target) -> int:
+        """Channel counts (ranks) kept in multiples of this: the profile's ``multiple`` where it sets
+        one (a GPU profile with int8 candidates asks 16, what int8 tensor cores take), else the target's."""
+        return self.multiple or getattr(target, self.target_multiple)
 
     def whole_model(self, target: Target, calibration: Calibration | None) -> list[tuple[str, Any]]:
         if not self.enabled or self.per_layer:
@@ -71,18 +80,21 @@ class StructuralRecipe(Knobs):
 class PruneRecipe(StructuralRecipe):
     family: ClassVar[str] = "prune"
     values: ClassVar[str] = "ratios"
+    target_multiple: ClassVar[str] = "channel_multiple"
     enabled: bool = knob(False, _BOOL, "a candidate in the search")
     per_layer: bool = knob(False, _BOOL, "steps per group of coupled layers, priced by the latency table "
                                         "(NetAdapt); off: one global ratio per candidate")
     ratios: tuple[float, ...] = knob((0.25,), _array(_RATIO), "fractions of channels removed, each a candidate")
     importance: str = knob("l1", {"enum": list(IMPORTANCES)}, "how channels are ranked")
     reconstruct: bool = knob(True, _BOOL, "least-squares refit of the next layers on calibration data")
+    multiple: int | None = knob(None, _MULTIPLE, "channels kept in multiples of this (default: the target's "
+                                                 "channel_multiple)")
 
     def apply(self, model: onnx.ModelProto, ratio: float, target: Target, calibration: Calibration | None,
               layer_ratios: dict[str, float] | None = None) -> onnx.ModelProto:
         from .prune import prune_model
 
-        return prune_model(model, ratio, target.channel_multiple, self.importance, layer_ratios,
+        return prune_model(model, ratio, self.multiple_for(target), self.importance, layer_ratios,
                            calibration=calibration, reconstruct=self.reconstruct and calibration is not None)[0]
 
 
@@ -90,18 +102,20 @@ class PruneRecipe(StructuralRecipe):
 class LowrankRecipe(StructuralRecipe):
     family: ClassVar[str] = "lowrank"
     values: ClassVar[str] = "energies"
+    target_multiple: ClassVar[str] = "rank_multiple"
     enabled: bool = knob(False, _BOOL, "a candidate in the search")
     per_layer: bool = knob(False, _BOOL, "one layer at a time, priced by the latency table; off: whole model")
     energies: tuple[float, ...] = knob((0.95,), _array(_ENERGY), "singular-value energy kept, each a candidate")
     methods: tuple[str, ...] = knob(LOWRANK_METHODS, _array({"enum": list(LOWRANK_METHODS)}),
                                     "factorizations tried per layer (the cheapest that keeps the energy wins)")
     data_aware: bool = knob(True, _BOOL, "factors fitted to calibration data where a layer allows it")
+    multiple: int | None = knob(None, _MULTIPLE, "ranks in multiples of this (default: the target's rank_multiple)")
 
     def apply(self, model: onnx.ModelProto, energy: float, target: Target, calibration: Calibration | None,
               layers: tuple[str, ...] | None = None) -> onnx.ModelProto:
         from .lowrank import lowrank_model
 
-        return lowrank_model(model, energy, methods=self.methods, multiple=target.rank_multiple,
+        return lowrank_model(model, energy, methods=self.methods, multiple=self.multiple_for(target),
                              calibration=calibration if self.data_aware else None, layers=layers)[0]
 
 

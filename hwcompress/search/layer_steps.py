@@ -65,7 +65,7 @@ class LayerSteps:
 
     def _prune_steps(self, model: onnx.ModelProto) -> list[tuple[LayerStep, onnx.ModelProto]]:
         found: dict[tuple, tuple[LayerStep, onnx.ModelProto]] = {}
-        multiple = self.target.channel_multiple
+        multiple = self.prune.multiple_for(self.target)
         for group in analyze(Graph(model)).coupled_layers():
             for ratio in self.prune.ratios:
                 ratios = {node: ratio for node in group}
@@ -85,7 +85,7 @@ class LayerSteps:
 
     def _lowrank_steps(self, model: onnx.ModelProto) -> list[tuple[LayerStep, onnx.ModelProto]]:
         found = []
-        knobs = dict(methods=self.lowrank.methods, multiple=self.target.rank_multiple)
+        knobs = dict(methods=self.lowrank.methods, multiple=self.lowrank.multiple_for(self.target))
         for name in model_layer_names(model):
             for energy in self.lowrank.energies:
                 applied = lowrank.apply(model, energy=energy, layers=(name,), **knobs)

@@ -152,7 +152,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
                            labels=args.labels, metric=args.metric, preprocess=args.preprocess,
                            max_accuracy_drop=args.max_accuracy_drop,
-                           max_latency_ms=args.max_latency_ms,
+                           max_latency_ms=args.max_latency_ms, search_seconds=args.search_seconds,
                            search=args.search or bool(args.calib or args.val))
     result = compile_for_target(args.model, args.output, options, search, progress.progress)
     report = result.report
@@ -485,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", type=NON_NEGATIVE, help="accuracy budget in points (default: the profile's); "
                                                             "exceeding it exits 3 after writing the report")
     p.add_argument("--max-latency-ms", type=_number(float, 0, low_open=True), help="latency budget; exceeding it exits 3 after writing the report")
+    p.add_argument("--search-seconds", type=_number(float, 0, low_open=True),
+                   help="wall-time budget of the search (default: the profile's, 600 s for the built-in ones): when "
+                        "spent no new candidate is built or priced, and the report lists what was left; the "
+                        "final compile's tuning (--tune-seconds) comes after")
 
     p = add("prune", cmd_prune, "remove whole channels of Conv/Gemm layers (structured pruning)",
             parents=(common, shapes, data))

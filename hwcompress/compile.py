@@ -62,6 +62,7 @@ class SearchOptions:
     preprocess: str | None = None  # for image folders; default: the profile's calibration.preprocess
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
+    search_seconds: float | None = None  # the search's wall-time budget (default: the profile's)
     search: bool = True
 
 
@@ -127,7 +128,8 @@ def _search(model: onnx.ModelProto, target: Target, options: CompileOptions, sea
         budget = profile.max_accuracy_drop
     progress(f"profile {profile.name} for {target.name}: searching within {budget:g} pt of accuracy")
     result = search(model, target, profile, options, calibration, val_inputs, labels, budget,
-                    repeat=options.repeat, tolerance=options.tolerance, progress=progress, metric=search_options.metric)
+                    repeat=options.repeat, tolerance=options.tolerance, progress=progress, metric=search_options.metric,
+                    budget_s=search_options.search_seconds)
     progress(f"chosen: {', '.join(result.applied) or 'nothing (no candidate was measured faster within budget)'}")
     info = result.to_dict() | {"profile": profile.name, "accuracy_budget": budget,
                                "calibration": calibration.source if calibration else None}

@@ -68,6 +68,25 @@ def test_spent_table_budget_leaves_steps_unpriced_and_unapplied(tmp_path, mnist_
     assert search["applied"] == [] and "not priced (table budget spent)" in result.stderr
 
 
+def test_a_spent_search_budget_stops_the_search_and_lists_what_it_left(tmp_path, mnist_files):
+    """A cold search bounded by --search-seconds: the baseline alone takes longer than 1 s, so no
+    candidate is built; each is a trial that says so, and the model is compiled uncompressed."""
+    result = hwc("compile", str(shared_model("mnist-8")), "--target", "host", "--tune-trials", "0", "--profile",
+                 "quick", "--profiles-dir", str(mnist_files / "profiles"), "--calib", str(mnist_files / "calib.npz"),
+                 "--search-seconds", "1", "--repeat", "5", "--cache-dir", str(tmp_path / "cache"), "--json",
+                 "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert_matches_report_schema(report)
+    search = report["search"]
+    assert search["budget_s"] == 1 and search["spent_s"] >= 1 and "spent before round 1" in search["stopped"]
+    left = [t for t in search["trials"] if t["latency_method"] == "budget"]
+    assert {t["candidate"] for t in left} == {"prune 0.2", "prune 0.5", "lowrank 0.9", "int8"}
+    assert all("time budget (1 s) was spent" in t["reason"] for t in left) and search["applied"] == []
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "4 candidate(s) left unevaluated" in text
+
+
 def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp_path, mnist_files):
     args = [str(shared_model("mnist-8")), "--target", "host", "--tune-trials", "0", "--profile", "layers",
             "--profiles-dir", str(mnist_files / "profiles"), "--calib", str(mnist_files / "calib.npz"),

@@ -19,9 +19,14 @@ _POSITIVE_INT = {"type": "integer", "minimum": 1}
 class SearchSettings(Knobs):
     max_rounds: int = knob(3, _POSITIVE_INT, "rounds of the greedy search")
     layer_candidates: int = knob(4, _POSITIVE_INT, "per-layer steps scored per round (most saving first)")
-    layer_trials: int = knob(32, {"type": "integer", "minimum": 0}, "tuning trials per layer of the latency table")
+    layer_trials: int = knob(0, {"type": "integer", "minimum": 0},
+                             "tuning trials per layer of the latency table (0: the project's own kernels and "
+                             "default schedules, which need no tuning)")
     table_budget_s: float = knob(1200, {"type": "number", "minimum": 0},
                                  "seconds per run for timing layer shapes beyond the model's own")
+    budget_s: float = knob(600, {"type": "number", "exclusiveMinimum": 0},
+                           "wall-time budget of the search (s): when spent, no new candidate is built or priced "
+                           "and the report lists what was left (the final compile's tuning comes after)")
 
 
 PROFILE_SCHEMA: dict[str, Any] = {

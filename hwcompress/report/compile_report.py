@@ -136,7 +136,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"({search['accuracy_metric']}, measured on the {search['accuracy_measured_on']}). "
                   f"Chosen: **{', '.join(search['applied']) or 'no compression'}**: "
                   f"{_ms(search['baseline_latency_ms'])} -> {_ms(search['latency_ms'])} ms, accuracy "
-                  f"{search['baseline_accuracy']:.2f} -> {search['accuracy']:.2f}.", "",
+                  f"{search['baseline_accuracy']:.2f} -> {search['accuracy']:.2f}. Search latencies are untuned "
+                  f"builds (every candidate alike); the latency above is the chosen model's, tuned.", "",
+                  *_budget_lines(search),
                   *_fidelity_lines(search),
                   *table_summary(search),
                   "| round | candidate | latency ms | table predicts ms | how | accuracy | kept | chosen | why not |",
@@ -151,6 +153,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, info in report["files"].items():
         lines.append(f"- `{name}`: {info['bytes']:,} bytes" + (f" ({info['note']})" if info.get("note") else ""))
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(search: dict) -> list[str]:
+    if search.get("budget_s") is None:
+        return []
+    left = [t for t in search["trials"] if t["latency_method"] == "budget"]
+    line = f"Search time: {search['spent_s']:.0f} s of its {search['budget_s']:g} s budget"
+    if search.get("stopped"):
+        line += (f"; stopped: {search['stopped']}, {len(left)} candidate(s) left unevaluated "
+                 f"(a later run with --search-seconds larger, or the same cache, goes further)")
+    return [line + ".", ""]
 
 
 def render_html(report: dict[str, Any]) -> str:

@@ -56,12 +56,16 @@ class LatencyTable:
         self.db_dir = tuning_db_dir(Path(cache_dir), target)
         self.measured = 0  # figures this instance had to make (not found in the cache)
         self.budget_s, self.spent_s = budget_s, 0.0  # seconds for new figures: only optional ones stop at it
+        self.deadline = None  # the search's (``loop.Deadline``): optional figures stop at it too
 
     def budget_left(self, pending_s: float = 0.0) -> bool:
         """Whether the budget still has time after ``pending_s`` more seconds of filling. A cycle
         model is instant: only timing built layers is budgeted."""
-        return (not self.measurer.needs_library or self.budget_s is None
-                or self.spent_s + pending_s < self.budget_s)
+        if not self.measurer.needs_library:
+            return True
+        if self.deadline is not None and self.deadline.passed():
+            return False
+        return self.budget_s is None or self.spent_s + pending_s < self.budget_s
 
     def _entry_key(self, spec: LayerSpec) -> str:
         return spec.key() if not self.measurer.needs_library else f"{spec.key()}|trials={self.trials}"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,9 @@ class SearchResult:
     accuracy_measured_on: str
     trials: list[Trial] = field(default_factory=list)
     table_info: dict[str, Any] | None = None  # the per-layer latency table used, if any
+    budget_s: float | None = None
+    spent_s: float = 0.0
+    stopped: str | None = None  # why the search ended before running out of candidates or rounds
 
     def pareto(self) -> list[dict[str, Any]]:
         points = [t for t in self.trials if t.latency_ms is not None]
@@ -92,13 +95,33 @@ class SearchResult:
                 "accuracy": self.accuracy, "accuracy_drop": self.baseline_accuracy - self.accuracy,
                 "accuracy_metric": self.accuracy_metric, "accuracy_measured_on": self.accuracy_measured_on,
                 "trials": [asdict(t) for t in self.trials], "pareto": self.pareto(),
-                "latency_table": self.table_info}
+                "latency_table": self.table_info, "budget_s": self.budget_s, "spent_s": round(self.spent_s, 1),
+                "stopped": self.stopped}
+
+
+class Deadline:
+    """The search's wall-time budget: work already started finishes, nothing new starts after it."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s, self.start = budget_s, time.monotonic()
+
+    def spent_s(self) -> float:
+        return time.monotonic() - self.start
+
+    def left_s(self) -> float:
+        return max(0.0, self.budget_s - self.spent_s())
+
+    def passed(self) -> bool:
+        return self.left_s() <= 0
+
+    def reason(self) -> str:
+        return f"not evaluated: the search's time budget ({self.budget_s:g} s) was spent"
 
 
 def _layer_table(profile: Profile, target: Target, build: BuildOptions, progress: Progress) -> LatencyTable | None:
     if not profile.per_layer:
         return None
-    trials = profile.search.layer_trials if build.tune_trials > 0 else 0
+    trials = profile.search.layer_trials if build.tune_trials > 0 else 0  # default 0: own kernels, untuned
     return LatencyTable(target, build.cache, trials, build.device, progress.at("latency table"),
                         budget_s=profile.search.table_budget_s, int8_compute=build.int8_compute)
 
@@ -107,10 +130,12 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
            calibration: Calibration | None, val_inputs: list[dict[str, np.ndarray]] | None,
            labels: np.ndarray | None, max_accuracy_drop: float, min_gain: float = 0.02,
            max_rounds: int | None = None, repeat: int = 30, tolerance: float = 1e-3,
-           progress: Progress = SILENT, metric: str | None = None) -> SearchResult:
-    """Greedy rounds over the profile's candidates; ``build`` says how each candidate is built (the
-    same options as the final compile), ``repeat`` how many samples each measurement takes,
-    ``metric`` what accuracy is (``metrics.metric_for``; None: chosen from the labels and outputs)."""
+           progress: Progress = SILENT, metric: str | None = None, budget_s: float | None = None) -> SearchResult:
+    """Greedy rounds over the profile's candidates within ``budget_s`` seconds (default: the
+    profile's). ``build`` says how the model is built; candidates are built without tuning (the
+    project's conv kernels and default schedules, with the records already in the tuning database:
+    the same for every candidate, and no tuning per candidate), the final compile tunes the chosen
+    model. ``repeat``: samples per measurement; ``metric``: what accuracy is (``metrics.metric_for``)."""
     inputs = val_inputs or (calibration.feeds if calibration else None)
     if not inputs:
         raise HwcError("the search needs inputs to score accuracy on: --val (with --labels) or --calib")
@@ -118,12 +143,16 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
         raise HwcError(f"--labels has {len(labels)} entries for {len(inputs)} validation samples")
     settings = profile.search
     max_rounds = max_rounds or settings.max_rounds
+    deadline = Deadline(settings.budget_s if budget_s is None else budget_s)
     table = _layer_table(profile, target, build, progress)
+    if table is not None:
+        table.deadline = deadline  # new layer shapes are timed only while the search has time left
     pool = candidates(profile, target, calibration, table)
     layer_steps = LayerSteps(profile, target, table, calibration) if table else None
     measurer = measurer_for(target, build.device, repeat)
+    untuned = replace(build, tune_trials=0)
     with tempfile.TemporaryDirectory(prefix="hwc-search-") as scratch:
-        evaluate = Evaluator(target, build, measurer, inputs, labels, model, Path(scratch), tolerance, metric)
+        evaluate = Evaluator(target, untuned, measurer, inputs, labels, model, Path(scratch), tolerance, metric)
         progress(f"search: baseline on {target.name}")
         base = evaluate(model)
         base_latency, method, base_accuracy = base.latency_ms, base.method, base.accuracy
@@ -138,17 +167,29 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
                            f"needs a latency; give --device rpc://HOST:PORT/KEY")
         if table is not None:
             baseline.predicted_ms = table.predict_ms(model)[0]
+        result.budget_s = deadline.budget_s
         for round_index in range(1, max_rounds + 1):
             families = {c.family for c in pool if c.name in result.applied}
             eligible = [c for c in pool if c.name not in result.applied and "quantize" not in families
                         and (c.family == "prune" or c.family not in families)]
+            if deadline.passed():
+                result.stopped = f"time budget ({deadline.budget_s:g} s) spent before round {round_index}"
+                result.trials += [Trial(round_index, c.name, None, "budget", float("nan"), reason=deadline.reason())
+                                  for c in eligible]
+                progress(f"search: {result.stopped}")
+                break
             kept: list[tuple[bool, float, Trial, Any]] = []  # (quantizes, gain, trial, model)
             structural = settings.layer_candidates if layer_steps and "quantize" not in families else 0
             total = structural + len(eligible)
             if structural:  # first: the table's budget goes to structure before precision
                 kept += _layer_trials(layer_steps, round_index, result, evaluate, base_accuracy, max_accuracy_drop,
-                                      min_gain, structural, progress, 0, total)
+                                      min_gain, structural, progress, 0, total, deadline)
             for index, candidate in enumerate(eligible, structural + 1):
+                if deadline.passed():
+                    result.trials.append(Trial(round_index, candidate.name, None, "budget", float("nan"),
+                                               reason=deadline.reason()))
+                    result.stopped = f"time budget ({deadline.budget_s:g} s) spent in round {round_index}"
+                    continue
                 trial, trial_model = _measured_trial(candidate, round_index, result, evaluate, base_accuracy,
                                                      max_accuracy_drop, min_gain, progress, index, total)
                 if trial.accepted:
@@ -164,6 +205,7 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
                                  "budget_s": table.budget_s, "spent_s": round(table.spent_s, 1),
                                  "chosen_predicted_ms": table.predict_ms(result.model)[0],
                                  "baseline_predicted_ms": baseline.predicted_ms}
+        result.spent_s = deadline.spent_s()
     return result
 
 
@@ -209,13 +251,14 @@ def _judge(trial: Trial, result: SearchResult, base_accuracy: float, max_accurac
 
 def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, evaluate: Evaluator,
                   base_accuracy: float, max_accuracy_drop: float, min_gain: float, how_many: int, progress,
-                  done: int, total: int) -> list[tuple[bool, float, Trial, Any]]:
+                  done: int, total: int, deadline: Deadline) -> list[tuple[bool, float, Trial, Any]]:
     """Score the per-layer steps the table predicts to save the most; the rest are recorded as such."""
     proposals, unpriced = steps.propose(result.model)
     for st in unpriced:
         result.trials.append(Trial(round_index, st.name, None, "table", float("nan"), layers=st.shapes,
                                    reason=f"not priced: the latency table's budget ({steps.table.budget_s:g} s "
-                                          f"per run) was spent first; a later run continues from the cache"))
+                                          f"per run) or the search's ({deadline.budget_s:g} s) was spent first; "
+                                          f"a later run continues from the cache"))
     if unpriced:
         progress(f"search round {round_index}: {len(unpriced)} per-layer step(s) not priced (table budget spent)")
     threshold = result.latency_ms * min_gain
@@ -229,6 +272,10 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
                                        predicted_ms=result.latency_ms - st.saving_ms, layers=st.shapes))
     kept = []
     for index, st in enumerate(promising, done + 1):
+        if deadline.passed():
+            result.trials.append(Trial(round_index, st.name, None, "budget", float("nan"), layers=st.shapes,
+                                       predicted_ms=result.latency_ms - st.saving_ms, reason=deadline.reason()))
+            continue
         start = time.monotonic()
         predicted = result.latency_ms - st.saving_ms
         try:

@@ -124,6 +124,12 @@ class Measurer:
         """ONNX Runtime on ``job.model`` beside the library, where both run here; else None."""
         return None
 
+    def ratio(self, job: Job, reference: Job, rounds: int = 5) -> float | None:
+        """``job``'s time over ``reference``'s, timed side by side in alternating rounds where both
+        run here (a shared machine's speed drifts by tens of percent between two measurements taken
+        minutes apart; the ratio of neighbouring rounds does not); else None."""
+        return None
+
     def measure_all(self, jobs: list[Job], cache: MeasurementCache, progress: Progress = SILENT) -> dict[str, Latency]:
         results = {}
         for job in jobs:

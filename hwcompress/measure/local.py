@@ -59,6 +59,17 @@ class LocalMeasurer(Measurer):
             return None
         return onnxruntime_baseline(job, self.threads, rounds)
 
+    def ratio(self, job: Job, reference: Job, rounds: int = 5) -> float | None:
+        if self.device_kind != "cpu":  # kernels run asynchronously: Python-side timing would miss them
+            return None
+        with _tvm_threads(self.threads):
+            runners = {}
+            for name, j in (("job", job), ("reference", reference)):
+                vm, _, args = load_local(j.library, j.feeds, j.input_names)
+                runners[name] = lambda main=vm["main"], args=args: main(*args)
+            medians = alternating_latency_ms(runners, rounds=rounds, repeat=10, pause_s=0.2)
+        return float(np.median([a / b for a, b in zip(medians["job"], medians["reference"])]))
+
 
 class _tvm_threads:
     """Pin TVM's thread pool size for a measurement (TVM_NUM_THREADS is read when the pool starts)."""

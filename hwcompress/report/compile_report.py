@@ -137,7 +137,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"Chosen: **{', '.join(search['applied']) or 'no compression'}**: "
                   f"{_ms(search['baseline_latency_ms'])} -> {_ms(search['latency_ms'])} ms, accuracy "
                   f"{search['baseline_accuracy']:.2f} -> {search['accuracy']:.2f}. Search latencies are untuned "
-                  f"builds (every candidate alike); the latency above is the chosen model's, tuned.", "",
+                  f"builds (every candidate alike), each timed in alternating rounds beside the model it would "
+                  f"replace (that ratio times the replaced model's figure); the latency above is the chosen "
+                  f"model's, tuned.", "",
                   *_budget_lines(search),
                   *_fidelity_lines(search),
                   *table_summary(search),

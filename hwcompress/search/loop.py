@@ -13,6 +13,10 @@ Greedy search over the candidates of the target's profile. Two kinds of candidat
   allow pow2, "int8 + pow2 (per layer)" gives pow2 weights to the layers whose pow2 form the table
   prices faster than int8 (a cycle model counts their 4-bit weights), int8 to the rest.
 
+Where the target runs here, each candidate is timed in alternating rounds beside the model the
+search holds, and its figure is that ratio times the held model's (``evaluator``): a figure taken
+minutes apart on a shared machine moves by more than most savings.
+
 A candidate is kept only if it makes the latency lower and keeps the accuracy within the budget;
 of those, the one with the most latency saved per accuracy lost wins the round. A per-layer winner
 is then compiled and measured end to end: if the measurement does not confirm the table's
@@ -155,6 +159,7 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
         evaluate = Evaluator(target, untuned, measurer, inputs, labels, model, Path(scratch), tolerance, metric)
         progress(f"search: baseline on {target.name}")
         base = evaluate(model)
+        evaluate.adopt(model)
         base_latency, method, base_accuracy = base.latency_ms, base.method, base.accuracy
         result = SearchResult(model, [], base_latency, base_accuracy, base_latency, base_accuracy,
                               evaluate.metric.name,
@@ -319,6 +324,7 @@ def _choose(kept: list[tuple[bool, float, Trial, Any]], result: SearchResult, ev
                 trial.reason = "end-to-end check: " + trial.reason
                 continue
         trial.chosen = True
+        evaluate.adopt(model)
         result.model, result.latency_ms, result.accuracy = model, trial.latency_ms, trial.accuracy
         result.applied.append(trial.candidate)
         return True

@@ -1,0 +1,100 @@
+"""Per-channel output statistics of a compressed network matched to the original's, layer by layer.
+
+Pruning or factorizing one layer shifts the mean and spread of every channel downstream; in a
+network with batch norm, re-estimating its statistics on a few hundred images undoes most of that
+(what EagleEye's "adaptive BN" does before judging a pruned network). Here batch norm is folded into
+the convolutions, so the same correction is applied to each layer's output directly: in
+topological order, from the first layer whose output moved, the output of each Conv/Gemm/MatMul in
+the compressed network (its inputs those of the already-corrected layers before it) is scaled and
+shifted per channel to the original network's mean and standard deviation on the calibration data,
+``y' = a * y + b``, folded into the layer's weights and bias. A layer that lost output channels is
+matched on the channels it kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..model import reference as ort
+from ..model.graph import Graph
+from ..passes.layers import bias_slot, bias_value, set_bias
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+MAX_SCALE = 2.0  # a channel's spread is corrected at most by this factor either way
+MOVED = 1e-3     # a channel moved where its mean or spread differs by this much, relative
+
+
+def match_output_statistics(original: onnx.ModelProto, compressed: onnx.ModelProto,
+                            feeds: list[dict[str, np.ndarray]], kept_outputs: dict[str, list[int]] | None = None,
+                            ) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``compressed`` with each moved layer output's per-channel mean and spread set to the
+    original's on ``feeds``; notes per corrected layer."""
+    kept_outputs = kept_outputs or {}
+    graph, reference = Graph(compressed), Graph(original)
+    layers = [n for n in graph.topological_order() if n.op_type in LAYER_OPS and graph.is_constant(n.input[1])
+              and reference.producer(n.output[0]) is not None and bias_slot(graph, n) is not None]
+    if not layers or not feeds:
+        return compressed, {}
+    tensors = [n.output[0] for n in layers]
+    target = _statistics(original, tensors, feeds)
+    current = _statistics(compressed, tensors, feeds)
+    notes: dict[str, str] = {}
+    started = False
+    for node in layers:
+        name, tensor = node.name, node.output[0]
+        mean_o, std_o = target[tensor]
+        if node.name in kept_outputs:
+            mean_o, std_o = mean_o[kept_outputs[name]], std_o[kept_outputs[name]]
+        if started:  # upstream corrections changed this layer's input: read its output again
+            current[tensor] = _statistics(graph.to_model(), [tensor], feeds)[tensor]
+        mean_c, std_c = current[tensor]
+        if mean_c.shape != mean_o.shape:
+            notes[name] = f"not matched: {mean_c.size} channels here, {mean_o.size} in the original"
+            continue
+        spread = np.maximum(np.abs(mean_o) + std_o, 1e-12)
+        if np.all(np.abs(mean_c - mean_o) <= MOVED * spread) and np.all(np.abs(std_c - std_o) <= MOVED * spread):
+            continue
+        started = True
+        scale = np.clip(std_o / np.maximum(std_c, 1e-12), 1 / MAX_SCALE, MAX_SCALE)
+        scale = np.where(std_c > 1e-12, scale, 1.0)
+        shift = mean_o - scale * mean_c
+        _scale_outputs(graph, node, scale, shift)
+        notes[name] = (f"mean/spread matched: mean moved {np.abs(mean_c - mean_o).max():.3g}, "
+                       f"scales {scale.min():.3f}..{scale.max():.3f}")
+    return graph.to_model(), notes
+
+
+def _statistics(model: onnx.ModelProto, tensors: list[str], feeds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and standard deviation of each tensor (channels: axis 1, or the last axis
+    of a 2-D output) over the feeds."""
+    sums: dict[str, list] = {}
+    for feed in feeds:
+        values = ort.run_with_intermediates(model, feed, tensors)
+        for name in tensors:
+            v = values[name].astype(np.float64)
+            rows = v.reshape(-1, v.shape[-1]) if v.ndim == 2 else np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
+            s = sums.setdefault(name, [0, 0.0, 0.0])
+            s[0] += len(rows)
+            s[1] = s[1] + rows.sum(0)
+            s[2] = s[2] + (rows ** 2).sum(0)
+    stats = {}
+    for name, (count, total, squares) in sums.items():
+        mean = total / count
+        stats[name] = (mean, np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)))
+    return stats
+
+
+def _scale_outputs(graph: Graph, node: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Fold ``y' = scale * y + shift`` (per output channel) into the layer's weights and bias."""
+    weight = graph.initializer(node.input[1])
+    if node.op_type == "Conv":
+        scaled = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+    elif node.op_type == "Gemm" and graph.attr(node, "transB", 0):
+        scaled = weight * scale[:, None]
+    else:
+        scaled = weight * scale[None, :]
+    bias = bias_value(graph, node, len(scale))
+    graph.set_constant_input(node, 1, scaled.astype(weight.dtype), "matched_W")
+    # A MatMul's bias is the Add after it, outside the output that was measured: it is not scaled.
+    set_bias(graph, node, (bias if node.op_type == "MatMul" else scale * bias) + shift, weight.dtype)

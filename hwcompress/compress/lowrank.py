@@ -11,15 +11,18 @@ from ..data.calibration import Calibration
 from ..model.graph import Graph
 from ..passes.lowrank import lowrank, matrix_layers
 from .fidelity import output_error, split_feeds
+from .recalibrate import keep_if_better
 from ..model import reference as ort
 
 
 def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | float | None = None,
                   methods: tuple[str, ...] = ("svd", "spatial", "tucker2"), multiple: int = 1,
                   min_saving: float | None = 0.2, calibration: Calibration | None = None,
-                  layers: tuple[str, ...] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                  layers: tuple[str, ...] | None = None, match_statistics: bool = True
+                  ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Factorize (every layer, or only ``layers``); with calibration data, also the data-aware
-    variant, and keep the better one."""
+    variant, and keep the better one, then (``match_statistics``) the per-channel output
+    statistics matched to the original's where that lowers the held-out error (``recalibrate``)."""
     knobs = dict(energy=energy, rank=rank, methods=methods, multiple=multiple, min_saving=min_saving, layers=layers)
     plain = lowrank.apply(model, **knobs)
     report: dict[str, Any] = {"energy": energy, "rank": rank, "methods": list(methods), "multiple": multiple,
@@ -35,12 +38,15 @@ def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | floa
     plain_error, aware_error = output_error(model, plain.model, held_out), output_error(model, aware.model, held_out)
     report.update({"output_error_plain": plain_error, "output_error_data_aware": aware_error,
                    "data_aware": aware_error <= plain_error, "lowrank": aware.log.to_dict()})
-    if aware_error <= plain_error:
-        report["output_error"] = aware_error
-        return aware.model, report
-    report["output_error"] = plain_error
-    report["lowrank"] = plain.log.to_dict()
-    return plain.model, report
+    chosen = aware if aware_error <= plain_error else plain
+    report["output_error"] = min(aware_error, plain_error)
+    report["lowrank"] = chosen.log.to_dict()
+    if not match_statistics:
+        return chosen.model, report
+    matched, statistics = keep_if_better(model, chosen.model, fit, held_out)
+    report |= statistics
+    report["output_error"] = min(report["output_error"], statistics["output_error_matched"])
+    return matched, report
 
 
 def input_covariances(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],

@@ -11,12 +11,14 @@ from ..data.calibration import Calibration
 from ..passes import fold_batchnorm, prune_channels
 from .fidelity import output_error, split_feeds
 from .reconstruct import refit_layers
+from .recalibrate import keep_if_better
 
 
 def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importance: str = "l1",
                 layer_ratios: dict[str, float] | None = None, calibration: Calibration | None = None,
-                reconstruct: bool = True) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Prune (BN still in place, so gamma can rank channels), refit consumers, then fold BN."""
+                reconstruct: bool = True, match_statistics: bool = True) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Prune (BN still in place, so gamma can rank channels), refit consumers, match the per-channel
+    output statistics where that lowers the held-out error (``match_statistics``), then fold BN."""
     result = prune_channels.apply(model, ratio=ratio, multiple=multiple, importance=importance,
                                   layer_ratios=layer_ratios)
     pruned = result.model
@@ -35,6 +37,9 @@ def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importa
                                          result.log.details["kept_outputs"])
             report["reconstruction"] = notes
             report["output_error_with_reconstruction"] = output_error(model, pruned, held_out)
+        if match_statistics:
+            pruned, statistics = keep_if_better(model, pruned, fit, held_out, result.log.details["kept_outputs"])
+            report |= statistics
         report["output_error"] = output_error(model, pruned, held_out)
     before = sum(v.size for v in _weights(model))
     folded = fold_batchnorm(pruned)

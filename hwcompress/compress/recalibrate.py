@@ -8,7 +8,9 @@ topological order, from the first layer whose output moved, the output of each C
 the compressed network (its inputs those of the already-corrected layers before it) is scaled and
 shifted per channel to the original network's mean and standard deviation on the calibration data,
 ``y' = a * y + b``, folded into the layer's weights and bias. A layer that lost output channels is
-matched on the channels it kept.
+matched on the channels it kept. It does not always help (after a least-squares refit of a pruned
+SqueezeNet it moved top-1 by -3 to +2 points), so callers keep it only where it lowers the output
+error on held-out calibration data (``keep_if_better``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from ..model.graph import Graph
 from ..passes.layers import bias_slot, bias_value, set_bias
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
-MAX_SCALE = 2.0  # a channel's spread is corrected at most by this factor either way
+# A channel's spread is corrected at most by this factor either way. SqueezeNet factorized at
+# energy 0.97, 24 calibration images: held-out output error 0.93 uncorrected, 0.96 with the means
+# alone, 0.29 with spreads within 1.25x, 0.50 within 2x (top-1 on 218 images: 29, 17, 50, 46 %).
+MAX_SCALE = 1.25
 MOVED = 1e-3     # a channel moved where its mean or spread differs by this much, relative
 
 
@@ -98,3 +103,16 @@ def _scale_outputs(graph: Graph, node: onnx.NodeProto, scale: np.ndarray, shift:
     graph.set_constant_input(node, 1, scaled.astype(weight.dtype), "matched_W")
     # A MatMul's bias is the Add after it, outside the output that was measured: it is not scaled.
     set_bias(graph, node, (bias if node.op_type == "MatMul" else scale * bias) + shift, weight.dtype)
+
+
+def keep_if_better(original: onnx.ModelProto, compressed: onnx.ModelProto, fit: list, held_out: list,
+                   kept_outputs: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """``compressed`` with its statistics matched where that lowers the held-out output error; the
+    errors of both and the choice, for the report."""
+    from .fidelity import output_error
+
+    matched, notes = match_output_statistics(original, compressed, fit, kept_outputs)
+    before, after = output_error(original, compressed, held_out), output_error(original, matched, held_out)
+    report = {"output_error_unmatched": before, "output_error_matched": after, "statistics_matched": after < before,
+              "layers_matched": len(notes)}
+    return (matched if after < before else compressed), report

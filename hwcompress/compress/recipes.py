@@ -94,8 +94,11 @@ class PruneRecipe(StructuralRecipe):
               layer_ratios: dict[str, float] | None = None) -> onnx.ModelProto:
         from .prune import prune_model
 
+        # Statistics matching re-reads every layer after the change: whole-model candidates only
+        # (a per-layer step would pay that for each of its many trials).
         return prune_model(model, ratio, self.multiple_for(target), self.importance, layer_ratios,
-                           calibration=calibration, reconstruct=self.reconstruct and calibration is not None)[0]
+                           calibration=calibration, reconstruct=self.reconstruct and calibration is not None,
+                           match_statistics=layer_ratios is None)[0]
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ class LowrankRecipe(StructuralRecipe):
         from .lowrank import lowrank_model
 
         return lowrank_model(model, energy, methods=self.methods, multiple=self.multiple_for(target),
-                             calibration=calibration if self.data_aware else None, layers=layers)[0]
+                             calibration=calibration if self.data_aware else None, layers=layers,
+                             match_statistics=layers is None)[0]
 
 
 @dataclass(frozen=True)

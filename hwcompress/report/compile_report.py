@@ -87,7 +87,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{_ms(lat['p90_ms'])} | {_ms(lat['min_ms'])} | {lat['repeat']} x {lat['number']} |"]
     base = report.get("baseline")
     if base:
-        lines += ["", f"ONNX Runtime on the same machine, inputs and {base['threads']} thread(s): "
+        lines += ["", f"ONNX Runtime on the model as given (before any compression), same machine, inputs and "
+                      f"{base['threads']} thread(s): "
                       f"**{base['onnxruntime_ms']:.3f} ms**, TVM {base['tvm_ms']:.3f} ms: **TVM / ONNX Runtime = "
                       f"{base['tvm_over_onnxruntime']:.2f}** (median of {base['rounds']} alternating rounds)."]
     kernels = report.get("kernels") or []

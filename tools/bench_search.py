@@ -4,8 +4,8 @@ original, TVM on the original, and hwc's chosen model (search on the host profil
 ratios to ONNX Runtime, with the top-1 drop of the chosen model.
 
     python tools/bench_search.py [--tasks squeezenet,mobilenetv2,resnet18] [--trials 300] [--calib 32]
-                                 [--layer-trials 32] [--max-rounds 6] [--layer-candidates 4]
-                                 [--table-budget 1200]
+                                 [--layer-trials 0] [--max-rounds 6] [--layer-candidates 4]
+                                 [--table-budget 1200] [--budget 600]
 
 SqueezeNet and MobileNetV2 are scored on the ImageNet samples not used for calibration; the
 generated ResNet-18 has random weights, so its "top-1" is agreement with the uncompressed model.
@@ -39,12 +39,14 @@ def main() -> int:
     parser.add_argument("--max-rounds", type=int, help="search rounds (default: the profile's)")
     parser.add_argument("--layer-candidates", type=int, help="per-layer steps scored per round (default: profile's)")
     parser.add_argument("--table-budget", type=float, help="seconds per run for new latency-table shapes (default: profile's)")
+    parser.add_argument("--budget", type=float, help="wall-time budget of each search in seconds (default: profile's)")
     args = parser.parse_args()
     target, threads = get_target("host"), physical_cores()
     profile = get_profile("host")
     overrides = {"layer_trials": args.layer_trials, "max_rounds": args.max_rounds,
-                 "layer_candidates": args.layer_candidates, "table_budget_s": args.table_budget}
-    profile = replace(profile, search={**profile.search, **{k: v for k, v in overrides.items() if v is not None}})
+                 "layer_candidates": args.layer_candidates, "table_budget_s": args.table_budget,
+                 "budget_s": args.budget}
+    profile = replace(profile, search=replace(profile.search, **{k: v for k, v in overrides.items() if v is not None}))
     rows = []
     for name in args.tasks.split(","):
         if name == "resnet18":

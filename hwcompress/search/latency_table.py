@@ -116,8 +116,9 @@ class LatencyTable:
             batch: list[Job] = []
             for index, spec in enumerate(specs, 1):
                 if not time_left():
-                    self.progress(f"latency table: budget of {self.budget_s:g} s spent; "
-                                  f"{len(specs) - index + 1} shape(s) left for a later run")
+                    which = (f"the search's time budget ({self.deadline.budget_s:g} s)"
+                             if self.deadline is not None and self.deadline.passed() else f"budget of {self.budget_s:g} s")
+                    self.progress(f"latency table: {which} spent; {len(specs) - index + 1} shape(s) left for a later run")
                     specs = specs[:index - 1]
                     break
                 model = spec.to_model()

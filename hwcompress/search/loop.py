@@ -265,7 +265,9 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
                                           f"per run) or the search's ({deadline.budget_s:g} s) was spent first; "
                                           f"a later run continues from the cache"))
     if unpriced:
-        progress(f"search round {round_index}: {len(unpriced)} per-layer step(s) not priced (table budget spent)")
+        progress(f"search round {round_index}: {len(unpriced)} per-layer step(s) not priced (table budget spent)"
+                 if not deadline.passed() else
+                 f"search round {round_index}: {len(unpriced)} per-layer step(s) not priced (search budget spent)")
     threshold = result.latency_ms * min_gain
     promising = [st for st in proposals if st.saving_ms > threshold][:how_many]
     for st in proposals:

@@ -38,34 +38,28 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
         min_sqnr_db = FLOAT16_MIN_SQNR_DB if min_sqnr_db is None else min_sqnr_db
 
         def convert(keep: tuple[str, ...]):
-            return float16.apply(model, keep_fp32=keep)
-
-        def measured(keep: tuple[str, ...]):  # ONNX Runtime sees float16's rounding only when simulated
-            return float16(model, keep_fp32=keep, simulate=True)
+            # ONNX Runtime sees float16's rounding only in the simulation: that model is the one scored.
+            return float16.apply(model, keep_fp32=keep), float16(model, keep_fp32=keep, simulate=True)
     else:
         stats = calibrate(model, fit, method)
         knobs = dict(stats=stats, scheme=scheme, symmetric_activations=symmetric_activations,
                      bias_correction=bias_correction, pow2_layers=tuple(pow2_layers))
 
         def convert(keep: tuple[str, ...]):
-            return quantize.apply(model, **knobs, keep_fp32=keep)
-
-        def measured(keep: tuple[str, ...]):  # QDQ is exact in ONNX Runtime: the model is its own measure
-            return result.model
-    keep = tuple(keep_fp32)
-    result = convert(keep)
+            result = quantize.apply(model, **knobs, keep_fp32=keep)
+            return result, result.model  # QDQ is exact in ONNX Runtime: the model is its own measure
+    result, scored = convert(tuple(keep_fp32))
     graph = Graph(model)
     layers = [n.name for n in quantizable_layers(graph)]
-    sqnr = layer_sqnr(model, measured(keep), layers, fit[:8])
+    sqnr = layer_sqnr(model, scored, layers, fit[:8])
     fallback: list[str] = []
     if min_sqnr_db is not None:
-        inputs_sqnr = layer_sqnr(model, measured(keep), layers, fit[:8], side="input")
+        inputs_sqnr = layer_sqnr(model, scored, layers, fit[:8], side="input")
         # A layer stays fp32 where it is itself the cause: low output SQNR, well below its input's.
         fallback = [n for n in layers if sqnr[n] < min_sqnr_db and inputs_sqnr[n] - sqnr[n] > 3.0]
         if fallback:
-            keep += tuple(fallback)
-            result = convert(keep)
-            sqnr = layer_sqnr(model, measured(keep), layers, fit[:8])
+            result, scored = convert(tuple(keep_fp32) + tuple(fallback))
+            sqnr = layer_sqnr(model, scored, layers, fit[:8])
     report = {
         "scheme": scheme, "calibration_method": None if scheme == "float16" else method, "calibration": calibration.source,
         "calibration_is_random": calibration.is_random,
@@ -74,7 +68,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
         "bias_correction": bias_correction and scheme != "float16", "layer_sqnr_db": sqnr, "fp32_fallback": fallback,
         "kept_fp32": list(keep_fp32),
         "quantize": result.log.to_dict() | {"pow2_codes": None},
-        "error_measured_on": where, "output_error": output_error(model, measured(keep), held_out),
+        "error_measured_on": where, "output_error": output_error(model, scored, held_out),
     }
     if calibration.is_random and scheme != "float16":
         report["warning"] = "activation scales come from random data, not from real inputs"

@@ -118,8 +118,10 @@ class Deadline:
     def passed(self) -> bool:
         return self.left_s() <= 0
 
-    def reason(self) -> str:
-        return f"not evaluated: the search's time budget ({self.budget_s:g} s) was spent"
+    def unreached(self, round_index: int, candidate: str, **fields) -> "Trial":
+        """The trial of a candidate the search did not evaluate for want of time."""
+        return Trial(round_index, candidate, None, "budget", float("nan"),
+                     reason=f"not evaluated: the search's time budget ({self.budget_s:g} s) was spent", **fields)
 
 
 def _layer_table(profile: Profile, target: Target, build: BuildOptions, progress: Progress) -> LatencyTable | None:
@@ -179,8 +181,7 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
                         and (c.family == "prune" or c.family not in families)]
             if deadline.passed():
                 result.stopped = f"time budget ({deadline.budget_s:g} s) spent before round {round_index}"
-                result.trials += [Trial(round_index, c.name, None, "budget", float("nan"), reason=deadline.reason())
-                                  for c in eligible]
+                result.trials += [deadline.unreached(round_index, c.name) for c in eligible]
                 progress(f"search: {result.stopped}")
                 break
             kept: list[tuple[bool, float, Trial, Any]] = []  # (quantizes, gain, trial, model)
@@ -191,8 +192,7 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
                                       min_gain, structural, progress, 0, total, deadline)
             for index, candidate in enumerate(eligible, structural + 1):
                 if deadline.passed():
-                    result.trials.append(Trial(round_index, candidate.name, None, "budget", float("nan"),
-                                               reason=deadline.reason()))
+                    result.trials.append(deadline.unreached(round_index, candidate.name))
                     result.stopped = f"time budget ({deadline.budget_s:g} s) spent in round {round_index}"
                     continue
                 trial, trial_model = _measured_trial(candidate, round_index, result, evaluate, base_accuracy,
@@ -280,8 +280,8 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
     kept = []
     for index, st in enumerate(promising, done + 1):
         if deadline.passed():
-            result.trials.append(Trial(round_index, st.name, None, "budget", float("nan"), layers=st.shapes,
-                                       predicted_ms=result.latency_ms - st.saving_ms, reason=deadline.reason()))
+            result.trials.append(deadline.unreached(round_index, st.name, layers=st.shapes,
+                                                    predicted_ms=result.latency_ms - st.saving_ms))
             continue
         start = time.monotonic()
         predicted = result.latency_ms - st.saving_ms

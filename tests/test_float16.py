@@ -140,3 +140,22 @@ def test_float16_build_accumulates_in_float32_and_matches_onnx_runtime(tmp_path)
     accuracy = report["accuracy"]
     assert "float16" in accuracy["criterion"] and accuracy["tolerance"] == 1e-2
     assert 0 < accuracy["max_relative_error"] < 1e-2
+
+
+def test_float16_refuses_control_flow_in_one_line():
+    """An If's branches are subgraphs this pass does not rewrite: refused, not half-converted."""
+    from hwcompress.errors import HwcError
+
+    branch = lambda name, value: helper.make_graph(  # noqa: E731
+        [helper.make_node("Constant", [], [name], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [value]))],
+        name, [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], name="choose", then_branch=branch("a", 1.0),
+                              else_branch=branch("b", -1.0))]
+    graph = helper.make_graph(nodes, "flow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              [onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(HwcError, match=r"float16 does not convert models with control flow \(choose\)"):
+        float16(model)

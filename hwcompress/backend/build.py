@@ -170,6 +170,7 @@ def build(kernels, target: Target, db_dir: Path | None):
 
     from .cpu_schedules import VectorUnit
     from .default_schedule import schedule_untuned
+    from .stack_buffers import PIPELINE as CPU_PIPELINE
 
     tvm_target = target.tvm_target()
     install_lowering_rules()
@@ -183,6 +184,7 @@ def build(kernels, target: Target, db_dir: Path | None):
             if db_dir is not None and (db_dir / "database_tuning_record.json").exists():
                 kernels = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(kernels)
             kernels = schedule_untuned(kernels, VectorUnit.of(tvm_target).lanes)
+            return tvm.compile(kernels, target=tvm_target, tir_pipeline=CPU_PIPELINE)
         return tvm.compile(kernels, target=tvm_target)
 
 

@@ -31,7 +31,7 @@ from .tuning_db import mark_tuned, repair, tuned_tasks
 
 # Bumped when the kernels handed to MetaSchedule change form (layout, hand schedules, thread
 # count of the runner), so that records tuned for the old form are not mixed with new ones.
-KERNEL_FORM = "nhwc-blocked-conv-1"
+KERNEL_FORM = "nhwc-blocked-conv-2"  # 2: kernel buffers on the stack (stack_buffers): old timings do not hold
 
 
 def tuning_db_dir(cache_dir: Path, target: Target) -> Path:
@@ -53,10 +53,11 @@ def ms_build(mod, target, _params):
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     from .lowering_rules import install_lowering_rules
+    from .stack_buffers import PIPELINE
 
     install_lowering_rules()  # candidates are built as the final model will be
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=PIPELINE)
 
 
 def ms_export(compiler: str | None, module) -> str:

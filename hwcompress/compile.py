@@ -209,7 +209,7 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             "build_seconds": artifact.build_seconds,
             "latency": measured.latency.to_dict(),
             "baseline": baseline,
-            "kernels": _kernel_table(kernels),
+            "kernels": _kernel_table(kernels, artifact.kernels or {}),
             "accuracy": accuracy,
             "files": {name: {"bytes": (tmp / name).stat().st_size, "note": note} for name, note in files.items()},
         }
@@ -222,10 +222,16 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
     return report
 
 
-def _kernel_table(kernels: dict[str, float]) -> list[dict[str, Any]]:
+def _kernel_table(kernels: dict[str, float], described: dict[str, dict]) -> list[dict[str, Any]]:
+    """Per kernel, slowest first: its time and share, and what it computes (op, shapes, fused ops;
+    the VM's own builtins, which the hook times too, are marked as such)."""
     total = sum(kernels.values()) or 1.0
-    return [{"kernel": name, "ms": ms, "share": ms / total}
-            for name, ms in sorted(kernels.items(), key=lambda item: -item[1])]
+    rows = []
+    for name, ms in sorted(kernels.items(), key=lambda item: -item[1]):
+        info = described.get(name) or {"op": "VM builtin" if name.startswith("vm.builtin.") else "other",
+                                       "inputs": [], "output": None, "fused": [], "schedule": None}
+        rows.append({"kernel": name, "ms": ms, "share": ms / total} | info)
+    return rows
 
 
 def _budget_failures(report: dict[str, Any], search: dict | None, options: SearchOptions) -> list[str]:

@@ -146,6 +146,24 @@ def test_accumulator_tiles_live_on_the_stack_not_in_runtime_workspace(name, monk
     assert "TVMBackendAllocWorkspace" in assembly()
 
 
+def test_kernels_are_described_by_op_shapes_and_fused_ops():
+    """The per-kernel time table's words: which conv, the NHWC shapes, the epilogue in order."""
+    from hwcompress.backend.kernel_info import describe_kernels, fused_ops
+
+    assert fused_ops("fused_conv2d3_cast8_multiply4_add3_tir_round3_prepacked") == [
+        "conv2d", "cast", "multiply", "add", "tir_round"]
+    assert fused_ops("fused_transpose2_add_relu") == ["transpose", "add", "relu"]
+    assert fused_ops("max_pool2d1") == ["max_pool2d"]
+    model, _ = conv_models(np.random.default_rng(0))["depthwise stride 2, ReLU6"]
+    (conv,) = [k for k in describe_kernels(tvm_build.lower(import_onnx(model), get_target("host"))).values()
+               if "conv" in k["op"]]
+    _, c, h, w = _dims(model.graph.input[0])
+    _, _, oh, ow = _dims(model.graph.output[0])
+    assert conv["op"] == "depthwise conv2d" and conv["schedule"] == "hwc register-blocked"
+    assert conv["inputs"][0] == [1, h, w, c] and conv["output"] == [1, oh, ow, c]
+    assert {"max", "min"} <= set(conv["fused"])
+
+
 def test_conv_weights_are_repacked_per_channel_tile_at_compile_time():
     """The kernel reads each channel tile's filters contiguously ([O / tile][KH][KW][I][tile]); the
     repacking runs once when compiling (folded into the constant), not in every inference."""

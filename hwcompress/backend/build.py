@@ -62,6 +62,7 @@ class Artifact:
     tuning: TuningResult | None = None
     tuning_note: str | None = None
     int8: Int8Lowering | None = None
+    kernels: dict[str, dict] | None = None  # kernel name -> op, shapes, fused ops (kernel_info)
 
 
 def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, directory: Path,
@@ -90,6 +91,9 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
                  + (f", {len(int8.kept_float)} kept in float" if int8.kept_float else ""))
     progress(f"lowering for {target.name}")
     kernels = lower(mod, target)
+    from .kernel_info import describe_kernels
+
+    described = describe_kernels(kernels)
     db_dir, tuning, note = _tune_where_possible(kernels, target, options, progress)
     progress(f"building for {target.name}")
     start = time.monotonic()
@@ -99,7 +103,7 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
     Path(directory).mkdir(parents=True, exist_ok=True)
     files = export(executable, target, Path(directory), name)
     return Artifact(target, model, Path(directory) / name, files, [v.name for v in model.graph.input], seconds,
-                    tuning, note, int8)
+                    tuning, note, int8, described)
 
 
 def _tune_where_possible(kernels, target: Target, options: BuildOptions, progress: Progress):

@@ -40,6 +40,19 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _short(kernel: str, width: int = 32) -> str:
+    return kernel if len(kernel) <= width else kernel[:width - 3] + "..."
+
+
+def _shapes(kernel: dict[str, Any]) -> str:
+    """``1x112x112x16 -> 1x112x112x96``: the first input and the output."""
+    dims = lambda shape: "x".join(str(d) for d in shape)  # noqa: E731
+    inputs, output = kernel.get("inputs") or [], kernel.get("output")
+    if not inputs and not output:
+        return ""
+    return f"{dims(inputs[0]) if inputs else '?'} -> {dims(output) if output else '?'}"
+
+
 def table_summary(search: dict[str, Any]) -> list[str]:
     """The per-layer latency table's predictions next to the end-to-end measurements they led to."""
     info = search.get("latency_table")
@@ -96,10 +109,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Time per kernel", "",
                   "Each fused TVM kernel timed alone in the running model (the VM's instrument hook: figures include "
                   "a return to Python between kernels, so they add up to more than the latency; compare them "
-                  "with each other).", "", "| kernel | ms | share |", "| --- | --- | --- |"]
-        lines += [f"| `{k['kernel']}` | {k['ms']:.3f} | {k['share']:.0%} |" for k in kernels[:20]]
+                  "with each other). Shapes: the kernel's first input and its output (NHWC for convs); fused: "
+                  "the ops computed in the same kernel, in order.", "",
+                  "| kernel | op | shapes | fused | ms | share |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| `{_short(k['kernel'])}` | {k.get('op', '')} | {_shapes(k)} | {', '.join(k.get('fused') or [])} | "
+                  f"{k['ms']:.3f} | {k['share']:.0%} |" for k in kernels[:20]]
         if len(kernels) > 20:
-            lines.append(f"| ({len(kernels) - 20} more) | {sum(k['ms'] for k in kernels[20:]):.3f} | "
+            lines.append(f"| ({len(kernels) - 20} more) | | | | {sum(k['ms'] for k in kernels[20:]):.3f} | "
                          f"{sum(k['share'] for k in kernels[20:]):.0%} |")
     lines += ["", "## Accuracy", ""]
     if acc["max_abs_error"] is None:
@@ -181,9 +197,13 @@ def render_html(report: dict[str, Any]) -> str:
           f"{base['tvm_over_onnxruntime']:.2f}" if base else "n/a", report["accuracy"]["max_relative_error"]]]))]
     kernels = report.get("kernels") or []
     if kernels:
-        sections.append(("Time per kernel", html.bar_plot({k["kernel"]: k["ms"] for k in kernels},
-                                                          "fused TVM kernels, timed in the running model",
+        labels = {f"{rank}. {k.get('op', '')} {_shapes(k)}".strip(): k["ms"] for rank, k in enumerate(kernels, 1)}
+        sections.append(("Time per kernel", html.bar_plot(labels, "fused TVM kernels, timed in the running model",
                                                           "ms per run (instrumented)")))
+        sections.append(("Kernels", html.table(
+            ["#", "kernel", "op", "shapes (first input -> output)", "fused", "schedule", "ms", "share"],
+            [[rank, k["kernel"], k.get("op", ""), _shapes(k), ", ".join(k.get("fused") or []), k.get("schedule") or "",
+              f"{k['ms']:.3f}", f"{k['share']:.0%}"] for rank, k in enumerate(kernels, 1)])))
     search = report.get("search")
     if search:
         trials = search["trials"]

@@ -1,0 +1,120 @@
+"""What each fused kernel of a built model computes, in words, for the per-kernel time table.
+
+A kernel's name (``fused_conv2d3_cast8_multiply4_add3_tir_round3_...``) says which Relax ops
+were fused into it, in order; the Relax function that calls it says the shapes it reads and
+writes; the TIR says which conv it is (dense, depthwise, grouped) and whether it runs on the
+project's register-blocked schedule. Together they give a profile a user can read, as trtexec's
+per-layer profile does: op, shapes, fused epilogue.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Relax ops that define a kernel (the rest are its prologue or epilogue), most specific first.
+_MAIN_OPS = ("conv2d_transpose", "conv2d", "matmul", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+             "mean", "sum", "softmax", "resize2d", "concatenate", "split", "strided_slice", "take",
+             "transpose", "reshape", "layout_transform", "pad")
+_WORDS = {"tir_round": "round", "maximum": "max", "minimum": "min", "cast": "cast", "multiply": "mul",
+          "subtract": "sub", "divide": "div", "add": "add", "sigmoid": "sigmoid", "clip": "clip"}
+
+
+_COMPOUND = ("adaptive_avg_pool2d", "conv2d_transpose", "max_pool2d", "avg_pool2d", "strided_slice",
+             "layout_transform", "tir_round", "broadcast_to", "expand_dims", "image_resize2d")
+
+
+def _unnumbered(token: str) -> str:
+    """``cast10`` -> ``cast``, ``conv2d3`` -> ``conv2d``, ``pool2d1`` -> ``pool2d``."""
+    dimensioned = re.match(r"^(.*\dd)\d*$", token)
+    return dimensioned.group(1) if dimensioned else re.sub(r"\d+$", "", token)
+
+
+def fused_ops(kernel: str) -> list[str]:
+    """The Relax ops fused into ``kernel``, from its name, in order (TVM numbers repeated ops:
+    ``conv2d3``, ``cast10``; the numbering is dropped)."""
+    name = re.sub(r"_prepacked$", "", re.sub(r"^fused_", "", kernel))
+    tokens = [_unnumbered(t) for t in name.split("_") if t]
+    ops, i = [], 0
+    while i < len(tokens):
+        for compound in _COMPOUND:
+            parts = compound.split("_")
+            if tokens[i:i + len(parts)] == parts:
+                ops.append(compound)
+                i += len(parts)
+                break
+        else:
+            ops.append(tokens[i])
+            i += 1
+    return ops
+
+
+def describe_kernels(mod) -> dict[str, dict]:
+    """Kernel name -> {op, inputs, output, fused, schedule} for every TIR kernel ``mod``'s Relax
+    functions call (``mod``: the lowered kernels ``build.lower`` returns)."""
+    from tvm import relax, tirx
+
+    from .cpu_schedules import is_scheduled
+    from .dense_as_conv import static_shape
+
+    calls: dict[str, tuple[list, list | None]] = {}
+    call_tir = {"relax.call_tir", "relax.call_tir_inplace"}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for binding in (b for block in getattr(func.body, "blocks", []) for b in block.bindings):
+            value = binding.value
+            if isinstance(value, relax.Call) and getattr(value.op, "name", "") in call_tir:
+                callee, args = value.args[0], value.args[1]
+                inputs = [s for s in (static_shape(a) for a in getattr(args, "fields", [])) if s is not None]
+                calls.setdefault(callee.name_hint, (inputs, static_shape(binding.var)))
+    described = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        name = gvar.name_hint
+        ops = fused_ops(name)
+        main = next((op for wanted in _MAIN_OPS for op in ops if op == wanted), ops[0] if ops else name)
+        inputs, output = calls.get(name, ([], None))
+        op = _conv_kind(func, inputs, output) if main == "conv2d" else main
+        at = ops.index(main) if main in ops else 0
+        described[name] = {
+            "op": op,
+            "inputs": inputs,
+            "output": output,
+            "fused": [_WORDS.get(o, o) for o in ops[:at] + ops[at + 1:]],
+            "schedule": "hwc register-blocked" if is_scheduled(func) else "MetaSchedule / default",
+        }
+    return described
+
+
+def _conv_kind(func, inputs: list, output: list | None) -> str:
+    """conv2d, depthwise conv2d or grouped conv2d: TOPI names the block of both grouped kinds
+    ``group_conv2d_*``; depthwise is the one whose HWIO weights have one input channel per output."""
+    from tvm.tirx import stmt as S
+
+    names = set()
+
+    def walk(node):
+        if node is None:
+            return
+        block = getattr(node, "block", None)  # a block realize
+        if block is not None:
+            names.add(block.name_hint)
+            walk(block.body)
+            return
+        if isinstance(node, S.SeqStmt):
+            for child in node.seq:
+                walk(child)
+        elif isinstance(node, S.IfThenElse):
+            walk(node.then_case)
+            walk(node.else_case)
+        else:
+            walk(getattr(node, "body", None))
+
+    walk(func.body)
+    if not any(n.startswith("group_conv2d") for n in names):
+        return "conv2d"
+    channels = output[-1] if output else None
+    if any(len(s) == 4 and s[2] == 1 and s[3] == channels for s in inputs):
+        return "depthwise conv2d"
+    return "grouped conv2d"

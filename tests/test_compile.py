@@ -220,6 +220,21 @@ def test_tuning_stops_at_its_time_budget_and_the_build_goes_on(tmp_path, rng):
     assert "Stopped early: time budget" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_kernels_too_fast_to_matter_are_not_tuned(tmp_path, rng):
+    """After a search the model's latency is known: a kernel whose default schedule takes under 1%
+    of it keeps that schedule (MobileNetV2's four 2-microsecond kernels took 4 minutes to tune)."""
+    inits = {"fw": rng.normal(0, 0.2, (10, 64)), "fb": np.zeros(10)}
+    nodes = [helper.make_node("Gemm", ["x", "fw", "fb"], ["g"], transB=1), helper.make_node("Softmax", ["g"], ["y"])]
+    path = tmp_path / "fc.onnx"
+    onnx.save_model(make_model(nodes, [("x", [1, 64])], [("y", [1, 10])], inits), str(path))
+    report = compile_model(path, tmp_path / "out", CompileOptions(tune_trials=64, cache_dir=tmp_path / "cache",
+                                                                  repeat=3, latency_hint_ms=1000.0))
+    tuning = report["tuning"]
+    assert tuning["negligible"] == tuning["tasks"] > 0 and tuning["trials_run"] == 0
+    assert "not tuned: their default schedule runs in under 1%" in (tmp_path / "out" / "report.md").read_text()
+    assert report["accuracy"]["max_relative_error"] < 1e-3
+
+
 def test_npu16_latency_is_modelled_and_pads_channels_to_16(tmp_path, rng):
     from hwcompress.config.targets import get_target
     from hwcompress.measure.cycle_model import modelled_latency

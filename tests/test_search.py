@@ -328,3 +328,30 @@ def test_a_detector_is_scored_by_the_users_metric_with_each_outputs_fidelity(tmp
     assert len(int8["fidelity"]["sqnr_db"]) == 2 and all(10 < db < 80 for db in int8["fidelity"]["sqnr_db"])
     assert all(0.9 < c < 1 for c in int8["fidelity"]["cosine"])
     assert "Outputs of the chosen model vs the uncompressed one" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_the_search_ends_with_its_fastest_int8_model_when_later_structure_spent_the_budget():
+    """Structure goes before precision, so a pruning step can take the accuracy int8 needed. Seen
+    on MobileNetV2: rounds 1-2 each applied a small pruning step while int8 (accepted beside them,
+    1.7 ms) waited; in round 3 int8 on the twice-pruned model broke the budget, and the search
+    ended at 3.0 ms. It now ends with the fastest accepted int8 model, and its path."""
+    from hwcompress.progress import Progress
+    from hwcompress.search.loop import SearchResult, Trial, _finish_with_the_best, _Finished
+
+    def trial(round_, name, ms, accuracy, chosen=False):
+        return Trial(round_, name, ms, "local", accuracy, accepted=True, chosen=chosen)
+
+    pruned_once, pruned_twice = object(), object()
+    trials = [trial(0, "baseline", 3.3, 83.3, chosen=True), trial(1, "prune a", 3.2, 83.9, chosen=True),
+              trial(1, "int8", 1.8, 83.9), trial(2, "prune b", 3.1, 83.3, chosen=True), trial(2, "int8", 1.7, 84.4)]
+    result = SearchResult(pruned_twice, ["prune a", "prune b"], 3.3, 83.3, 3.1, 83.3, "top1", "compiled artifact",
+                          trials)
+    lines = []
+    _finish_with_the_best(result, _Finished(trials[4], pruned_once, ["prune a", "int8"]), Progress(lines.append))
+    assert result.model is pruned_once and result.applied == ["prune a", "int8"]
+    assert (result.latency_ms, result.accuracy) == (1.7, 84.4)
+    assert [t.candidate for t in result.trials if t.chosen] == ["baseline", "prune a", "int8"]
+    assert result.trials[4].chosen and lines
+    # Where the rounds ended faster than any int8 model, nothing changes.
+    _finish_with_the_best(result, _Finished(trials[2], object(), ["int8"]), Progress(lines.append))
+    assert result.model is pruned_once and result.latency_ms == 1.7

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the lowering imports TVM, which a build loads only when it 
 
 DEFAULT_TUNE_TRIALS = 500
 DEFAULT_TUNE_SECONDS = 600.0  # a default compile ends in bounded time; 0: no limit
+NEGLIGIBLE_SHARE = 0.01  # of the model's latency: a kernel faster than that is left untuned
 
 
 @dataclass
@@ -43,6 +44,9 @@ class BuildOptions:
     cache_dir: Path | None = None
     device: str | None = None  # rpc://HOST:PORT/KEY where tuning candidates run; default the target's
     int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
+    # The model's measured untuned latency, where known (after a search): kernels whose default
+    # schedule takes under 1% of it are not tuned (tuning could save no more than that).
+    latency_hint_ms: float | None = None
 
     @property
     def cache(self) -> Path:
@@ -117,8 +121,9 @@ def _tune_where_possible(kernels, target: Target, options: BuildOptions, progres
     repair(db_dir, progress.warn)
     device = options.device or target.latency.device
     if options.tune_trials > 0 and (device or not target.is_cross):
+        negligible_s = options.latency_hint_ms * NEGLIGIBLE_SHARE / 1e3 if options.latency_hint_ms else None
         return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device,
-                            options.tune_seconds or None), None
+                            options.tune_seconds or None, negligible_s), None
     if options.tune_trials > 0:
         note = (f"{target.name} code cannot run here, so it is tuned only on its device "
                 f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")

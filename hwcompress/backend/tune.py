@@ -75,11 +75,12 @@ class TuningResult:
     seconds: float
     database: str
     defaults_kept: int = 0  # kernels where no candidate beat the default schedule (measured alike)
+    negligible: int = 0  # kernels left on their default schedule: too fast for tuning to pay
     stopped: str | None = None  # why tuning ended before its trials (the time budget), if it did
 
 
 def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress = SILENT,
-         device: str | None = None, seconds: float | None = None) -> TuningResult:
+         device: str | None = None, seconds: float | None = None, negligible_s: float | None = None) -> TuningResult:
     """Tune every fused kernel of ``kernels`` (from ``build.lower``) that has no schedule yet with
     MetaSchedule, adding to ``db_dir``.
 
@@ -88,7 +89,8 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     own process group: Ctrl-C reaches only hwc, which stops the child (native code cannot be
     interrupted safely), keeps the records written so far, and raises KeyboardInterrupt; the next
     run tunes again what had not finished. ``seconds`` bounds the wall time the same way: when it
-    is spent the child is stopped, the records so far are kept and the build goes on with them."""
+    is spent the child is stopped, the records so far are kept and the build goes on with them.
+    Kernels whose default schedule runs in under ``negligible_s`` keep it untuned."""
     import tvm
 
     if "num-cores" not in target.tvm_target_dict():
@@ -104,7 +106,7 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     child = context.Process(target=_tune_in_child, args=(tvm.ir.save_json(kernels), target, trials, str(db_dir),
-                                                         device, events), daemon=True)
+                                                         device, events, negligible_s), daemon=True)
     child.start()
     heartbeat = _Heartbeat(progress)
     try:
@@ -189,7 +191,8 @@ def _stop(child) -> None:
             return
 
 
-def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, device: str | None, events) -> None:
+def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, device: str | None, events,
+                   negligible_s: float | None) -> None:
     os.setsid()  # out of the terminal's process group: Ctrl-C goes to hwc, which stops this group
     _skip_tensor_intrinsic_library(arm=str(target.tvm_target_dict().get("mtriple", "")).startswith("aarch64"))
     import tvm
@@ -197,7 +200,8 @@ def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, 
     progress = Progress(lambda e: events.put(("warning", e.message) if e.warning else
                                              ("event", (e.message, e.done, e.total))))
     try:
-        result = _tune_here(tvm.ir.load_json(kernels_json), target, trials, Path(db_dir), progress, device)
+        result = _tune_here(tvm.ir.load_json(kernels_json), target, trials, Path(db_dir), progress, device,
+                            negligible_s)
         events.put(("result", result.__dict__))
     except HwcError as exc:
         events.put(("error", str(exc)))
@@ -229,7 +233,7 @@ def _skip_tensor_intrinsic_library(arm: bool) -> None:
 
 
 def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Progress,
-               device: str | None) -> TuningResult:
+               device: str | None, negligible_s: float | None = None) -> TuningResult:
     import tvm.s_tir.meta_schedule as ms
 
     from .cpu_schedules import VectorUnit
@@ -240,11 +244,8 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
     database = open_database(db_dir)
     progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, "
              f"{len(tunable)} to tune with up to {trials} trials")
-    run, kept = 0, 0
+    run, kept, negligible = 0, 0, []
     if tunable and trials > 0:
-        # Every kernel gets an equal share: a budget spent on a few kernels leaves the rest naive.
-        per_task = max(1, -(-trials // len(tunable)))
-        callback = _progress_callback(progress, per_task * len(tunable), [t.task_name for t in tunable], per_task)
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         builder = ms.builder.LocalBuilder(
             f_build=ms_build, f_export=functools.partial(ms_export, target.cross_compiler),
@@ -259,19 +260,44 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
         with contextlib.redirect_stdout(sys.stderr), _named_handlers_only(logging.getLogger("tvm.s_tir.meta_schedule")):
             defaults = commit_default_records(tunable, target.tvm_target(), VectorUnit.of(target.tvm_target()).lanes,
                                               builder, runner, database, progress)
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
-            ms.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=per_task * len(tunable),
-                # Batches of 16, not 32: a kernel's first measurement (and line) comes twice as soon.
-                max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 16),
-                builder=builder, runner=runner, database=database, cost_model=ms.cost_model.XGBModel(),
-                measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
-            )
+            negligible = _negligible(tunable, defaults, negligible_s, progress)
+            tunable = [t for t in tunable if t not in negligible]
+            # Every kernel gets an equal share: a budget spent on a few kernels leaves the rest naive.
+            per_task = max(1, -(-trials // max(1, len(tunable))))
+            callback = _progress_callback(progress, per_task * len(tunable), [t.task_name for t in tunable], per_task)
+            if tunable:
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
+                ms.tune_tasks(
+                    tasks=contexts, task_weights=weights, work_dir=str(db_dir),
+                    max_trials_global=per_task * len(tunable),
+                    # Batches of 16, not 32: a kernel's first measurement (and line) comes twice as soon.
+                    max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 16),
+                    builder=builder, runner=runner, database=database, cost_model=ms.cost_model.XGBModel(),
+                    measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
+                )
         run, kept = callback.count, defaults_kept(defaults, database)
-        progress("tuning trials", done=run, total=per_task * len(tunable))  # the last count, even if short of the total
-        mark_tuned(db_dir, {task_key(t) for t in tunable})
+        if tunable:  # the last count, even if short of the total
+            progress("tuning trials", done=run, total=per_task * len(tunable))
+        mark_tuned(db_dir, {task_key(t) for t in tunable + negligible})
     return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run, records_reused=len(known),
-                        seconds=time.monotonic() - start, database=str(db_dir), defaults_kept=kept)
+                        seconds=time.monotonic() - start, database=str(db_dir), defaults_kept=kept,
+                        negligible=len(negligible))
+
+
+def _negligible(tasks: list, defaults: list, negligible_s: float | None, progress: Progress) -> list:
+    """The tasks whose default schedule, timed just now, runs in under ``negligible_s``: tuning
+    could save less than that each (MobileNetV2's 4 untuned kernels run 2 microseconds each, and
+    tuning them took 4 minutes of a 9-minute compile)."""
+    if not negligible_s:
+        return []
+    from tvm_ffi import structural_hash
+
+    fast = {structural_hash(d.workload) for d in defaults if d.seconds < negligible_s}
+    chosen = [t for t in tasks if structural_hash(t.dispatched[0]) in fast]
+    if chosen:
+        progress(f"tuning: {len(chosen)} kernel(s) keep their default schedule untuned: each runs in under "
+                 f"{negligible_s * 1e3:.3g} ms (1% of the model's latency), less than tuning could save")
+    return chosen
 
 
 def open_database(db_dir: Path):

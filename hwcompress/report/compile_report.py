@@ -135,6 +135,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if tuning.get("defaults_kept"):
             lines.append(f"{tuning['defaults_kept']} kernel(s) kept the rule-based default schedule: no tuning "
                          f"candidate measured faster than it.")
+        if tuning.get("negligible"):
+            lines.append(f"{tuning['negligible']} kernel(s) not tuned: their default schedule runs in under 1% of "
+                         f"the model's measured latency, less than tuning could save.")
     else:
         lines.append(report.get("tuning_note", "no tuning"))
     lowering = report.get("int8_lowering")

@@ -15,12 +15,12 @@ import re
 _MAIN_OPS = ("conv2d_transpose", "conv2d", "matmul", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
              "mean", "sum", "softmax", "resize2d", "concatenate", "split", "strided_slice", "take",
              "transpose", "reshape", "layout_transform", "pad")
-_WORDS = {"tir_round": "round", "maximum": "max", "minimum": "min", "cast": "cast", "multiply": "mul",
-          "subtract": "sub", "divide": "div", "add": "add", "sigmoid": "sigmoid", "clip": "clip"}
-
-
+# Op names that contain underscores, so that a kernel name can be split into ops.
 _COMPOUND = ("adaptive_avg_pool2d", "conv2d_transpose", "max_pool2d", "avg_pool2d", "strided_slice",
              "layout_transform", "tir_round", "broadcast_to", "expand_dims", "image_resize2d")
+# Shorter words for the epilogue column.
+_WORDS = {"tir_round": "round", "maximum": "max", "minimum": "min", "multiply": "mul", "subtract": "sub",
+          "divide": "div"}
 
 
 def _unnumbered(token: str) -> str:

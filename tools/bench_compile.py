@@ -21,12 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import side_by_side  # noqa: E402
+from benchlib import cpu_description, side_by_side  # noqa: E402
 
 from hwcompress.compile import CompileOptions, compile_model  # noqa: E402
 from hwcompress.config import physical_cores  # noqa: E402
 from hwcompress.model.examples import resnet18  # noqa: E402
 from hwcompress.model.fileio import save_model  # noqa: E402
+from hwcompress.progress import Progress  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "models"
 
@@ -49,6 +50,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     names = args.models.split(",")
+    print(f"CPU: {cpu_description()}; {args.threads} threads for both", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         paths = {name: model_path(name, Path(scratch)) for name in names}
         reports = {}
@@ -57,8 +59,8 @@ def main() -> int:
             if args.trials is not None:
                 options.tune_trials = args.trials
             start = time.monotonic()
-            reports[name] = compile_model(paths[name], Path(scratch) / f"out-{name}", options,
-                                          lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
+            reports[name] = compile_model(paths[name], Path(scratch) / f"out-{name}", options, Progress(
+                lambda event, n=name: print(f"[{n}] {event.message}", file=sys.stderr, flush=True)))
             reports[name]["compile_s"] = time.monotonic() - start
         for name in names:
             print(f"[{name}] timing ONNX Runtime and TVM in alternating rounds", file=sys.stderr, flush=True)

@@ -212,6 +212,15 @@ def _parse_layer_ratios(specs: list[str] | None) -> dict[str, float]:
     return ratios
 
 
+def _statistics_matching_lines(report: dict) -> list[str]:
+    """What per-channel statistics matching (``compress.recalibrate``) did, where it ran."""
+    if "statistics_matched" not in report:
+        return []
+    return [f"  per-channel output statistics matched to the original's: {report['output_error_unmatched']:.3g} "
+            f"-> {report['output_error_matched']:.3g}"
+            + ("" if report["statistics_matched"] else " (not kept: no better on held-out data)")]
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data.calibration import load_calibration
     from .config.targets import get_target
@@ -239,10 +248,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if "output_error_with_reconstruction" in report:
         lines.append(f"  reconstruction: {report['output_error_without_reconstruction']:.3g} -> "
                      f"{report['output_error_with_reconstruction']:.3g}")
-    if "statistics_matched" in report:
-        lines.append(f"  per-channel output statistics matched to the original's: {report['output_error_unmatched']:.3g} "
-                     f"-> {report['output_error_matched']:.3g}"
-                     + ("" if report["statistics_matched"] else " (not kept: no better on held-out data)"))
+    lines += _statistics_matching_lines(report)
     lines += [f"  {name}: {info['before']} -> {info['after']}" for name, info in layers.items()
               if info["before"] != info["after"]]
     lines += [f"  left alone: {reason}" for reason in report["pruning"]["skipped"]]
@@ -281,10 +287,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     if "output_error_plain" in report:
         lines.append(f"  data-aware {report['output_error_data_aware']:.3g} vs plain SVD "
                      f"{report['output_error_plain']:.3g}")
-    if "statistics_matched" in report:
-        lines.append(f"  per-channel output statistics matched to the original's: {report['output_error_unmatched']:.3g} "
-                     f"-> {report['output_error_matched']:.3g}"
-                     + ("" if report["statistics_matched"] else " (not kept: no better on held-out data)"))
+    lines += _statistics_matching_lines(report)
     lines += [f"  {line}" for line in report["lowrank"]["applied"]]
     lines += [f"  left alone: {line}" for line in report["lowrank"]["skipped"]]
     _emit(args, report, "\n".join(lines))

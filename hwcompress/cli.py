@@ -148,7 +148,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              cache_dir=args.cache_dir,
                              input_shapes=parse_input_shapes(args.input_shape), targets_dirs=args.targets_dir,
                              tolerance=args.tolerance, repeat=args.repeat, device=args.device,
-                             int8_compute=not args.no_int8_lowering, force=args.force)
+                             int8_compute=not args.no_int8_lowering, winograd=not args.no_winograd,
+                             force=args.force)
     search = SearchOptions(profile=args.profile, profiles_dirs=args.profiles_dir, calib=args.calib, val=args.val,
                            labels=args.labels, metric=args.metric, preprocess=args.preprocess,
                            max_accuracy_drop=args.max_accuracy_drop,
@@ -481,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure on a device behind a TVM RPC tracker (overrides the target YAML's device)")
     p.add_argument("--no-int8-lowering", action="store_true",
                    help="compile QDQ layers as TVM imports them (float arithmetic) instead of int8 compute")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="run float 3x3 convs as direct convolutions (Winograd F(2x2, 3x3), the default on CPUs, "
+                        "stores 16/9 of their weights)")
     p.add_argument("--profile", default="default", help="compression profile for the target (default 'default')")
     p.add_argument("--search", action="store_true",
                    help="choose compression by measured latency (on by default with --calib or --val)")

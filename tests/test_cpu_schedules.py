@@ -114,7 +114,7 @@ def test_epilogue_reads_the_accumulators_and_writes_the_output_once(name):
     """Bias, activation and residual add are applied to the register tile: a scheduled conv
     writes no full-size intermediate, only its output (and a dense conv its padded input)."""
     model, _ = conv_models(np.random.default_rng(0))[name]
-    kernels = tvm_build.lower(import_onnx(model), get_target("host"))
+    kernels = tvm_build.lower(import_onnx(model), get_target("host"), winograd=False)  # the direct conv
     (func,) = [f for f in kernels.functions.values() if is_scheduled(f)]
     sch = Schedule(func)
     written = {region.source for block in sch.get_child_blocks(sch.get_sblock("root"))
@@ -169,7 +169,7 @@ def test_conv_weights_are_repacked_per_channel_tile_at_compile_time():
     repacking runs once when compiling (folded into the constant), not in every inference."""
     model, _ = conv_models(np.random.default_rng(0))["3x3 pad bias relu"]
     target = get_target("host").tvm_target()
-    kernels = tvm_build.cpu_kernels(import_onnx(model), target)
+    kernels = tvm_build.cpu_kernels(import_onnx(model), target, winograd=False)  # the direct conv
     (func,) = [f for f in kernels.functions.values() if is_scheduled(f)]
     sch = Schedule(func)
     reads = {tuple(int(d) for d in region.source.shape) for block in sch.get_child_blocks(sch.get_sblock("root"))

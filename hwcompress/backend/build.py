@@ -44,6 +44,7 @@ class BuildOptions:
     cache_dir: Path | None = None
     device: str | None = None  # rpc://HOST:PORT/KEY where tuning candidates run; default the target's
     int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
+    winograd: bool = True      # float 3x3 stride-1 convs by Winograd F(2x2, 3x3) on CPUs (winograd)
     # The model's measured untuned latency, where known (after a search): kernels whose default
     # schedule takes under 1% of it are not tuned (tuning could save no more than that).
     latency_hint_ms: float | None = None
@@ -94,7 +95,7 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
         progress(f"int8 lowering: {len(int8.lowered)} QDQ layer(s) run as int8 x int8 -> int32"
                  + (f", {len(int8.kept_float)} kept in float" if int8.kept_float else ""))
     progress(f"lowering for {target.name}")
-    kernels = lower(mod, target)
+    kernels = lower(mod, target, winograd=options.winograd)
     from .kernel_info import describe_kernels
 
     described = describe_kernels(kernels)
@@ -132,7 +133,7 @@ def _tune_where_possible(kernels, target: Target, options: BuildOptions, progres
     return db_dir, None, f"--tune-trials 0: no tuning; records already in {db_dir} are used"
 
 
-def lower(mod, target: Target):
+def lower(mod, target: Target, winograd: bool = True):
     """The fused kernels of ``mod`` for ``target``, done once and shared by ``tune`` and ``build``
     (so that the database's records match the kernels that are built): on CPUs ``cpu_kernels``,
     on GPUs dlight's rule-based schedules."""
@@ -143,16 +144,17 @@ def lower(mod, target: Target):
     install_lowering_rules()
     with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
         if not target.is_gpu:
-            return cpu_kernels(mod, tvm_target)
+            return cpu_kernels(mod, tvm_target, winograd)
         import tvm.s_tir.dlight as dl
 
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())(relax.get_pipeline("zero")(mod))
 
 
-def cpu_kernels(mod, tvm_target):
+def cpu_kernels(mod, tvm_target, winograd: bool = True):
     """The fused kernels of ``mod`` for a CPU: convolutions in NHWC and register-blocked by
-    ``cpu_schedules``, their weights repacked at compile time, the rest left for MetaSchedule."""
+    ``cpu_schedules`` (3x3 ones by ``winograd`` where it pays, unless turned off), their weights
+    repacked at compile time, the rest left for MetaSchedule."""
     import tvm
     from tvm import relax
 
@@ -160,9 +162,13 @@ def cpu_kernels(mod, tvm_target):
     from .dense_as_conv import dense_as_conv
     from .conv_schedules import schedule_convolutions
     from .cpu_schedules import VectorUnit, nhwc_layout
+    from .winograd import rewrite_winograd_convs
 
-    lanes = VectorUnit.of(tvm_target).lanes
-    lowered = relax.get_pipeline("zero")(pad_output_channels(nhwc_layout(dense_as_conv(mod)), lanes))
+    unit = VectorUnit.of(tvm_target)
+    convs = nhwc_layout(dense_as_conv(mod))
+    if winograd:  # before the channel padding: its slice would be an epilogue wider than the tile
+        convs = rewrite_winograd_convs(convs, unit)
+    lowered = relax.get_pipeline("zero")(pad_output_channels(convs, unit.lanes))
     with tvm_target:
         scheduled = schedule_convolutions(lowered, tvm_target)
     # The convs' weight repacking becomes functions of the constant weights, run at compile time.

@@ -149,7 +149,7 @@ def _is_float_hwio(sch: Schedule, conv) -> bool:
 
 def _schedule(sch: Schedule, conv, tiles: ConvTiles) -> None:
     depthwise = sch.get(conv).name_hint.startswith("group")
-    epilogue = _fused_epilogue(sch, conv)
+    epilogue = fuse_epilogue(sch, conv)
     if not depthwise:
         _pack_weights(sch, conv, tiles.channels)
     n, h, w, o, rh, rw, rc = sch.get_loops(conv)
@@ -208,10 +208,11 @@ def _weights_outweigh_input(sch: Schedule, conv) -> bool:
     return size(weight) > size(data)
 
 
-def _fused_epilogue(sch: Schedule, conv):
+def fuse_epilogue(sch: Schedule, conv, keep=()):
     """Inline every elementwise block after the conv (bias, any activation chain: SiLU's
     ``x * sigmoid(x)`` and HardSwish read the conv output twice, a residual add, a per-channel
-    scale) into the last one, and return that block (None where the conv is the last)."""
+    scale) into the last one, and return that block (None where the conv is the last).
+    ``keep``: blocks before the conv that are stages of it, not side inputs to inline."""
     after = _blocks_after(sch, conv)
     shape = lambda block: [int(d) for d in sch.get(block).writes[0].source.shape]  # noqa: E731
     if after and (len(shape(after[-1])) != len(shape(conv))
@@ -223,17 +224,17 @@ def _fused_epilogue(sch: Schedule, conv):
     for block in after[:-1]:
         sch.compute_inline(block)
     if after:
-        _inline_side_inputs(sch, conv, after[-1])
+        _inline_side_inputs(sch, conv, after[-1], keep)
     if after and sch.get_consumers(conv) and [sch.get(b) for b in sch.get_consumers(conv)] != [sch.get(after[-1])]:
         raise _NotApplicable("the conv output is read by more than its epilogue")
     return after[-1] if after else None
 
 
-def _inline_side_inputs(sch: Schedule, conv, epilogue) -> None:
+def _inline_side_inputs(sch: Schedule, conv, epilogue, keep=()) -> None:
     """Elementwise blocks that feed the epilogue from elsewhere (an int8 residual's dequantize:
     cast, subtract the zero point, scale) inlined into it: TVM inlines an epilogue into the
     conv's register tile only when it reads no intermediate buffer of the same function."""
-    keep = {conv, epilogue, *sch.get_producers(conv)}
+    keep = {conv, epilogue, *sch.get_producers(conv), *keep}
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if not any(sch.get(block).same_as(sch.get(k)) for k in keep):
             try:

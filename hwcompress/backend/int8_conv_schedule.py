@@ -25,7 +25,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
-from .cpu_schedules import (VectorUnit, _fused_epilogue, _NotApplicable, _schedule_input, _weights_outweigh_input,
+from .cpu_schedules import (VectorUnit, fuse_epilogue, _NotApplicable, _schedule_input, _weights_outweigh_input,
                             choose_tiles, has_feature)
 from .int8_lowering import DOT_GROUP as GROUP  # input channels one vpdpbusd lane sums
 
@@ -194,7 +194,7 @@ def _is_int8_hwio(sch: Schedule, conv) -> bool:
 
 
 def _schedule(sch: Schedule, conv, tiles, intrinsic: str) -> None:
-    epilogue = _fused_epilogue(sch, conv)
+    epilogue = fuse_epilogue(sch, conv)
     lanes = tiles.lanes
     _pack_weights(sch, conv, tiles.channels, lanes)
     n, h, w, o, rh, rw, rc = sch.get_loops(conv)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import re
 
 # Relax ops that define a kernel (the rest are its prologue or epilogue), most specific first.
-_MAIN_OPS = ("conv2d_transpose", "conv2d", "matmul", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+_MAIN_OPS = ("conv2d_transpose", "conv2d_winograd", "conv2d", "matmul", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
              "mean", "sum", "softmax", "resize2d", "concatenate", "split", "strided_slice", "take",
              "transpose", "reshape", "layout_transform", "pad")
 # Op names that contain underscores, so that a kernel name can be split into ops.
-_COMPOUND = ("adaptive_avg_pool2d", "conv2d_transpose", "max_pool2d", "avg_pool2d", "strided_slice",
-             "layout_transform", "tir_round", "broadcast_to", "expand_dims", "image_resize2d")
+_COMPOUND = ("adaptive_avg_pool2d", "conv2d_transpose", "conv2d_winograd", "max_pool2d", "avg_pool2d", "strided_slice",
+             "layout_transform", "broadcast_to", "expand_dims", "image_resize2d")
 # Shorter words for the epilogue column.
-_WORDS = {"tir_round": "round", "maximum": "max", "minimum": "min", "multiply": "mul", "subtract": "sub",
+_WORDS = {"maximum": "max", "minimum": "min", "multiply": "mul", "subtract": "sub",
           "divide": "div"}
 
 
@@ -36,6 +36,10 @@ def fused_ops(kernel: str) -> list[str]:
     tokens = [_unnumbered(t) for t in name.split("_") if t]
     ops, i = [], 0
     while i < len(tokens):
+        if tokens[i] == "tir" and i + 1 < len(tokens):  # TIR intrinsics: tir_round, tir_sigmoid
+            ops.append("tir_" + tokens[i + 1])
+            i += 2
+            continue
         for compound in _COMPOUND:
             parts = compound.split("_")
             if tokens[i:i + len(parts)] == parts:
@@ -77,12 +81,15 @@ def describe_kernels(mod) -> dict[str, dict]:
         inputs, output = calls.get(name, ([], None))
         op = _conv_kind(func, inputs, output) if main == "conv2d" else main
         at = ops.index(main) if main in ops else 0
+        schedule = "hwc register-blocked" if is_scheduled(func) else "MetaSchedule / default"
+        if main == "conv2d_winograd":
+            op, schedule = "conv2d", "hwc Winograd F(2x2, 3x3)"
         described[name] = {
             "op": op,
             "inputs": inputs,
             "output": output,
-            "fused": [_WORDS.get(o, o) for o in ops[:at] + ops[at + 1:]],
-            "schedule": "hwc register-blocked" if is_scheduled(func) else "MetaSchedule / default",
+            "fused": [_WORDS.get(o, o.removeprefix("tir_")) for o in ops[:at] + ops[at + 1:]],
+            "schedule": schedule,
         }
     return described
 

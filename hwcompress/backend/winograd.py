@@ -1,0 +1,270 @@
+"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3): 2.25x fewer multiplications.
+
+A direct 3x3 conv on a CPU is bound by its multiply-adds: the register-blocked kernel
+(``cpu_schedules``) runs at the FMA units' peak, and so does ONNX Runtime's, which has no
+Winograd path for float32 on x86. Winograd (Lavin and Gray 2016) computes each 2x2 output tile
+from a 4x4 input tile as ``A^T [(G g G^T) . (B^T d B)] A``: per tile and channel pair 16
+multiply-adds instead of 36. The weight transform ``U = G g G^T`` is done here once, at compile
+time, on the constant weights; the kernel has three stages:
+
+- ``winograd_input``: ``V = B^T d B`` for every 4x4 tile of the padded input (additions only);
+- ``winograd_gemm``: 16 independent matrix products ``M[e] = V[e] @ U[e]`` over input channels,
+  register-blocked like the direct conv (tiles x output-channel vectors in registers);
+- ``winograd_output``: ``Y = A^T M A`` for each 2x2 output tile, then the fused epilogue (bias,
+  activations, residual) in registers, as the direct conv does.
+
+The product and the output transform run per block of tiles and channels on one core, so the
+16 products of a block stay in that core's cache; the input transform is one parallel pass.
+``rewrite_winograd_convs`` replaces eligible ``relax.nn.conv2d`` calls (NHWC, HWIO, 3x3, stride
+1, no dilation, one group, float32, constant weights) before fusion, so the epilogue fuses as
+with the direct conv. Exact in real arithmetic; in float32 it differs from the direct sum by
+rounding (relative error ~1e-6, checked against ONNX Runtime in the tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.s_tir.schedule import Schedule
+
+TILE = 2                      # outputs per tile side: F(2x2, 3x3)
+ALPHA = TILE + 2              # input tile side
+OUTPUT_BLOCK = "winograd_output"
+GEMM_BLOCK = "winograd_gemm"
+INPUT_BLOCK = "winograd_input"
+
+# F(2x2, 3x3) of Lavin and Gray (2016), points 0, 1, -1, infinity.
+_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
+_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+
+
+def transform_weights(weight_hwio: np.ndarray, channel_tile: int) -> np.ndarray:
+    """``G g G^T`` per (input, output) channel pair, laid out as the product reads it:
+    ``[O / tile][16][I][tile]`` (each channel tile's 16 matrices contiguous)."""
+    kh, kw, ci, co = weight_hwio.shape
+    u = np.einsum("ak,klio,bl->abio", _G, weight_hwio.astype(np.float64), _G)  # [4, 4, I, O]
+    u = u.reshape(ALPHA * ALPHA, ci, co // channel_tile, channel_tile).transpose(2, 0, 1, 3)
+    return np.ascontiguousarray(u.astype(np.float32))
+
+
+def _linear(coefficients, values):
+    """``sum(c * v)`` over the non-zero coefficients, with +-1 as plain additions."""
+    total = None
+    for c, v in zip(coefficients, values):
+        if c == 0:
+            continue
+        term = v if c == 1 else (-v if c == -1 else v * tirx.const(float(c), "float32"))
+        total = term if total is None else total + term
+    return total if total is not None else tirx.const(0.0, "float32")
+
+
+def _select(index, cases):
+    """``cases[index]`` for a loop variable that the schedule unrolls (the selects then fold)."""
+    expr = cases[-1]
+    for k in range(len(cases) - 2, -1, -1):
+        expr = tirx.Select(index == k, cases[k], expr)
+    return expr
+
+
+def _int64(*dims):
+    """Shapes as Relax writes them (int64), so that the kernel's buffers match its call's tensors."""
+    return tuple(tirx.IntImm("int64", int(d)) for d in dims)
+
+
+def winograd_conv2d_nhwc(shape, out_channels: int, pads, channel_tile: int):
+    """The TE stages of a 3x3 stride-1 NHWC conv computed with F(2x2, 3x3): returns the input
+    placeholder, the transformed-weight placeholder and the output tensor."""
+    n, h, w, ci = shape
+    top, left, bottom, right = pads
+    out_h, out_w = h + top + bottom - 2, w + left + right - 2
+    tiles_h, tiles_w = -(-out_h // TILE), -(-out_w // TILE)
+    data = te.placeholder(_int64(n, h, w, ci), "float32", name="data")
+    weight = te.placeholder(_int64(out_channels // channel_tile, ALPHA * ALPHA, ci, channel_tile), "float32",
+                            name="winograd_weight")
+
+    def padded(b, y, x, c):
+        y, x = y - top, x - left
+        inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+        return tirx.if_then_else(inside, data[b, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(x, w - 1), 0), c],
+                                 tirx.const(0.0, "float32"))
+
+    def input_transform(e, b, ty, tx, c):
+        cases = []
+        for eps in range(ALPHA):
+            for nu in range(ALPHA):
+                coefficients = np.outer(_BT[eps], _BT[nu]).ravel()
+                values = [padded(b, ty * TILE + i, tx * TILE + j, c) for i in range(ALPHA) for j in range(ALPHA)]
+                cases.append(_linear(coefficients, values))
+        return _select(e, cases)
+
+    transformed = te.compute(_int64(ALPHA * ALPHA, n, tiles_h, tiles_w, ci), input_transform, name=INPUT_BLOCK)
+    k = te.reduce_axis(_int64(0, ci), name="k")
+    product = te.compute(
+        _int64(ALPHA * ALPHA, n, tiles_h, tiles_w, out_channels),
+        lambda e, b, ty, tx, o: te.sum(transformed[e, b, ty, tx, k]
+                                       * weight[o // channel_tile, e, k, o % channel_tile], axis=k),
+        name=GEMM_BLOCK)
+
+    def output_transform(b, y, x, o):
+        ty, tx, vy, vx = y // TILE, x // TILE, y % TILE, x % TILE
+        cases = []
+        for i in range(TILE):
+            for j in range(TILE):
+                coefficients = np.outer(_AT[i], _AT[j]).ravel()
+                values = [product[e, b, ty, tx, o] for e in range(ALPHA * ALPHA)]
+                cases.append(_linear(coefficients, values))
+        return _select(vy * TILE + vx, cases)
+
+    out = te.compute(_int64(n, out_h, out_w, out_channels), output_transform, name=OUTPUT_BLOCK)
+    return data, weight, out
+
+
+# Below this many input channels the input transform (16 additions per tile and channel, and its
+# 16 values per tile written and read back) costs more than the products save: measured on AMD
+# Zen 4, 56x56 8->16 ran 1.56x the direct conv's time, 224x224 3->32 1.25x, 112x112 16->16 0.81x,
+# 55x55 16->64 0.62x, 28x28 128->128 0.46x.
+MIN_INPUT_CHANNELS = 16
+KERNEL_NAME = "conv2d_winograd"
+
+
+def rewrite_winograd_convs(mod: tvm.IRModule, unit) -> tvm.IRModule:
+    """Every eligible 3x3 conv of ``mod`` (NHWC/HWIO, after the layout conversion) as a call to
+    its Winograd kernel, the weights transformed at compile time."""
+    from .relax_rewrite import rewrite_functions
+
+    return rewrite_functions(_WinogradConvs(mod, unit), mod)
+
+
+@relax.expr_functor.mutator
+class _WinogradConvs(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, unit):
+        super().__init__(mod)
+        self.unit = unit
+
+    def visit_call_(self, call):
+        from .cpu_schedules import choose_tiles
+        from .dense_as_conv import static_shape
+        from .relax_rewrite import bound_constant
+
+        call = self.visit_expr_post_order(call)
+        if call.op != tvm.ir.Op.get("relax.nn.conv2d"):
+            return call
+        attrs = call.attrs
+        if (int(attrs.groups) != 1 or attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO"
+                or attrs.out_layout != "NHWC" or [int(s) for s in attrs.strides] != [1, 1]
+                or [int(d) for d in attrs.dilation] != [1, 1]):
+            return call
+        shape = static_shape(call.args[0])
+        weight = bound_constant(self, call.args[1])
+        if (shape is None or weight is None or weight.dtype != np.float32 or weight.shape[:2] != (3, 3)
+                or shape[3] < MIN_INPUT_CHANNELS or getattr(call.args[0].ty, "dtype", None) != "float32"):
+            return call
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        out_shape = [shape[0], shape[1] + top + bottom - 2, shape[2] + left + right - 2, weight.shape[3]]
+        tiles = choose_tiles(-(-out_shape[2] // TILE), out_shape[3], self.unit)
+        if tiles is None:
+            return call
+        func = winograd_prim_func(shape, out_shape[3], (top, left, bottom, right), tiles.channels)
+        kernel = self.builder_.add_func(func, KERNEL_NAME)
+        return relax.call_tir(kernel, [call.args[0], relax.const(transform_weights(weight, tiles.channels))],
+                              relax.TensorType(out_shape, "float32"))
+
+
+def winograd_prim_func(shape, out_channels: int, pads, channel_tile: int) -> tirx.PrimFunc:
+    """The conv as a PrimFunc that fuses like a conv (an epilogue of elementwise ops after it)."""
+    data, weight, out = winograd_conv2d_nhwc(shape, out_channels, pads, channel_tile)
+    func = te.create_prim_func([data, weight, out]).without_attr("global_symbol")
+    return func.with_attr("op_pattern", 4)  # kOutEWiseFusable
+
+
+def is_winograd(func) -> bool:
+    return isinstance(func, tirx.PrimFunc) and _has_block(Schedule(func), GEMM_BLOCK)
+
+
+def _has_block(sch: Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # no block of that name
+        return False
+
+
+def schedule_winograd(func: tirx.PrimFunc, unit) -> tirx.PrimFunc | None:
+    """``func`` (a Winograd conv and what was fused after it) scheduled for ``unit``, the epilogue
+    in the output tile's registers; where the epilogue cannot go there (it writes more than the
+    conv's output), in passes of its own. None where ``func`` is not a Winograd conv."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    from .cpu_schedules import _NotApplicable
+
+    if not _has_block(Schedule(func), GEMM_BLOCK):
+        return None
+    for fuse in (True, False):
+        sch = Schedule(func)
+        try:
+            _schedule(sch, unit, fuse)
+        except (ScheduleError, _NotApplicable, tvm.error.InternalError):  # TVM checks some cases only internally
+            continue
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return None
+
+
+def _schedule(sch: Schedule, unit, fuse: bool) -> None:
+    from .cpu_schedules import _blocks_after, _schedule_elementwise, choose_tiles, fuse_epilogue
+
+    out, gemm, transformed = (sch.get_sblock(name) for name in (OUTPUT_BLOCK, GEMM_BLOCK, INPUT_BLOCK))
+    _, _, _, tiles_w, channels = (int(d) for d in sch.get(gemm).writes[0].source.shape)
+    tiles = choose_tiles(tiles_w, channels, unit)  # as the weights were laid out for
+    if fuse:
+        epilogue = fuse_epilogue(sch, out, keep=(gemm, transformed))
+        if epilogue is not None:
+            sch.reverse_compute_inline(epilogue)
+    else:
+        for block in _blocks_after(sch, out):
+            _schedule_elementwise(sch, block, tiles.lanes)
+    # Output: per block of tiles (one tile row, `tiles.width` tiles) and channels, on one core.
+    b, y, x, o = sch.get_loops(out)
+    ty, vy = sch.split(y, [None, TILE])
+    tx, vx = sch.split(x, [None, TILE])
+    tx_outer, tx_inner = sch.split(tx, [None, tiles.width])
+    o_outer, o_vectors, o_lanes = sch.split(o, [None, tiles.vectors, tiles.lanes])
+    # As in the direct conv, the operand re-read per block should be the smaller one: channel
+    # blocks outermost where the transformed weights outweigh the transformed input.
+    weights = np.prod([int(d) for d in sch.get(gemm).reads[1].source.shape])
+    inputs = np.prod([int(d) for d in sch.get(gemm).reads[0].source.shape])
+    parallel = [o_outer, b, ty, tx_outer] if weights > inputs else [b, ty, tx_outer, o_outer]
+    sch.reorder(*parallel, tx_inner, vy, vx, o_vectors, o_lanes)
+    block_loop = sch.fuse(*parallel)
+    sch.parallel(block_loop)
+    sch.vectorize(o_lanes)
+    for loop in (o_vectors, vx, vy):
+        sch.unroll(loop)
+    # The 16 products of that block, computed there: accumulators of `width` tiles x `vectors`
+    # channel vectors in registers, the input channels streamed.
+    sch.compute_at(gemm, block_loop)
+    # Below the block loop: e, the block's tiles, channels, the reduction (loops of extent 1 --
+    # batch, tile row, a one-tile block -- are not materialized).
+    e, *g_tiles, g_channels, k = sch.get_loops(gemm)[1:]
+    g_vectors, g_lanes = sch.split(g_channels, [tiles.vectors, tiles.lanes])
+    sch.reorder(e, k, *g_tiles, g_vectors, g_lanes)
+    accumulators = sch.cache_write(gemm, 0, "local")
+    sch.reverse_compute_at(accumulators, e)
+    sch.vectorize(g_lanes)
+    sch.unroll(g_vectors)
+    for loop in g_tiles:
+        sch.unroll(loop)
+    a_channels = sch.get_loops(accumulators)[-1]
+    a_vectors, a_lanes = sch.split(a_channels, [None, tiles.lanes])
+    sch.vectorize(a_lanes)
+    sch.unroll(a_vectors)
+    init = sch.decompose_reduction(gemm, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    # Input transform: one parallel pass over tile rows, channels in vectors, the 16 cases unrolled.
+    e, b, ty, tx, c = sch.get_loops(transformed)
+    sch.reorder(b, ty, tx, e, c)
+    sch.parallel(sch.fuse(b, ty))
+    sch.unroll(e)
+    if int(sch.get(c).extent) % unit.lanes == 0:
+        sch.vectorize(sch.split(c, [None, unit.lanes])[1])

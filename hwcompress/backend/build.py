@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from ..config.host import last_level_cache_bytes
 from ..config.targets import Target
 from ..errors import HwcError, first_line
 from ..progress import SILENT, Progress
@@ -144,17 +145,19 @@ def lower(mod, target: Target, winograd: bool = True):
     install_lowering_rules()
     with _as_build_error(target), tvm_target, tvm.transform.PassContext(opt_level=3):
         if not target.is_gpu:
-            return cpu_kernels(mod, tvm_target, winograd)
+            local = target.latency.method == "local" and not target.is_cross
+            return cpu_kernels(mod, tvm_target, winograd, last_level_cache_bytes() if local else None)
         import tvm.s_tir.dlight as dl
 
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())(relax.get_pipeline("zero")(mod))
 
 
-def cpu_kernels(mod, tvm_target, winograd: bool = True):
+def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None = None):
     """The fused kernels of ``mod`` for a CPU: convolutions in NHWC and register-blocked by
-    ``cpu_schedules`` (3x3 ones by ``winograd`` where it pays, unless turned off), their weights
-    repacked at compile time, the rest left for MetaSchedule."""
+    ``cpu_schedules`` (3x3 ones by ``winograd`` where it pays, unless turned off; ``cache_bytes``:
+    the CPU's last-level cache where it is this machine's), their weights repacked at compile
+    time, the rest left for MetaSchedule."""
     import tvm
     from tvm import relax
 
@@ -167,7 +170,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True):
     unit = VectorUnit.of(tvm_target)
     convs = nhwc_layout(dense_as_conv(mod))
     if winograd:  # before the channel padding: its slice would be an epilogue wider than the tile
-        convs = rewrite_winograd_convs(convs, unit)
+        convs = rewrite_winograd_convs(convs, unit, cache_bytes)
     lowered = relax.get_pipeline("zero")(pad_output_channels(convs, unit.lanes))
     with tvm_target:
         scheduled = schedule_convolutions(lowered, tvm_target)

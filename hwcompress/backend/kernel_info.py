@@ -83,7 +83,10 @@ def describe_kernels(mod) -> dict[str, dict]:
         at = ops.index(main) if main in ops else 0
         schedule = "hwc register-blocked" if is_scheduled(func) else "MetaSchedule / default"
         if main == "conv2d_winograd":
-            op, schedule = "conv2d", "hwc Winograd F(2x2, 3x3)"
+            from .winograd import tile_size
+
+            m = tile_size(inputs[1][1]) if len(inputs) > 1 and len(inputs[1]) == 4 else "m"
+            op, schedule = "conv2d", f"hwc Winograd F({m}x{m}, 3x3)"
         described[name] = {
             "op": op,
             "inputs": inputs,

@@ -23,29 +23,57 @@ rounding (relative error ~1e-6, checked against ONNX Runtime in the tests).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir.schedule import Schedule
 
-TILE = 2                      # outputs per tile side: F(2x2, 3x3)
-ALPHA = TILE + 2              # input tile side
 OUTPUT_BLOCK = "winograd_output"
 GEMM_BLOCK = "winograd_gemm"
 INPUT_BLOCK = "winograd_input"
-
-# F(2x2, 3x3) of Lavin and Gray (2016), points 0, 1, -1, infinity.
-_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
-_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
-_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+PAD_BLOCK = "winograd_pad"
+ROWS_BLOCK = "winograd_input_rows"
+COLUMNS_BLOCK = "winograd_output_columns"
 
 
-def transform_weights(weight_hwio: np.ndarray, channel_tile: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Transform:
+    """F(m x m, 3x3): ``Y = AT [(G g G^T) . (BT d BT^T)] AT^T`` on (m + 2)-square input tiles."""
+
+    m: int
+    at: np.ndarray   # [m, alpha]
+    bt: np.ndarray   # [alpha, alpha]
+    g: np.ndarray    # [alpha, 3]
+
+    @property
+    def alpha(self) -> int:
+        return self.m + 2
+
+
+# Lavin and Gray (2016): F(2x2, 3x3) on the points 0, 1, -1, infinity; F(4x4, 3x3) on 0, 1, -1,
+# 2, -2, infinity (4x fewer multiplications, more additions in the transforms, larger rounding).
+TRANSFORMS = {
+    2: Transform(2, np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64),
+                 np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),
+                 np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)),
+    4: Transform(4, np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                             dtype=np.float64),
+                 np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                           [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64),
+                 np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                           [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64)),
+}
+
+
+def transform_weights(weight_hwio: np.ndarray, channel_tile: int, m: int = 2) -> np.ndarray:
     """``G g G^T`` per (input, output) channel pair, laid out as the product reads it:
-    ``[O / tile][16][I][tile]`` (each channel tile's 16 matrices contiguous)."""
+    ``[O / tile][alpha^2][I][tile]`` (each channel tile's matrices contiguous)."""
+    t = TRANSFORMS[m]
     kh, kw, ci, co = weight_hwio.shape
-    u = np.einsum("ak,klio,bl->abio", _G, weight_hwio.astype(np.float64), _G)  # [4, 4, I, O]
-    u = u.reshape(ALPHA * ALPHA, ci, co // channel_tile, channel_tile).transpose(2, 0, 1, 3)
+    u = np.einsum("ak,klio,bl->abio", t.g, weight_hwio.astype(np.float64), t.g)  # [alpha, alpha, I, O]
+    u = u.reshape(t.alpha * t.alpha, ci, co // channel_tile, channel_tile).transpose(2, 0, 1, 3)
     return np.ascontiguousarray(u.astype(np.float32))
 
 
@@ -73,49 +101,59 @@ def _int64(*dims):
     return tuple(tirx.IntImm("int64", int(d)) for d in dims)
 
 
-def winograd_conv2d_nhwc(shape, out_channels: int, pads, channel_tile: int):
-    """The TE stages of a 3x3 stride-1 NHWC conv computed with F(2x2, 3x3): returns the input
+def winograd_conv2d_nhwc(shape, out_channels: int, pads, channel_tile: int, m: int = 2):
+    """The TE stages of a 3x3 stride-1 NHWC conv computed with F(m x m, 3x3): returns the input
     placeholder, the transformed-weight placeholder and the output tensor."""
+    t = TRANSFORMS[m]
+    alpha = t.alpha
     n, h, w, ci = shape
     top, left, bottom, right = pads
     out_h, out_w = h + top + bottom - 2, w + left + right - 2
-    tiles_h, tiles_w = -(-out_h // TILE), -(-out_w // TILE)
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     data = te.placeholder(_int64(n, h, w, ci), "float32", name="data")
-    weight = te.placeholder(_int64(out_channels // channel_tile, ALPHA * ALPHA, ci, channel_tile), "float32",
+    weight = te.placeholder(_int64(out_channels // channel_tile, alpha * alpha, ci, channel_tile), "float32",
                             name="winograd_weight")
 
-    def padded(b, y, x, c):
+    def pad(b, y, x, c):
         y, x = y - top, x - left
         inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
         return tirx.if_then_else(inside, data[b, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(x, w - 1), 0), c],
                                  tirx.const(0.0, "float32"))
 
-    def input_transform(e, b, ty, tx, c):
-        cases = []
-        for eps in range(ALPHA):
-            for nu in range(ALPHA):
-                coefficients = np.outer(_BT[eps], _BT[nu]).ravel()
-                values = [padded(b, ty * TILE + i, tx * TILE + j, c) for i in range(ALPHA) for j in range(ALPHA)]
-                cases.append(_linear(coefficients, values))
-        return _select(e, cases)
+    # A padded copy covering whole tiles: the transform then reads without border checks (with
+    # them, its 36 cases of F4 took seconds to compile).
+    padded = te.compute(_int64(n, tiles_h * m + 2, tiles_w * m + 2, ci), pad, name=PAD_BLOCK)
 
-    transformed = te.compute(_int64(ALPHA * ALPHA, n, tiles_h, tiles_w, ci), input_transform, name=INPUT_BLOCK)
+    # Both transforms are separable: rows first, then columns (F4's 36 values from 36 inputs take
+    # 2 x 36 short sums instead of 36 sums of up to 16 terms, and compile in a fraction of the time).
+    rows = te.compute(
+        _int64(alpha, alpha, n, tiles_h, tiles_w, ci),
+        lambda eps, j, b, ty, tx, c: _select(eps, [_linear(t.bt[r], [padded[b, ty * m + i, tx * m + j, c]
+                                                                     for i in range(alpha)]) for r in range(alpha)]),
+        name=ROWS_BLOCK)
+
+    def input_transform(e, b, ty, tx, c):
+        eps, nu = e // alpha, e % alpha
+        return _select(nu, [_linear(t.bt[r], [rows[eps, j, b, ty, tx, c] for j in range(alpha)])
+                            for r in range(alpha)])
+
+    transformed = te.compute(_int64(alpha * alpha, n, tiles_h, tiles_w, ci), input_transform, name=INPUT_BLOCK)
     k = te.reduce_axis(_int64(0, ci), name="k")
     product = te.compute(
-        _int64(ALPHA * ALPHA, n, tiles_h, tiles_w, out_channels),
+        _int64(alpha * alpha, n, tiles_h, tiles_w, out_channels),
         lambda e, b, ty, tx, o: te.sum(transformed[e, b, ty, tx, k]
                                        * weight[o // channel_tile, e, k, o % channel_tile], axis=k),
         name=GEMM_BLOCK)
+    columns = te.compute(
+        _int64(m, alpha, n, tiles_h, tiles_w, out_channels),
+        lambda i, col, b, ty, tx, o: _select(i, [_linear(t.at[r], [product[a * alpha + col, b, ty, tx, o]
+                                                                   for a in range(alpha)]) for r in range(m)]),
+        name=COLUMNS_BLOCK)
 
     def output_transform(b, y, x, o):
-        ty, tx, vy, vx = y // TILE, x // TILE, y % TILE, x % TILE
-        cases = []
-        for i in range(TILE):
-            for j in range(TILE):
-                coefficients = np.outer(_AT[i], _AT[j]).ravel()
-                values = [product[e, b, ty, tx, o] for e in range(ALPHA * ALPHA)]
-                cases.append(_linear(coefficients, values))
-        return _select(vy * TILE + vx, cases)
+        ty, tx, vy, vx = y // m, x // m, y % m, x % m
+        return _select(vx, [_linear(t.at[r], [columns[vy, col, b, ty, tx, o] for col in range(alpha)])
+                            for r in range(m)])
 
     out = te.compute(_int64(n, out_h, out_w, out_channels), output_transform, name=OUTPUT_BLOCK)
     return data, weight, out
@@ -127,21 +165,55 @@ def winograd_conv2d_nhwc(shape, out_channels: int, pads, channel_tile: int):
 # 55x55 16->64 0.62x, 28x28 128->128 0.46x.
 MIN_INPUT_CHANNELS = 16
 KERNEL_NAME = "conv2d_winograd"
+MIN_TILES_FOR_F4 = 16
+MIN_STREAMED_TILES_FOR_F4 = 36
 
 
-def rewrite_winograd_convs(mod: tvm.IRModule, unit) -> tvm.IRModule:
+def choose_tile_size(out_shape, weights_cached: bool) -> int:
+    """F(4x4, 3x3) where the map has enough tiles to reuse its transformed weights (36 per 9
+    weights, each used once per tile), else F(2x2, 3x3) (16 per 9). Timed alone on AMD Zen 4
+    (weights in cache), as a fraction of the direct conv's time, F2 / F4: 56x56 64->64 0.51 /
+    0.35, 28x28 128->128 0.45 / 0.35, 13x13 64->256 0.53 / 0.42, 7x7 512->512 0.49 / 0.80. In a
+    network whose weights do not stay in the cache between runs (ResNet-18: 45 MB) they stream
+    from memory each time, and below about 36 tiles F4's four-fold weights cost more time than
+    its products save (ResNet-18 with F4 down to 16 tiles: 0.68 of ONNX Runtime's time, F2
+    everywhere 0.66, F4 from 36 tiles 0.62)."""
+    tiles = -(-out_shape[1] // 4) * -(-out_shape[2] // 4)
+    return 4 if tiles >= (MIN_TILES_FOR_F4 if weights_cached else MIN_STREAMED_TILES_FOR_F4) else 2
+
+
+def rewrite_winograd_convs(mod: tvm.IRModule, unit, cache_bytes: int | None = None) -> tvm.IRModule:
     """Every eligible 3x3 conv of ``mod`` (NHWC/HWIO, after the layout conversion) as a call to
-    its Winograd kernel, the weights transformed at compile time."""
+    its Winograd kernel, the weights transformed at compile time. ``cache_bytes``: the target's
+    last-level cache, where known: a model whose transformed weights fit in half of it keeps them
+    there between runs."""
     from .relax_rewrite import rewrite_functions
 
-    return rewrite_functions(_WinogradConvs(mod, unit), mod)
+    cached = cache_bytes is not None and 4 * _constant_bytes(mod) <= cache_bytes // 2
+    return rewrite_functions(_WinogradConvs(mod, unit, cached), mod)
+
+
+def _constant_bytes(mod: tvm.IRModule) -> int:
+    """Bytes of the constants (weights) of ``mod``'s Relax functions."""
+    sizes = []
+
+    @relax.expr_functor.visitor
+    class Constants(relax.PyExprVisitor):
+        def visit_constant_(self, op):
+            sizes.append(int(np.prod([int(d) for d in op.data.shape])) * tvm.DataType(str(op.data.dtype)).bits // 8)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            Constants().visit_expr(func)
+    return sum(sizes)
 
 
 @relax.expr_functor.mutator
 class _WinogradConvs(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, unit):
+    def __init__(self, mod: tvm.IRModule, unit, weights_cached: bool):
         super().__init__(mod)
         self.unit = unit
+        self.weights_cached = weights_cached
 
     def visit_call_(self, call):
         from .cpu_schedules import choose_tiles
@@ -159,24 +231,31 @@ class _WinogradConvs(relax.PyExprMutator):
         shape = static_shape(call.args[0])
         weight = bound_constant(self, call.args[1])
         if (shape is None or weight is None or weight.dtype != np.float32 or weight.shape[:2] != (3, 3)
-                or shape[3] < MIN_INPUT_CHANNELS or getattr(call.args[0].ty, "dtype", None) != "float32"):
+                or shape[3] < MIN_INPUT_CHANNELS or shape[3] % 4  # whole vectors of input channels
+                or getattr(call.args[0].ty, "dtype", None) != "float32"):
             return call
         top, left, bottom, right = (int(p) for p in attrs.padding)
         out_shape = [shape[0], shape[1] + top + bottom - 2, shape[2] + left + right - 2, weight.shape[3]]
-        tiles = choose_tiles(-(-out_shape[2] // TILE), out_shape[3], self.unit)
+        m = choose_tile_size(out_shape, self.weights_cached)
+        tiles = choose_tiles(-(-out_shape[2] // m), out_shape[3], self.unit)
         if tiles is None:
             return call
-        func = winograd_prim_func(shape, out_shape[3], (top, left, bottom, right), tiles.channels)
+        func = winograd_prim_func(shape, out_shape[3], (top, left, bottom, right), tiles.channels, m)
         kernel = self.builder_.add_func(func, KERNEL_NAME)
-        return relax.call_tir(kernel, [call.args[0], relax.const(transform_weights(weight, tiles.channels))],
+        return relax.call_tir(kernel, [call.args[0], relax.const(transform_weights(weight, tiles.channels, m))],
                               relax.TensorType(out_shape, "float32"))
 
 
-def winograd_prim_func(shape, out_channels: int, pads, channel_tile: int) -> tirx.PrimFunc:
+def winograd_prim_func(shape, out_channels: int, pads, channel_tile: int, m: int = 2) -> tirx.PrimFunc:
     """The conv as a PrimFunc that fuses like a conv (an epilogue of elementwise ops after it)."""
-    data, weight, out = winograd_conv2d_nhwc(shape, out_channels, pads, channel_tile)
+    data, weight, out = winograd_conv2d_nhwc(shape, out_channels, pads, channel_tile, m)
     func = te.create_prim_func([data, weight, out]).without_attr("global_symbol")
     return func.with_attr("op_pattern", 4)  # kOutEWiseFusable
+
+
+def tile_size(products: int) -> int:
+    """m of F(m x m, 3x3) from its number of products, (m + 2)^2."""
+    return int(round(products ** 0.5)) - 2
 
 
 def is_winograd(func) -> bool:
@@ -214,11 +293,13 @@ def schedule_winograd(func: tirx.PrimFunc, unit) -> tirx.PrimFunc | None:
 def _schedule(sch: Schedule, unit, fuse: bool) -> None:
     from .cpu_schedules import _blocks_after, _schedule_elementwise, choose_tiles, fuse_epilogue
 
-    out, gemm, transformed = (sch.get_sblock(name) for name in (OUTPUT_BLOCK, GEMM_BLOCK, INPUT_BLOCK))
-    _, _, _, tiles_w, channels = (int(d) for d in sch.get(gemm).writes[0].source.shape)
+    out, columns, gemm, transformed, rows, pad = (sch.get_sblock(name) for name in (
+        OUTPUT_BLOCK, COLUMNS_BLOCK, GEMM_BLOCK, INPUT_BLOCK, ROWS_BLOCK, PAD_BLOCK))
+    products, _, _, tiles_w, channels = (int(d) for d in sch.get(gemm).writes[0].source.shape)
+    m = tile_size(products)
     tiles = choose_tiles(tiles_w, channels, unit)  # as the weights were laid out for
     if fuse:
-        epilogue = fuse_epilogue(sch, out, keep=(gemm, transformed))
+        epilogue = fuse_epilogue(sch, out, keep=(columns, gemm, transformed, rows, pad))
         if epilogue is not None:
             sch.reverse_compute_inline(epilogue)
     else:
@@ -226,8 +307,8 @@ def _schedule(sch: Schedule, unit, fuse: bool) -> None:
             _schedule_elementwise(sch, block, tiles.lanes)
     # Output: per block of tiles (one tile row, `tiles.width` tiles) and channels, on one core.
     b, y, x, o = sch.get_loops(out)
-    ty, vy = sch.split(y, [None, TILE])
-    tx, vx = sch.split(x, [None, TILE])
+    ty, vy = sch.split(y, [None, m])
+    tx, vx = sch.split(x, [None, m])
     tx_outer, tx_inner = sch.split(tx, [None, tiles.width])
     o_outer, o_vectors, o_lanes = sch.split(o, [None, tiles.vectors, tiles.lanes])
     # As in the direct conv, the operand re-read per block should be the smaller one: channel
@@ -241,7 +322,14 @@ def _schedule(sch: Schedule, unit, fuse: bool) -> None:
     sch.vectorize(o_lanes)
     for loop in (o_vectors, vx, vy):
         sch.unroll(loop)
-    # The 16 products of that block, computed there: accumulators of `width` tiles x `vectors`
+    # The output transform's first (column) pass, per tile, in registers.
+    sch.compute_at(columns, tx_inner)
+    i, col, c_channels = sch.get_loops(columns)[-3:]
+    c_vectors, c_lanes = sch.split(c_channels, [None, tiles.lanes])
+    sch.vectorize(c_lanes)
+    for loop in (c_vectors, col, i):
+        sch.unroll(loop)
+    # The products of that block, computed there: accumulators of `width` tiles x `vectors`
     # channel vectors in registers, the input channels streamed.
     sch.compute_at(gemm, block_loop)
     # Below the block loop: e, the block's tiles, channels, the reduction (loops of extent 1 --
@@ -261,10 +349,19 @@ def _schedule(sch: Schedule, unit, fuse: bool) -> None:
     sch.unroll(a_vectors)
     init = sch.decompose_reduction(gemm, k)
     sch.vectorize(sch.get_loops(init)[-1])
-    # Input transform: one parallel pass over tile rows, channels in vectors, the 16 cases unrolled.
+    _schedule_elementwise(sch, pad, tiles.lanes)
+    # Input transform: one parallel pass over tile rows; per tile and vector of channels, the row
+    # pass into registers, then the column pass, the cases unrolled.
+    lanes = next(v for v in (unit.lanes, unit.lanes // 2, 4, 2, 1) if v and int(sch.get(
+        sch.get_loops(transformed)[-1]).extent) % v == 0)
     e, b, ty, tx, c = sch.get_loops(transformed)
-    sch.reorder(b, ty, tx, e, c)
+    c_outer, c_lanes = sch.split(c, [None, lanes])
+    sch.reorder(b, ty, tx, c_outer, e, c_lanes)
     sch.parallel(sch.fuse(b, ty))
     sch.unroll(e)
-    if int(sch.get(c).extent) % unit.lanes == 0:
-        sch.vectorize(sch.split(c, [None, unit.lanes])[1])
+    sch.vectorize(c_lanes)
+    sch.compute_at(rows, c_outer)
+    r_eps, r_j, r_lanes = sch.get_loops(rows)[-3:]
+    sch.vectorize(r_lanes)
+    sch.unroll(r_j)
+    sch.unroll(r_eps)

@@ -37,3 +37,21 @@ def physical_cores() -> int:
 def use_all_cores() -> None:
     """Let TVM's pool start with every physical core, unless the user chose a number."""
     os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int | None:
+    """The largest data cache of this machine's first CPU (L3, or L2 where there is none), from
+    sysfs; None where the kernel does not say."""
+    largest = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip()  # "32768K"
+        except OSError:
+            continue
+        units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+        value = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        largest = max(largest or 0, value)
+    return largest

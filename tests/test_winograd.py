@@ -69,6 +69,20 @@ def test_winograd_convs_fuse_their_epilogue_and_match_onnxruntime(rng, cache_byt
     assert ort.relative_error(ort.run(model, feeds), got) < TOLERANCE
 
 
+@pytest.mark.parametrize("channels", [17, 18])
+def test_input_channel_counts_that_no_vector_divides(rng, channels):
+    """A pruned layer's odd count: the input transform runs on 2 lanes, or 1."""
+    model = make_model([conv("x", "w", "y", pads=[1, 1, 1, 1])], [("x", [1, channels, 12, 12])],
+                       [("y", [1, 32, 12, 12])], {"w": rng.normal(0, 0.1, (32, channels, 3, 3))})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    assert len(winograd_kernels(kernels)) == 1
+    feeds = ort.random_inputs(model, seed=1)
+    vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
+    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
+    assert ort.relative_error(ort.run(model, feeds), got) < TOLERANCE
+
+
 def test_a_small_model_on_this_machine_gets_f4_where_its_maps_have_16_tiles(rng):
     """``lower`` for the host knows its cache: this model's weights (60 KB) stay in it."""
     found = winograd_kernels(tvm_build.lower(import_onnx(chain_model(rng)), get_target("host")))

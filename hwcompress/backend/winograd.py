@@ -231,8 +231,7 @@ class _WinogradConvs(relax.PyExprMutator):
         shape = static_shape(call.args[0])
         weight = bound_constant(self, call.args[1])
         if (shape is None or weight is None or weight.dtype != np.float32 or weight.shape[:2] != (3, 3)
-                or shape[3] < MIN_INPUT_CHANNELS or shape[3] % 4  # whole vectors of input channels
-                or getattr(call.args[0].ty, "dtype", None) != "float32"):
+                or shape[3] < MIN_INPUT_CHANNELS or getattr(call.args[0].ty, "dtype", None) != "float32"):
             return call
         top, left, bottom, right = (int(p) for p in attrs.padding)
         out_shape = [shape[0], shape[1] + top + bottom - 2, shape[2] + left + right - 2, weight.shape[3]]
@@ -359,9 +358,18 @@ def _schedule(sch: Schedule, unit, fuse: bool) -> None:
     sch.reorder(b, ty, tx, c_outer, e, c_lanes)
     sch.parallel(sch.fuse(b, ty))
     sch.unroll(e)
-    sch.vectorize(c_lanes)
+    if lanes > 1:
+        sch.vectorize(c_lanes)
     sch.compute_at(rows, c_outer)
-    r_eps, r_j, r_lanes = sch.get_loops(rows)[-3:]
-    sch.vectorize(r_lanes)
+    r_eps, r_j, *r_lanes = _loops_below(sch, rows, c_outer)  # no lane loop where one channel a vector
+    for loop in r_lanes:
+        sch.vectorize(loop)
     sch.unroll(r_j)
     sch.unroll(r_eps)
+
+
+def _loops_below(sch: Schedule, block, loop) -> list:
+    """The block's loops inside ``loop``."""
+    loops = sch.get_loops(block)
+    at = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(loop)))
+    return loops[at + 1:]

@@ -483,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-int8-lowering", action="store_true",
                    help="compile QDQ layers as TVM imports them (float arithmetic) instead of int8 compute")
     p.add_argument("--no-winograd", action="store_true",
-                   help="run float 3x3 convs as direct convolutions (Winograd F(2x2, 3x3), the default on CPUs, "
-                        "stores 16/9 of their weights)")
+                   help="run float 3x3 convs as direct convolutions (Winograd, the default on CPUs, stores "
+                        "16/9 (F(2x2, 3x3)) or 4x (F(4x4, 3x3)) of their weights)")
     p.add_argument("--profile", default="default", help="compression profile for the target (default 'default')")
     p.add_argument("--search", action="store_true",
                    help="choose compression by measured latency (on by default with --calib or --val)")

@@ -79,6 +79,9 @@ def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
     assert other.measured == len(set(model_layers(wide).values())) - len(shared)
     # Another tuning budget is another figure, in the same file.
     assert LatencyTable(target, tmp_path, trials=0).cache.path == LatencyTable(target, tmp_path, trials=8).cache.path
+    # Direct convs (--no-winograd) or float QDQ layers are other kernels: figures of their own.
+    for other_build in ({"winograd": False}, {"int8_compute": False}):
+        assert LatencyTable(target, tmp_path, **other_build).cache.path != table.cache.path
 
 
 def test_tuning_the_table_tunes_the_models_own_kernels(tmp_path):

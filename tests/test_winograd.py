@@ -3,6 +3,8 @@ as exact as the direct conv against ONNX Runtime (float32 rounding only)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tvm
@@ -10,7 +12,7 @@ from onnx import helper
 from tvm import relax, te
 from tvm.s_tir import Schedule
 
-from conftest import make_model
+from conftest import hwc, make_model
 from hwcompress.backend import build as tvm_build
 from hwcompress.backend import winograd
 from hwcompress.backend.cpu_schedules import VectorUnit, is_scheduled
@@ -20,6 +22,7 @@ from hwcompress.backend.runtime import outputs_to_numpy
 from hwcompress.backend.stack_buffers import PIPELINE
 from hwcompress.config import get_target
 from hwcompress.model import reference as ort
+from hwcompress.model.fileio import save_model
 
 # Relative to the output's largest magnitude. Measured on single layers: F2 5e-7 .. 3e-6, F4
 # 3e-6 .. 1.5e-5 (its transforms have coefficients up to 8); the compile check allows 1e-3.
@@ -104,11 +107,14 @@ def test_convs_where_winograd_does_not_apply_or_pay_stay_direct(rng, case, attrs
     assert [k["schedule"] for k in describe_kernels(kernels).values() if k["op"] == "conv2d"] == ["hwc register-blocked"]
 
 
-def test_winograd_can_be_turned_off(rng):
-    kernels = tvm_build.lower(import_onnx(chain_model(rng)), get_target("host"), winograd=False)
-    assert not winograd_kernels(kernels)
-    assert sum(k["op"] == "conv2d" and k["schedule"] == "hwc register-blocked"
-               for k in describe_kernels(kernels).values()) == 3
+def test_winograd_can_be_turned_off(rng, tmp_path):
+    """``hwc compile --no-winograd``: the report's kernel table shows three direct convs."""
+    save_model(chain_model(rng), tmp_path / "model.onnx")
+    result = hwc("compile", str(tmp_path / "model.onnx"), "--target", "host", "--tune-trials", "0", "--repeat", "3",
+                 "--no-winograd", "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    schedules = [k["schedule"] for k in json.loads(result.stdout)["kernels"] if k["op"] == "conv2d"]
+    assert schedules == ["hwc register-blocked"] * 3
 
 
 @pytest.mark.parametrize("m", [2, 4])

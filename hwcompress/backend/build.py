@@ -45,7 +45,7 @@ class BuildOptions:
     cache_dir: Path | None = None
     device: str | None = None  # rpc://HOST:PORT/KEY where tuning candidates run; default the target's
     int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
-    winograd: bool = True      # float 3x3 stride-1 convs by Winograd F(2x2, 3x3) on CPUs (winograd)
+    winograd: bool = True      # float 3x3 stride-1 convs by Winograd F(2x2 or 4x4, 3x3) on CPUs (winograd)
     # The model's measured untuned latency, where known (after a search): kernels whose default
     # schedule takes under 1% of it are not tuned (tuning could save no more than that).
     latency_hint_ms: float | None = None

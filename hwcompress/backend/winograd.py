@@ -1,24 +1,28 @@
-"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3): 2.25x fewer multiplications.
+"""3x3 convolutions by Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4: 2.25x or 4x fewer
+multiplications.
 
 A direct 3x3 conv on a CPU is bound by its multiply-adds: the register-blocked kernel
 (``cpu_schedules``) runs at the FMA units' peak, and so does ONNX Runtime's, which has no
-Winograd path for float32 on x86. Winograd (Lavin and Gray 2016) computes each 2x2 output tile
-from a 4x4 input tile as ``A^T [(G g G^T) . (B^T d B)] A``: per tile and channel pair 16
-multiply-adds instead of 36. The weight transform ``U = G g G^T`` is done here once, at compile
-time, on the constant weights; the kernel has three stages:
+Winograd path for float32 on x86. Winograd (Lavin and Gray 2016) computes each m x m output tile
+from an alpha x alpha input tile (alpha = m + 2) as ``A^T [(G g G^T) . (B^T d B)] A``: per tile
+and channel pair alpha^2 multiply-adds (16 for F2, 36 for F4) instead of 9 m^2 (36, 144). The
+weight transform ``U = G g G^T`` is done here once, at compile time, on the constant weights; the
+kernel has these stages:
 
-- ``winograd_input``: ``V = B^T d B`` for every 4x4 tile of the padded input (additions only);
-- ``winograd_gemm``: 16 independent matrix products ``M[e] = V[e] @ U[e]`` over input channels,
-  register-blocked like the direct conv (tiles x output-channel vectors in registers);
-- ``winograd_output``: ``Y = A^T M A`` for each 2x2 output tile, then the fused epilogue (bias,
-  activations, residual) in registers, as the direct conv does.
+- ``winograd_pad``: a padded copy of the input covering whole tiles;
+- ``winograd_input_rows`` / ``winograd_input``: ``V = B^T d B`` for every tile, rows then columns;
+- ``winograd_gemm``: alpha^2 independent matrix products ``M[e] = V[e] @ U[e]`` over input
+  channels, register-blocked like the direct conv (tiles x output-channel vectors in registers);
+- ``winograd_output_columns`` / ``winograd_output``: ``Y = A^T M A`` for each output tile, then
+  the fused epilogue (bias, activations, residual) in registers, as the direct conv does.
 
-The product and the output transform run per block of tiles and channels on one core, so the
-16 products of a block stay in that core's cache; the input transform is one parallel pass.
+The products and the output transform run per block of tiles and channels on one core, so a
+block's products stay in that core's cache; the input transform is one parallel pass.
 ``rewrite_winograd_convs`` replaces eligible ``relax.nn.conv2d`` calls (NHWC, HWIO, 3x3, stride
-1, no dilation, one group, float32, constant weights) before fusion, so the epilogue fuses as
-with the direct conv. Exact in real arithmetic; in float32 it differs from the direct sum by
-rounding (relative error ~1e-6, checked against ONNX Runtime in the tests).
+1, no dilation, one group, float32, constant weights, at least ``MIN_INPUT_CHANNELS``) before
+fusion, so the epilogue fuses as with the direct conv. Exact in real arithmetic; in float32 it
+differs from the direct sum by rounding (relative error ~1e-6 for F2, ~1e-5 for F4, checked
+against ONNX Runtime in the tests).
 """
 
 from __future__ import annotations
@@ -185,8 +189,8 @@ def choose_tile_size(out_shape, weights_cached: bool) -> int:
 def rewrite_winograd_convs(mod: tvm.IRModule, unit, cache_bytes: int | None = None) -> tvm.IRModule:
     """Every eligible 3x3 conv of ``mod`` (NHWC/HWIO, after the layout conversion) as a call to
     its Winograd kernel, the weights transformed at compile time. ``cache_bytes``: the target's
-    last-level cache, where known: a model whose transformed weights fit in half of it keeps them
-    there between runs."""
+    last-level cache, where known: a model whose weights, four-fold once transformed, fit in half
+    of it keeps them there between runs."""
     from .relax_rewrite import rewrite_functions
 
     cached = cache_bytes is not None and 4 * _constant_bytes(mod) <= cache_bytes // 2
@@ -255,10 +259,6 @@ def winograd_prim_func(shape, out_channels: int, pads, channel_tile: int, m: int
 def tile_size(products: int) -> int:
     """m of F(m x m, 3x3) from its number of products, (m + 2)^2."""
     return int(round(products ** 0.5)) - 2
-
-
-def is_winograd(func) -> bool:
-    return isinstance(func, tirx.PrimFunc) and _has_block(Schedule(func), GEMM_BLOCK)
 
 
 def _has_block(sch: Schedule, name: str) -> bool:

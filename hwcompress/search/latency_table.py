@@ -41,15 +41,19 @@ class LatencyTable:
     """Milliseconds per layer spec on one target, filled on demand and cached on disk."""
 
     def __init__(self, target: Target, cache_dir: Path, trials: int = 0, device: str | None = None,
-                 progress: Progress = SILENT, budget_s: float | None = None, int8_compute: bool = True):
+                 progress: Progress = SILENT, budget_s: float | None = None, int8_compute: bool = True,
+                 winograd: bool = True):
         self.target, self.trials, self.progress = target, trials, progress
         self.measurer = measurer_for(target, device, repeat=10, min_repeat_ms=20)
         if not self.measurer.gives_latency:
             raise HwcError(f"the layers of {target.name} can only be timed on a device: give "
                            f"--device rpc://HOST:PORT/KEY")
         self.method = self.measurer.method
-        self.build = BuildOptions(tune_trials=trials, cache_dir=cache_dir, device=device, int8_compute=int8_compute)
+        self.build = BuildOptions(tune_trials=trials, cache_dir=cache_dir, device=device, int8_compute=int8_compute,
+                                  winograd=winograd)
+        # How the layers are built is part of what a figure means (direct or Winograd convs).
         identity = json.dumps({"tvm": tvm_version(), "target": target.tvm_target_dict(),
+                               "build": {"int8_compute": int8_compute, "winograd": winograd},
                                **self.measurer.identity()}, sort_keys=True, default=str)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
         self.cache = MeasurementCache(Path(cache_dir) / "latency-tables" / f"{target.name}-{digest}.json")

@@ -129,7 +129,8 @@ def _layer_table(profile: Profile, target: Target, build: BuildOptions, progress
         return None
     trials = profile.search.layer_trials if build.tune_trials > 0 else 0  # default 0: own kernels, untuned
     return LatencyTable(target, build.cache, trials, build.device, progress.at("latency table"),
-                        budget_s=profile.search.table_budget_s, int8_compute=build.int8_compute)
+                        budget_s=profile.search.table_budget_s, int8_compute=build.int8_compute,
+                        winograd=build.winograd)
 
 
 def search(model: onnx.ModelProto, target: Target, profile: Profile, build: BuildOptions,

@@ -70,7 +70,7 @@ def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist
     # Each kernel says what it computes: op, shapes (NHWC convs), fused ops; like trtexec's profile.
     assert [1, 28, 28, 8] in [k["output"] for k in kernels if k["op"] == "conv2d"]
     assert any(k["op"] == "max_pool2d" for k in kernels) and "| conv2d | 1x28x28x1 -> 1x28x28x8 |" in md
-    assert "TVM / ONNX Runtime =" in md and "## Time per kernel" in md
+    assert "TVM / ONNX Runtime =" in md and "## Time per kernel" in md and " | hwc register-blocked | " in md
     assert (out / "report.html").read_text().count("<img") == 1
 
 

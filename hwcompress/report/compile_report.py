@@ -110,12 +110,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "Each fused TVM kernel timed alone in the running model (the VM's instrument hook: figures include "
                   "a return to Python between kernels, so they add up to more than the latency; compare them "
                   "with each other). Shapes: the kernel's first input and its output (NHWC for convs); fused: "
-                  "the ops computed in the same kernel, in order.", "",
-                  "| kernel | op | shapes | fused | ms | share |", "| --- | --- | --- | --- | --- | --- |"]
+                  "the ops computed in the same kernel, in order; schedule: the project's own kernel (register-"
+                  "blocked conv, or a 3x3 conv by Winograd's F(m x m, 3x3)) or MetaSchedule's.", "",
+                  "| kernel | op | shapes | fused | schedule | ms | share |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| `{_short(k['kernel'])}` | {k.get('op', '')} | {_shapes(k)} | {', '.join(k.get('fused') or [])} | "
-                  f"{k['ms']:.3f} | {k['share']:.0%} |" for k in kernels[:20]]
+                  f"{k.get('schedule') or ''} | {k['ms']:.3f} | {k['share']:.0%} |" for k in kernels[:20]]
         if len(kernels) > 20:
-            lines.append(f"| ({len(kernels) - 20} more) | | | | {sum(k['ms'] for k in kernels[20:]):.3f} | "
+            lines.append(f"| ({len(kernels) - 20} more) | | | | | {sum(k['ms'] for k in kernels[20:]):.3f} | "
                          f"{sum(k['share'] for k in kernels[20:]):.0%} |")
     lines += ["", "## Accuracy", ""]
     if acc["max_abs_error"] is None:

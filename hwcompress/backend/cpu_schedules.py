@@ -251,15 +251,16 @@ def _blocks_after(sch: Schedule, conv) -> list:
             if not any(sch.get(consumer).same_as(sch.get(b)) for b in downstream):
                 downstream.append(consumer)
                 frontier.append(consumer)
-    order = [b for b in sch.get_child_blocks(sch.get_sblock("root"))] if _has_root(sch) else downstream
+    order = [b for b in sch.get_child_blocks(sch.get_sblock("root"))] if has_block(sch, "root") else downstream
     return [b for b in order if any(sch.get(b).same_as(sch.get(d)) for d in downstream)]
 
 
-def _has_root(sch: Schedule) -> bool:
+def has_block(sch: Schedule, name: str) -> bool:
+    """Whether the scheduled function has a block of that name (``root``: not every one does)."""
     try:
-        sch.get_sblock("root")
+        sch.get_sblock(name)
         return True
-    except Exception:  # a function without a root block
+    except Exception:  # no block of that name
         return False
 
 

@@ -261,23 +261,15 @@ def tile_size(products: int) -> int:
     return int(round(products ** 0.5)) - 2
 
 
-def _has_block(sch: Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:  # no block of that name
-        return False
-
-
 def schedule_winograd(func: tirx.PrimFunc, unit) -> tirx.PrimFunc | None:
     """``func`` (a Winograd conv and what was fused after it) scheduled for ``unit``, the epilogue
     in the output tile's registers; where the epilogue cannot go there (it writes more than the
     conv's output), in passes of its own. None where ``func`` is not a Winograd conv."""
     from tvm.s_tir.schedule import ScheduleError
 
-    from .cpu_schedules import _NotApplicable
+    from .cpu_schedules import _NotApplicable, has_block
 
-    if not _has_block(Schedule(func), GEMM_BLOCK):
+    if not has_block(Schedule(func), GEMM_BLOCK):
         return None
     for fuse in (True, False):
         sch = Schedule(func)
@@ -290,7 +282,8 @@ def schedule_winograd(func: tirx.PrimFunc, unit) -> tirx.PrimFunc | None:
 
 
 def _schedule(sch: Schedule, unit, fuse: bool) -> None:
-    from .cpu_schedules import _blocks_after, _schedule_elementwise, choose_tiles, fuse_epilogue
+    from .cpu_schedules import (_blocks_after, _schedule_elementwise, _weights_outweigh_input, choose_tiles,
+                                fuse_epilogue)
 
     out, columns, gemm, transformed, rows, pad = (sch.get_sblock(name) for name in (
         OUTPUT_BLOCK, COLUMNS_BLOCK, GEMM_BLOCK, INPUT_BLOCK, ROWS_BLOCK, PAD_BLOCK))
@@ -312,9 +305,7 @@ def _schedule(sch: Schedule, unit, fuse: bool) -> None:
     o_outer, o_vectors, o_lanes = sch.split(o, [None, tiles.vectors, tiles.lanes])
     # As in the direct conv, the operand re-read per block should be the smaller one: channel
     # blocks outermost where the transformed weights outweigh the transformed input.
-    weights = np.prod([int(d) for d in sch.get(gemm).reads[1].source.shape])
-    inputs = np.prod([int(d) for d in sch.get(gemm).reads[0].source.shape])
-    parallel = [o_outer, b, ty, tx_outer] if weights > inputs else [b, ty, tx_outer, o_outer]
+    parallel = [o_outer, b, ty, tx_outer] if _weights_outweigh_input(sch, gemm) else [b, ty, tx_outer, o_outer]
     sch.reorder(*parallel, tx_inner, vy, vx, o_vectors, o_lanes)
     block_loop = sch.fuse(*parallel)
     sch.parallel(block_loop)

@@ -49,9 +49,9 @@ def last_level_cache_bytes() -> int | None:
             if (index / "type").read_text().strip() == "Instruction":
                 continue
             size = (index / "size").read_text().strip()  # "32768K"
-        except OSError:
+            units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+            value = int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+        except (OSError, ValueError):  # unreadable, or not a size (an empty file in a container)
             continue
-        units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
-        value = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
         largest = max(largest or 0, value)
     return largest

@@ -34,7 +34,7 @@ def mnist_files(tmp_path_factory):
         name: layers
         target: host
         accuracy_budget: {max_top1_drop: 1.0}
-        search: {max_rounds: 2, layer_candidates: 2}
+        search: {max_rounds: 1, layer_candidates: 2}
         passes:
           prune: {enabled: true, per_layer: true, ratios: [0.25, 0.5], reconstruct: true}
           lowrank: {enabled: true, per_layer: true, energies: [0.9]}

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Structured pruning on real models and data: top-1 and TVM latency per ratio, with and without
-least-squares reconstruction, in one run.
+least-squares reconstruction, and with channels ranked by filter L1 norm or by what their readers
+lose (``--importances``; the latency column is of the last one), in one run.
 
     python tools/bench_prune.py [--tasks mnist,squeezenet] [--ratios 0.1,0.2,0.3,0.4,0.5]
-                                [--trials 0] [--calib 64]
+                                [--importances l1,reconstruction] [--trials 0] [--calib 64]
 
 MNIST CNN: calibrated on the first --calib test images, scored on the other ones.
 SqueezeNet 1.1: calibrated on --calib ImageNet samples, scored on the rest.
@@ -25,27 +26,34 @@ from hwcompress.compress.prune import prune_model
 def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
+    parser.add_argument("--importances", default="l1,reconstruction")
     args = parser.parse_args()
-    print(f"{'task':11} {'ratio':>5} {'params':>10} {'top1 plain':>10} {'top1 recon':>10} "
+    importances = args.importances.split(",")
+    print(f"{'task':11} {'ratio':>5} {'importance':>14} {'params':>10} {'top1 plain':>10} {'top1 refit':>10} "
           f"{'TVM ms':>8} {'vs base':>7}")
     for name in args.tasks.split(","):
         task = load_task(name, args.calib)
         base_top1 = score(task.model, task.images, task.labels)
         base_ms = None if args.no_latency else tvm_latency_ms(task.model, args.trials, args.cache_dir)
         params = sum(int(np.prod(t.dims)) for t in task.model.graph.initializer)
-        print(f"{name:11} {0:5.2f} {params:10,} {base_top1:10.2f} {base_top1:10.2f} "
+        print(f"{name:11} {0:5.2f} {'-':>14} {params:10,} {base_top1:10.2f} {base_top1:10.2f} "
               f"{base_ms or float('nan'):8.2f} {1.0:7.2f}", flush=True)
         for ratio in [float(r) for r in args.ratios.split(",")]:
-            try:
-                plain, _ = prune_model(task.model, ratio, calibration=task.calibration(), reconstruct=False)
-                refit, report = prune_model(task.model, ratio, calibration=task.calibration())
-            except HwcError as exc:
-                print(f"{name:11} {ratio:5.2f} {exc}")
-                continue
-            ms = None if args.no_latency else tvm_latency_ms(refit, args.trials, args.cache_dir)
-            print(f"{name:11} {ratio:5.2f} {report['parameters_after']:10,} "
-                  f"{score(plain, task.images, task.labels):10.2f} {score(refit, task.images, task.labels):10.2f} "
-                  f"{ms or float('nan'):8.2f} {(ms / base_ms) if ms and base_ms else float('nan'):7.2f}", flush=True)
+            for importance in importances:
+                try:
+                    plain, _ = prune_model(task.model, ratio, importance=importance, calibration=task.calibration(),
+                                           reconstruct=False)
+                    refit, report = prune_model(task.model, ratio, importance=importance,
+                                                calibration=task.calibration())
+                except HwcError as exc:
+                    print(f"{name:11} {ratio:5.2f} {importance:>14} {exc}")
+                    continue
+                last = importance == importances[-1]
+                ms = None if args.no_latency or not last else tvm_latency_ms(refit, args.trials, args.cache_dir)
+                print(f"{name:11} {ratio:5.2f} {importance:>14} {report['parameters_after']:10,} "
+                      f"{score(plain, task.images, task.labels):10.2f} {score(refit, task.images, task.labels):10.2f} "
+                      f"{ms or float('nan'):8.2f} {(ms / base_ms) if ms and base_ms else float('nan'):7.2f}",
+                      flush=True)
     return 0
 
 

@@ -9,6 +9,7 @@ import onnx
 from ..model import reference as ort
 from ..data.calibration import Calibration
 from ..passes import fold_batchnorm, prune_channels
+from .channel_importance import input_channel_scores
 from .fidelity import output_error, split_feeds
 from .reconstruct import refit_layers
 from .recalibrate import keep_if_better
@@ -18,9 +19,17 @@ def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importa
                 layer_ratios: dict[str, float] | None = None, calibration: Calibration | None = None,
                 reconstruct: bool = True, match_statistics: bool = True) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Prune (BN still in place, so gamma can rank channels), refit consumers, match the per-channel
-    output statistics where that lowers the held-out error (``match_statistics``), then fold BN."""
-    result = prune_channels.apply(model, ratio=ratio, multiple=multiple, importance=importance,
-                                  layer_ratios=layer_ratios)
+    output statistics where that lowers the held-out error (``match_statistics``), then fold BN.
+    Importance "reconstruction" ranks channels on the calibration data the refit uses; without
+    calibration data there is nothing to rank by, and filter L1 norms are used (the report says so)."""
+    scores = None
+    if importance == "reconstruction" and calibration is None:
+        importance = "l1 (reconstruction ranks channels on calibration data; none given)"
+    elif importance == "reconstruction":
+        scores = input_channel_scores(model, split_feeds(calibration)[0],
+                                      set(layer_ratios) if layer_ratios and not ratio else None)
+    result = prune_channels.apply(model, ratio=ratio, multiple=multiple, importance=importance.split()[0],
+                                  layer_ratios=layer_ratios, input_scores=scores)
     pruned = result.model
     report: dict[str, Any] = {"pruning": result.log.to_dict(), "ratio": ratio, "multiple": multiple,
                               "importance": importance}

@@ -12,11 +12,11 @@ import onnx
 
 from ..config.targets import Target
 from ..data.calibration import Calibration
+from ..passes.prune_channels import IMPORTANCES
 
 _BOOL = {"type": "boolean"}
 _RATIO = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
 _ENERGY = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
-IMPORTANCES = ("l1", "l2", "bn_gamma")
 LOWRANK_METHODS = ("svd", "spatial", "tucker2")
 SCHEMES = ("int8", "pow2", "float16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -85,7 +85,9 @@ class PruneRecipe(StructuralRecipe):
     per_layer: bool = knob(False, _BOOL, "steps per group of coupled layers, priced by the latency table "
                                         "(NetAdapt); off: one global ratio per candidate")
     ratios: tuple[float, ...] = knob((0.25,), _array(_RATIO), "fractions of channels removed, each a candidate")
-    importance: str = knob("l1", {"enum": list(IMPORTANCES)}, "how channels are ranked")
+    importance: str = knob("reconstruction", {"enum": list(IMPORTANCES)},
+                           "how channels are ranked: what their readers lose (needs calibration data; l1 without), "
+                           "or the filter L1/L2 norm, or BN gamma")
     reconstruct: bool = knob(True, _BOOL, "least-squares refit of the next layers on calibration data")
     multiple: int | None = knob(None, _MULTIPLE, "channels kept in multiples of this (default: the target's "
                                                  "channel_multiple)")

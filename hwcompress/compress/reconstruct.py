@@ -40,7 +40,7 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         if reference.producer(node.output[0]) is None:
             notes[name] = "not refit: its output carries a compensation map"
             continue
-        if not _refittable(graph, node):
+        if not refittable(graph, node):
             notes[name] = "not refit (grouped conv, non-constant weights or transposed input)"
             continue
         targets[name] = node
@@ -54,7 +54,7 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
     for name in order:
         node = graph.node(name)
         current = graph.to_model()
-        rows = [_sample_rows(graph, node, ort.run_with_intermediates(current, f, [node.input[0]])[node.input[0]],
+        rows = [sample_rows(graph, node, ort.run_with_intermediates(current, f, [node.input[0]])[node.input[0]],
                              ys[node.output[0]], per_run, rng) for f, ys in zip(feeds, originals)]
         x = np.concatenate([r[0] for r in rows])
         y = np.concatenate([r[1] for r in rows])
@@ -69,7 +69,7 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
     return graph.to_model(), notes
 
 
-def _refittable(graph: Graph, node: onnx.NodeProto) -> bool:
+def refittable(graph: Graph, node: onnx.NodeProto) -> bool:
     if not graph.is_constant(node.input[1]):
         return False
     if node.op_type == "Conv":
@@ -96,7 +96,7 @@ def _im2col(graph: Graph, node: onnx.NodeProto, x: np.ndarray, positions: np.nda
     return patches.reshape(len(positions), -1)
 
 
-def _sample_rows(graph, node, x, y, count, rng):
+def sample_rows(graph, node, x, y, count, rng):
     if node.op_type == "Conv":
         out_hw = y.shape[2:]
         total = y.shape[0] * out_hw[0] * out_hw[1]

@@ -59,7 +59,12 @@ class Action:
     atoms: np.ndarray  # atom ids along the sliced axis, in order
     input_index: int = 1
     axis: int = 0
-    repeat: int = 1    # features per atom (Flatten before a Gemm)
+
+    def channels(self) -> np.ndarray:
+        """The atoms once per channel: a Flatten before a Gemm repeats each over its features."""
+        if len(self.atoms) < 2:
+            return self.atoms
+        return self.atoms[np.r_[True, self.atoms[1:] != self.atoms[:-1]]]
 
 
 @dataclass

@@ -3,7 +3,9 @@
 1. ``channel_groups.analyze`` finds which channels must go together (residual Adds, Concat offsets,
    depthwise convs, Flatten into Gemm, ...), and which may not be touched at all.
 2. Each removable class of channels gets an importance: the L1 or L2 norm of the filters that
-   produce it, or |BN gamma| where a BatchNormalization follows, summed over the class.
+   produce it, or |BN gamma| where a BatchNormalization follows, summed over the class; or, with
+   ``importance="reconstruction"``, scores per input channel of the layers that read it, computed
+   from calibration data by the caller (``compress.channel_importance``: what the readers lose).
 3. Per layer, the least important classes are removed until the layer keeps ``(1 - ratio)`` of its
    channels rounded down to the target's channel multiple (at least one multiple). A group whose
    layers cannot all land on a multiple is left whole, and reported.
@@ -28,6 +30,8 @@ from .base import PassLog, model_pass
 from .layers import bias_value, set_bias
 from .channel_groups import ChannelGraph, analyze
 
+IMPORTANCES = ("l1", "l2", "bn_gamma", "reconstruction")
+
 
 @dataclass
 class PruningPlan:
@@ -49,12 +53,14 @@ def kept_channels(channels: int, ratio: float, multiple: int) -> int:
 @model_pass
 def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int = 1,
                    layer_ratios: dict[str, float] | None = None, importance: str = "l1",
-                   removed_atoms: dict[str, list[int]] | None = None) -> None:
+                   removed_atoms: dict[str, list[int]] | None = None,
+                   input_scores: dict[str, np.ndarray] | None = None) -> None:
     """Remove about ``ratio`` of the output channels of every prunable Conv/Gemm/MatMul.
 
     ``layer_ratios`` overrides the ratio per layer (node name). ``removed_atoms`` names exactly
     which output channels of which layers to remove (used to test exactness); it bypasses the
-    importance ranking but not the dependency rules.
+    importance ranking but not the dependency rules. ``input_scores`` (importance
+    "reconstruction"): per reading layer, a score per input channel, higher = keep.
     """
     # ratio 0 with layer_ratios: only the named layers lose channels (a per-layer search step).
     for r in [*([ratio] if ratio or not layer_ratios else []), *(layer_ratios or {}).values()]:
@@ -72,7 +78,7 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
     if removed_atoms is not None:
         plan = _explicit_plan(cg, removed_atoms)
     else:
-        scores = _atom_importance(graph, cg, importance)
+        scores = _atom_importance(graph, cg, importance, input_scores)
         plan = _plan(cg, scores, ratio, layer_ratios or {}, multiple)
     if not plan.removed:
         reasons = "; ".join(sorted(set(plan.left_alone))[:4]) or "no Conv/Gemm/MatMul output channels"
@@ -95,9 +101,14 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
 
 
 # ------------------------------------------------------------------ importance
-def _atom_importance(graph: Graph, cg: ChannelGraph, mode: str) -> np.ndarray:
-    if mode not in ("l1", "l2", "bn_gamma"):
-        raise HwcError(f"unknown importance {mode!r}; use l1, l2 or bn_gamma")
+def _atom_importance(graph: Graph, cg: ChannelGraph, mode: str,
+                     input_scores: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    if mode not in IMPORTANCES:
+        raise HwcError(f"unknown importance {mode!r}; use {', '.join(IMPORTANCES)}")
+    if mode == "reconstruction":
+        if input_scores is None:
+            raise HwcError("importance 'reconstruction' needs calibration data to score channels")
+        return _reader_importance(graph, cg, input_scores)
     scores = np.zeros(len(cg.parent))
     for action in cg.actions:
         if action.kind != "out":
@@ -111,6 +122,24 @@ def _atom_importance(graph: Graph, cg: ChannelGraph, mode: str) -> np.ndarray:
             norm = np.abs(gamma) if gamma is not None and len(gamma) == len(norm) else norm
         # Layers of one residual group live on different scales: rank within each layer.
         scores[action.atoms] = norm / max(float(norm.mean()), 1e-12)
+    return scores
+
+
+def _reader_importance(graph: Graph, cg: ChannelGraph, input_scores: dict[str, np.ndarray]) -> np.ndarray:
+    """Atom scores summed over the layers that read them; classes no scored layer reads come
+    after every scored one, ranked among themselves by filter L1 norm."""
+    scores = np.zeros(len(cg.parent))
+    scored = np.zeros(len(cg.parent), dtype=bool)
+    for action in cg.actions:
+        if action.kind == "in" and action.node in input_scores:
+            atoms = action.channels()
+            np.add.at(scores, atoms, input_scores[action.node])
+            scored[atoms] = True
+    classes = cg.classes()
+    unscored = [a for atoms in classes.values() if not scored[atoms].any() for a in atoms]
+    if unscored:
+        fallback = _atom_importance(graph, cg, "l1")
+        scores[unscored] = scores.max(initial=0.0) + 1.0 + fallback[unscored]
     return scores
 
 

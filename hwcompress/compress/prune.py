@@ -22,17 +22,18 @@ def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importa
     output statistics where that lowers the held-out error (``match_statistics``), then fold BN.
     Importance "reconstruction" ranks channels on the calibration data the refit uses; without
     calibration data there is nothing to rank by, and filter L1 norms are used (the report says so)."""
-    scores = None
+    rank_by, scores = importance, None
     if importance == "reconstruction" and calibration is None:
-        importance = "l1 (reconstruction ranks channels on calibration data; none given)"
+        rank_by = "l1"
     elif importance == "reconstruction":
         scores = input_channel_scores(model, split_feeds(calibration)[0],
                                       set(layer_ratios) if layer_ratios and not ratio else None)
-    result = prune_channels.apply(model, ratio=ratio, multiple=multiple, importance=importance.split()[0],
+    result = prune_channels.apply(model, ratio=ratio, multiple=multiple, importance=rank_by,
                                   layer_ratios=layer_ratios, input_scores=scores)
     pruned = result.model
     report: dict[str, Any] = {"pruning": result.log.to_dict(), "ratio": ratio, "multiple": multiple,
-                              "importance": importance}
+                              "importance": rank_by if rank_by == importance else
+                              f"{rank_by} ({importance} ranks channels on calibration data; none given)"}
     if calibration is None:
         feeds = [ort.random_inputs(model, seed) for seed in range(4)]
         report["error_measured_on"] = "4 random inputs (no calibration data)"

@@ -106,3 +106,17 @@ def test_matched_output_statistics_repair_a_factorized_real_network():
     # Nothing moved, nothing to match: the original comes back as it was.
     same, notes = match_output_statistics(model, model, feeds[:4])
     assert notes == {} and output_error(model, same, feeds[:4]) == 0.0
+
+
+def test_refit_ridge_is_chosen_on_held_back_rows():
+    """Exact data asks for the least pull towards the old weights; few noisy rows for the most."""
+    from hwcompress.compress.reconstruct import RIDGES, _solve
+
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(32, 4))
+    x = rng.normal(size=(4000, 32))
+    weight, _, ridge = _solve(x, x @ true, np.zeros((32, 4)), None)
+    assert ridge == min(RIDGES) and np.abs(weight - true).max() < 1e-2
+    few = rng.normal(size=(300, 32))
+    _, _, noisy_ridge = _solve(few, few @ true + 5.0 * rng.normal(size=(300, 4)), true, np.zeros(4))
+    assert noisy_ridge == max(RIDGES), "noise that hides the weights: stay near the prior"

@@ -3,8 +3,10 @@
 After pruning, a layer that read removed channels sees fewer inputs. Following ThiNet (Luo et al.
 2017) and channel pruning (He et al. 2017), its weights are refit on calibration data so that, on
 the kept inputs of the *compressed* model, it reproduces its output in the *original* model:
-``min ||Y_orig - [X_kept, 1] @ [W; b]||`` with a small ridge term, solved in numpy. Conv layers are
-unrolled (im2col) at a sample of output positions.
+``min ||Y_orig - [X_kept, 1] @ [W; b]||`` with a ridge term towards the current weights, its strength
+chosen per layer on held-back rows, solved in numpy. Conv layers are unrolled (im2col) at a sample of
+output positions. (MobileNetV2, a quarter of every block's expanded channels ranked by L1, refit: top-1
+83.3 -> 44.6 with one fixed ridge of 1e-2, -> 58.1 with the ridge chosen per layer.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from ..model.numeric import conv_pads
 from ..passes.layers import bias_slot, bias_value, layer_matrix, set_bias
 
 MAX_ROWS = 8192
-RIDGE = 1e-2
+RIDGE = 1e-2  # where too few rows are held back to choose one
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+MIN_HELD_ROWS = 64
 
 
 def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: list[str],
@@ -62,10 +66,10 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
             y = y[:, kept_outputs[name]]
         before = _fit_error(graph, node, x, y)
         matrix, current_bias = _current(graph, node)
-        weight, bias = _solve(x, y, matrix, current_bias if bias_slot(graph, node) is not None else None)
+        weight, bias, ridge = _solve(x, y, matrix, current_bias if bias_slot(graph, node) is not None else None)
         _store(graph, node, weight, bias)
         after = _fit_error(graph, node, x, y)
-        notes[name] = f"refit on {len(x)} rows: layer output error {before:.3g} -> {after:.3g}"
+        notes[name] = f"refit on {len(x)} rows (ridge {ridge:g}): layer output error {before:.3g} -> {after:.3g}"
     return graph.to_model(), notes
 
 
@@ -109,16 +113,29 @@ def sample_rows(graph, node, x, y, count, rng):
 
 
 def _solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, prior_bias: np.ndarray | None
-           ) -> tuple[np.ndarray, np.ndarray | None]:
+           ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Ridge least squares pulled towards the current weights, so that few rows cannot overfit:
-    ``min ||y - [x, 1] w||^2 + lam ||w - prior||^2``."""
+    ``min ||y - [x, 1] w||^2 + lam ||w - prior||^2``, with ``lam`` (relative to the mean diagonal
+    of the Gram matrix) the one of ``RIDGES`` that best predicts a held-back quarter of the rows
+    (the last images' rows) when fit on the rest; then solved on all rows. Returns the ridge too."""
     with_bias = prior_bias is not None
     design = np.hstack([x, np.ones((len(x), 1))]) if with_bias else x
     start = np.vstack([prior, prior_bias[None, :]]) if with_bias else prior
-    gram = design.T @ design
-    lam = RIDGE * np.trace(gram) / len(gram) * max(1.0, len(gram) / len(x))
-    solution = np.linalg.solve(gram + lam * np.eye(len(gram)), design.T @ y + lam * start)
-    return (solution[:-1], solution[-1]) if with_bias else (solution, None)
+    gram, rhs = design.T @ design, design.T @ y
+    ridge = RIDGE
+    cut = len(design) * 3 // 4
+    if len(design) - cut >= MIN_HELD_ROWS:
+        held, held_y = design[cut:], y[cut:]
+        fit_gram, fit_rhs = gram - held.T @ held, rhs - held.T @ held_y
+        errors = [np.linalg.norm(held @ _ridge_solution(fit_gram, fit_rhs, start, r, cut) - held_y) for r in RIDGES]
+        ridge = RIDGES[int(np.argmin(errors))]
+    solution = _ridge_solution(gram, rhs, start, ridge, len(design))
+    return (solution[:-1], solution[-1], ridge) if with_bias else (solution, None, ridge)
+
+
+def _ridge_solution(gram: np.ndarray, rhs: np.ndarray, start: np.ndarray, ridge: float, rows: int) -> np.ndarray:
+    lam = ridge * np.trace(gram) / len(gram) * max(1.0, len(gram) / rows)
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), rhs + lam * start)
 
 
 def _current(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:

@@ -24,8 +24,7 @@ def calibrate(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method
     rng = np.random.default_rng(seed)
     lows, highs, sums, counts, samples = {}, {}, {}, {}, {t: [] for t in tensors}
     per_run = max(1000, max_samples // len(feeds))
-    for feed in feeds:
-        values = ort.run_with_intermediates(model, feed, tensors)
+    for values in ort.run_with_intermediates(model, feeds, tensors):
         for t in tensors:
             v = values[t].astype(np.float64)
             lows[t] = min(lows.get(t, np.inf), float(v.min()))
@@ -79,9 +78,8 @@ def tensor_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors:
     names = sorted(set(tensors))
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
-    for feed in feeds:
-        ref = ort.run_with_intermediates(reference, feed, names)
-        got = ort.run_with_intermediates(quantized, feed, names)
+    for ref, got in zip(ort.run_with_intermediates(reference, feeds, names),
+                        ort.run_with_intermediates(quantized, feeds, names)):
         for name in names:
             r = ref[name].astype(np.float64)
             signal[name] += float(np.sum(r ** 2))

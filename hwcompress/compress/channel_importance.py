@@ -67,8 +67,7 @@ def _input_grams(model, graph: Graph, nodes: list, feeds, seed: int) -> dict[str
     per_feed = max(1, MAX_ROWS // len(feeds))
     tensors = sorted({t for n in nodes for t in (n.input[0], n.output[0])})
     grams: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        values = ort.run_with_intermediates(model, feed, tensors)
+    for values in ort.run_with_intermediates(model, feeds, tensors):
         for node in nodes:
             rows, _ = sample_rows(graph, node, values[node.input[0]], values[node.output[0]], per_feed, rng)
             grams[node.name] = grams.get(node.name, 0) + rows.T @ rows

@@ -57,8 +57,7 @@ def input_covariances(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
     rng = np.random.default_rng(seed)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in feeds:
-        values = ort.run_with_intermediates(model, feed, [n.input[0] for n in layers.values()])
+    for values in ort.run_with_intermediates(model, feeds, [n.input[0] for n in layers.values()]):
         for name, node in layers.items():
             x = values[node.input[0]].astype(np.float64)
             if node.op_type == "Conv":

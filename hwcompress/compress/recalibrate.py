@@ -74,8 +74,7 @@ def _statistics(model: onnx.ModelProto, tensors: list[str], feeds) -> dict[str, 
     """Per-channel mean and standard deviation of each tensor (channels: axis 1, or the last axis
     of a 2-D output) over the feeds."""
     sums: dict[str, list] = {}
-    for feed in feeds:
-        values = ort.run_with_intermediates(model, feed, tensors)
+    for values in ort.run_with_intermediates(model, feeds, tensors):
         for name in tensors:
             v = values[name].astype(np.float64)
             rows = v.reshape(-1, v.shape[-1]) if v.ndim == 2 else np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])

@@ -53,13 +53,13 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
     # Targets come from the original model once; inputs are re-read after every refit, in
     # topological order, so each layer is fit to what the layers before it now produce.
     per_run = max(1, MAX_ROWS // max(1, len(feeds)))
-    originals = [ort.run_with_intermediates(original, f, [n.output[0] for n in targets.values()]) for f in feeds]
+    originals = list(ort.run_with_intermediates(original, feeds, [n.output[0] for n in targets.values()]))
     order = [n.name for n in graph.topological_order() if n.name in targets]
     for name in order:
         node = graph.node(name)
         current = graph.to_model()
-        rows = [sample_rows(graph, node, ort.run_with_intermediates(current, f, [node.input[0]])[node.input[0]],
-                             ys[node.output[0]], per_run, rng) for f, ys in zip(feeds, originals)]
+        rows = [sample_rows(graph, node, xs[node.input[0]], ys[node.output[0]], per_run, rng)
+                for xs, ys in zip(ort.run_with_intermediates(current, feeds, [node.input[0]]), originals)]
         x = np.concatenate([r[0] for r in rows])
         y = np.concatenate([r[1] for r in rows])
         if name in kept_outputs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -105,9 +106,10 @@ def require_finite_reference(reference: list[np.ndarray]) -> None:
                        "(a NaN or infinite weight?); the model cannot be checked, nothing was written")
 
 
-def run_with_intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                           tensors: list[str]) -> dict[str, np.ndarray]:
-    """Values of intermediate tensors (and the outputs) for one run."""
+def run_with_intermediates(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                           tensors: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Values of intermediate tensors (and the outputs), one dict per feed, lazily, from one
+    session: a session per feed took 90 % of a MobileNetV2 pruning step (2544 sessions, 70 s)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
@@ -115,7 +117,9 @@ def run_with_intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
         if name not in present:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     names = [o.name for o in probe.graph.output]
-    return dict(zip(names, _run(session(probe), names, feeds)))
+    sess = session(probe)
+    for feed in feeds:
+        yield dict(zip(names, _run(sess, names, feed)))
 
 
 QUANTIZED_RMS_TOLERANCE = 0.01

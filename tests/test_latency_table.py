@@ -19,7 +19,9 @@ from hwcompress.backend.cpu_schedules import is_scheduled
 from hwcompress.model.examples import mobilenetv2, resnet18
 from hwcompress.measure.cycle_model import modelled_latency
 from hwcompress.model.graph import Graph
-from hwcompress.search.latency_table import LatencyTable
+from hwcompress.backend.build import BuildOptions, build_model
+from hwcompress.measure.latency import Job
+from hwcompress.search.latency_table import ANCHOR, LatencyTable
 from hwcompress.search.layer_spec import model_layers
 from hwcompress.model.loading import load_model
 from hwcompress.passes import run_canonical
@@ -67,7 +69,14 @@ def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
     distinct = len(set(model_layers(small_resnet).values()))
     assert table.measured == distinct and total == pytest.approx(sum(per_layer.values())) and total > 0
     saved = json.loads(table.cache.path.read_text())
-    assert len(saved) == distinct and all(v["method"] == "local" and v["median_ms"] > 0 for v in saved.values())
+    assert len(saved) == distinct + 1 and all(v["method"] == "local" and v["median_ms"] > 0 for v in saved.values())
+    # Figures are on the anchor kernel's scale (kept with them), and that scale is milliseconds:
+    # the slowest layer timed alone now reads what the table says, within the machine's drift.
+    assert f"anchor|{ANCHOR.key()}" in saved
+    slowest = max(model_layers(small_resnet).values(), key=lambda spec: table.latencies([spec])[spec])
+    library = build_model(slowest.to_model(), target, BuildOptions(tune_trials=0, cache_dir=tmp_path), tmp_path).library
+    alone = table.measurer.measure(Job("alone", library, slowest.feeds(), slowest.input_names, None)).latency
+    assert table.latencies([slowest])[slowest] == pytest.approx(alone.median_ms, rel=0.5)
 
     again = LatencyTable(target, tmp_path, trials=0)  # a second run: everything from the file
     assert again.predict_ms(small_resnet)[1] == per_layer and again.measured == 0

@@ -17,15 +17,18 @@ from .recalibrate import keep_if_better
 
 def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importance: str = "l1",
                 layer_ratios: dict[str, float] | None = None, calibration: Calibration | None = None,
-                reconstruct: bool = True, match_statistics: bool = True) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                reconstruct: bool = True, match_statistics: bool = True,
+                input_scores: dict | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Prune (BN still in place, so gamma can rank channels), refit consumers, match the per-channel
     output statistics where that lowers the held-out error (``match_statistics``), then fold BN.
     Importance "reconstruction" ranks channels on the calibration data the refit uses; without
-    calibration data there is nothing to rank by, and filter L1 norms are used (the report says so)."""
-    rank_by, scores = importance, None
+    calibration data there is nothing to rank by, and filter L1 norms are used (the report says so).
+    ``input_scores``: that ranking computed before on the same model (``input_channel_scores``),
+    for a caller that prunes it many ways."""
+    rank_by, scores = importance, input_scores
     if importance == "reconstruction" and calibration is None:
         rank_by = "l1"
-    elif importance == "reconstruction":
+    elif importance == "reconstruction" and scores is None:
         scores = input_channel_scores(model, split_feeds(calibration)[0],
                                       set(layer_ratios) if layer_ratios and not ratio else None)
     result = prune_channels.apply(model, ratio=ratio, multiple=multiple, importance=rank_by,

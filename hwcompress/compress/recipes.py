@@ -85,6 +85,12 @@ class PruneRecipe(StructuralRecipe):
     per_layer: bool = knob(False, _BOOL, "steps per group of coupled layers, priced by the latency table "
                                         "(NetAdapt); off: one global ratio per candidate")
     ratios: tuple[float, ...] = knob((0.25,), _array(_RATIO), "fractions of channels removed, each a candidate")
+    allocate: bool = knob(False, _BOOL, "with per_layer: first, the ratios of every group at once, allocated by "
+                                        "each group's measured output error and the table's latency saved "
+                                        "(sensitivity curves), then one group a round")
+    allocation_share: float = knob(1.0, {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                                   "the part of the accuracy budget the allocation may spend (the rest is "
+                                   "left for later rounds: int8)")
     importance: str = knob("reconstruction", {"enum": list(IMPORTANCES)},
                            "how channels are ranked: what their readers lose (needs calibration data; l1 without), "
                            "or the filter L1/L2 norm, or BN gamma")

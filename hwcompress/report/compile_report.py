@@ -71,6 +71,29 @@ def table_summary(search: dict[str, Any]) -> list[str]:
     return lines
 
 
+def allocation_summary(search: dict[str, Any]) -> list[str]:
+    """The sensitivity allocation: the ratio chosen per group, beside each group's curve."""
+    info = search.get("allocation")
+    if not info:
+        return []
+    if "chosen" not in info:
+        return [f"Sensitivity allocation: no allocation kept accuracy at or above {info['floor']:.2f}.", ""]
+    lines = [f"Sensitivity allocation (accuracy floor {info['floor']:.2f}, {info['share']:.0%} of the budget): "
+             f"{len(info['chosen'])} groups pruned, output error predicted {info['predicted_output_error']:.3f}, "
+             f"accuracy {info['accuracy']:.2f} (ONNX Runtime). Each group pruned alone at each ratio: relative "
+             f"output error on held-out calibration samples / latency the table predicts it saves.", "",
+             "| group | chosen ratio | curve (ratio: error / ms saved) |", "| --- | --- | --- |"]
+    for curve in info["curves"]:
+        points = ", ".join(f"{p['ratio']:g}: {p['output_error']:.3f} / {p['saving_ms']:+.3f}" for p in curve["points"])
+        group = curve["group"]
+        name = group[0] + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
+        lines.append(f"| {name} | {info['chosen'].get(group[0], 0):g} | {points or 'no step'} |")
+    lines.append("")
+    lines.append("Bisection probes (steps taken in order of latency saved per error: accuracy): "
+                 + ", ".join(f"{p['steps']}: {p['accuracy']:.2f}" for p in info["probes"]) + ".")
+    return lines + [""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lat = report["latency"]
     acc = report["accuracy"]
@@ -164,7 +187,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"model's, tuned.", "",
                   *_budget_lines(search),
                   *_fidelity_lines(search),
-                  *table_summary(search),
+                  *table_summary(search), *allocation_summary(search),
                   "| round | candidate | latency ms | table predicts ms | how | accuracy | kept | chosen | why not |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {t['round']} | {t['candidate']} | {_ms(t['latency_ms'])} | {_ms(t.get('predicted_ms'))} | "

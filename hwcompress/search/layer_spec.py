@@ -83,9 +83,9 @@ class LayerSpec:
                 extra = [f"C{i}"]
             elif op[0] == "Clip":
                 low, high = next(bounds, (0.0, 6.0))
-                inits += [onnx.numpy_helper.from_array(np.array(low, np.float32), "lo"),
-                          onnx.numpy_helper.from_array(np.array(high, np.float32), "hi")]
-                extra = ["lo", "hi"]
+                inits += [onnx.numpy_helper.from_array(np.array(low, np.float32), f"lo{i}"),
+                          onnx.numpy_helper.from_array(np.array(high, np.float32), f"hi{i}")]
+                extra = [f"lo{i}", f"hi{i}"]
             op_type = "Add" if op[0] == "AddConst" else op[0]
             nodes.append(helper.make_node(op_type, [f"Y{i}", *extra], [f"Y{i + 1}"], name=f"epilogue{i}"))
         nodes[-1].output[0] = "Y"

@@ -39,15 +39,19 @@ class LayerSteps:
     def __init__(self, profile: Profile, target: Target, table, calibration: Calibration | None):
         self.prune, self.lowrank = profile.prune, profile.lowrank
         self.target, self.table, self.calibration = target, table, calibration
+        # Pruning by sensitivity allocation: once, in the first structural round, instead of that
+        # round's one-group steps (``allocation``).
+        self.allocation_due = bool(self.prune.enabled and self.prune.per_layer and self.prune.allocate
+                                   and calibration is not None)
 
-    def propose(self, model: onnx.ModelProto) -> tuple[list[LayerStep], list[LayerStep]]:
+    def propose(self, model: onnx.ModelProto, prune: bool = True) -> tuple[list[LayerStep], list[LayerStep]]:
         """The priced steps, most saving first, and those the table's budget left unpriced.
 
         Steps are priced in order of multiply-accumulates removed, so a budget spends itself on the
         steps most likely to matter; the decision itself is the table's latency, never the MACs."""
         current, _ = self.table.predict_ms(model)
         steps = []
-        if self.prune.enabled and self.prune.per_layer:
+        if prune and self.prune.enabled and self.prune.per_layer:
             steps += self._prune_steps(model)
         if self.lowrank.enabled and self.lowrank.per_layer:
             steps += self._lowrank_steps(model)

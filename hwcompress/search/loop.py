@@ -52,6 +52,7 @@ from ..progress import SILENT, Progress
 from .candidates import Candidate, NotFaster, candidates
 from .evaluator import Evaluator
 from .latency_table import LatencyTable
+from .allocation import allocate
 from .layer_steps import LayerSteps
 
 
@@ -86,6 +87,7 @@ class SearchResult:
     budget_s: float | None = None
     spent_s: float = 0.0
     stopped: str | None = None  # why the search ended before running out of candidates or rounds
+    allocation: dict[str, Any] | None = None  # the sensitivity allocation, where the profile asks for one
 
     def pareto(self) -> list[dict[str, Any]]:
         points = [t for t in self.trials if t.latency_ms is not None]
@@ -100,7 +102,7 @@ class SearchResult:
                 "accuracy_metric": self.accuracy_metric, "accuracy_measured_on": self.accuracy_measured_on,
                 "trials": [asdict(t) for t in self.trials], "pareto": self.pareto(),
                 "latency_table": self.table_info, "budget_s": self.budget_s, "spent_s": round(self.spent_s, 1),
-                "stopped": self.stopped}
+                "stopped": self.stopped, "allocation": self.allocation}
 
 
 class Deadline:
@@ -189,6 +191,9 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
             kept: list[tuple[bool, float, Trial, Any]] = []  # (quantizes, gain, trial, model)
             structural = settings.layer_candidates if layer_steps and "quantize" not in families else 0
             total = structural + len(eligible)
+            if structural and layer_steps.allocation_due:
+                kept += _allocation_trial(layer_steps, round_index, result, evaluate, base_accuracy, max_accuracy_drop,
+                                          progress, deadline)
             if structural:  # first: the table's budget goes to structure before precision
                 kept += _layer_trials(layer_steps, round_index, result, evaluate, base_accuracy, max_accuracy_drop,
                                       min_gain, structural, progress, 0, total, deadline)
@@ -294,7 +299,8 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
                   base_accuracy: float, max_accuracy_drop: float, min_gain: float, how_many: int, progress,
                   done: int, total: int, deadline: Deadline) -> list[tuple[bool, float, Trial, Any]]:
     """Score the per-layer steps the table predicts to save the most; the rest are recorded as such."""
-    proposals, unpriced = steps.propose(result.model)
+    proposals, unpriced = steps.propose(result.model, prune=not steps.allocation_due)
+    steps.allocation_due = False
     for st in unpriced:
         result.trials.append(Trial(round_index, st.name, None, "table", float("nan"), layers=st.shapes,
                                    reason=f"not priced: the latency table's budget ({steps.table.budget_s:g} s "
@@ -339,6 +345,33 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
                  f"accuracy {accuracy:.2f} (ONNX Runtime) -> {'kept' if trial.accepted else 'rejected: ' + trial.reason} "
                  f"[{time.monotonic() - start:.0f} s]", index, total)
     return kept
+
+
+def _allocation_trial(steps: LayerSteps, round_index: int, result: SearchResult, evaluate: Evaluator,
+                      base_accuracy: float, max_accuracy_drop: float, progress, deadline: Deadline
+                      ) -> list[tuple[bool, float, Trial, Any]]:
+    """Every group's ratio at once, by sensitivity (``allocation``): one more per-layer candidate,
+    priced by the table and scored with ONNX Runtime, checked end to end if it wins the round."""
+    recipe = steps.prune
+    floor = base_accuracy - max_accuracy_drop * recipe.allocation_share
+    start = time.monotonic()
+    found = allocate(result.model, recipe, steps.target, steps.calibration, steps.table, evaluate.score_ort, floor,
+                     progress, lambda: not deadline.passed())
+    name = "prune (allocated by sensitivity)"
+    result.allocation = {"floor": floor, "share": recipe.allocation_share} | (found.to_dict() if found else {})
+    if found is None:
+        result.trials.append(Trial(round_index, name, None, "table", float("nan"),
+                                   reason=f"no allocation keeps the accuracy at or above {floor:.2f}"))
+        progress(f"search round {round_index}: {name}: none within {floor:.2f} [{time.monotonic() - start:.0f} s]")
+        return []
+    predicted = steps.table.predict_ms(found.model)[0] - steps.table.predict_ms(result.model)[0] + result.latency_ms
+    name = f"prune (allocated by sensitivity: {len(found.ratios)} groups)"
+    trial = Trial(round_index, name, None, "table", found.accuracy, predicted_ms=predicted, layers=found.shapes,
+                  accepted=True)
+    result.trials.append(trial)
+    progress(f"search round {round_index}: {name}: table predicts {predicted:.3f} ms, accuracy {found.accuracy:.2f} "
+             f"(ONNX Runtime) [{time.monotonic() - start:.0f} s]")
+    return [(False, _gain(result, predicted, found.accuracy), trial, found.model)]
 
 
 def _choose(kept: list[tuple[bool, float, Trial, Any]], result: SearchResult, evaluate: Evaluator,

@@ -54,7 +54,7 @@ class LatencyTable:
                  progress: Progress = SILENT, budget_s: float | None = None, int8_compute: bool = True,
                  winograd: bool = True):
         self.target, self.trials, self.progress = target, trials, progress
-        self.measurer = measurer_for(target, device, repeat=10, min_repeat_ms=20)
+        self.measurer = measurer_for(target, device, repeat=9, min_repeat_ms=10)
         if not self.measurer.gives_latency:
             raise HwcError(f"the layers of {target.name} can only be timed on a device: give "
                            f"--device rpc://HOST:PORT/KEY")

@@ -11,7 +11,10 @@ Greedy search over the candidates of the target's profile. Two kinds of candidat
   ``quantize.per_layer``, the int8 candidate likewise quantizes only the layers whose int8 form
   (lowered to integer compute) the table measures faster than fp32; where the target and profile
   allow pow2, "int8 + pow2 (per layer)" gives pow2 weights to the layers whose pow2 form the table
-  prices faster than int8 (a cycle model counts their 4-bit weights), int8 to the rest.
+  prices faster than int8 (a cycle model counts their 4-bit weights), int8 to the rest;
+- with ``prune.allocate``, in the first structural round: every group's ratio at once, allocated by
+  each group's measured output error and the table's latency (``allocation``), one more per-layer
+  candidate in place of that round's one-group pruning steps.
 
 Where the target runs here, each candidate is timed in alternating rounds beside the model the
 search holds, and its figure is that ratio times the held model's (``evaluator``): a figure taken
@@ -361,7 +364,8 @@ def _allocation_trial(steps: LayerSteps, round_index: int, result: SearchResult,
     result.allocation = {"floor": floor, "share": recipe.allocation_share} | (found.to_dict() if found else {})
     if found is None:
         result.trials.append(Trial(round_index, name, None, "table", float("nan"),
-                                   reason=f"no allocation keeps the accuracy at or above {floor:.2f}"))
+                                   reason=f"no allocation both saves latency (by the table) and keeps the "
+                                          f"accuracy at or above {floor:.2f}"))
         progress(f"search round {round_index}: {name}: none within {floor:.2f} [{time.monotonic() - start:.0f} s]")
         return []
     predicted = steps.table.predict_ms(found.model)[0] - steps.table.predict_ms(result.model)[0] + result.latency_ms

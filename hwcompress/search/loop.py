@@ -363,9 +363,10 @@ def _allocation_trial(steps: LayerSteps, round_index: int, result: SearchResult,
     name = "prune (allocated by sensitivity)"
     result.allocation = {"floor": floor, "share": recipe.allocation_share} | (found.to_dict() if found else {})
     if found is None:
-        result.trials.append(Trial(round_index, name, None, "table", float("nan"),
-                                   reason=f"no allocation both saves latency (by the table) and keeps the "
-                                          f"accuracy at or above {floor:.2f}"))
+        why = (f"not evaluated: the search's time budget ({deadline.budget_s:g} s) was spent before an allocation "
+               f"was built" if deadline.passed() else
+               f"no allocation both saves latency (by the table) and keeps the accuracy at or above {floor:.2f}")
+        result.trials.append(Trial(round_index, name, None, "table", float("nan"), reason=why))
         progress(f"search round {round_index}: {name}: none within {floor:.2f} [{time.monotonic() - start:.0f} s]")
         return []
     predicted = steps.table.predict_ms(found.model)[0] - steps.table.predict_ms(result.model)[0] + result.latency_ms

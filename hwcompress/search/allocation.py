@@ -27,11 +27,10 @@ from ..compress.prune import prune_model
 from ..compress.recipes import PruneRecipe
 from ..config.targets import Target
 from ..data.calibration import Calibration
-from ..errors import HwcError
 from ..model.graph import Graph
-from ..passes import prune_channels
 from ..passes.channel_groups import analyze
 from .layer_spec import model_layers
+from .layer_steps import changed_shapes, group_label, prune_preview
 
 MAX_PROBES = 6  # whole builds in the bisection: 2^6 covers MobileNetV2's ~50 hull segments
 
@@ -70,7 +69,6 @@ class Allocation:
 
     model: onnx.ModelProto
     ratios: dict[str, float]  # group (its first layer) -> ratio
-    layer_ratios: dict[str, float]
     shapes: dict[str, list[int]]  # layer -> [channels before, after]
     accuracy: float
     predicted_error: float
@@ -106,11 +104,10 @@ def allocate(model: onnx.ModelProto, recipe: PruneRecipe, target: Target, calibr
         curve = Curve(group)
         for ratio in recipe.ratios:
             layer_ratios = dict.fromkeys(group, ratio)
-            try:
-                preview = prune_channels.apply(model, ratio=0.0, layer_ratios=layer_ratios, multiple=multiple).model
-            except HwcError:
-                continue  # nothing to remove at this ratio (at the channel multiple)
-            predicted = table.predict_layers_ms(model_layers(preview))
+            preview = prune_preview(model, layer_ratios, multiple)
+            if preview is None:
+                continue
+            predicted = table.predict_layers_ms(model_layers(preview.model))
             if predicted is None:
                 unpriced += 1
                 continue
@@ -118,8 +115,7 @@ def allocate(model: onnx.ModelProto, recipe: PruneRecipe, target: Target, calibr
             curve.points.append(Point(ratio, report["output_error"] ** 2, current - predicted))
         curves.append(curve)
         described = ", ".join(f"{p.ratio:g}: error {p.error2 ** 0.5:.3f}, {p.saving_ms:+.3f} ms" for p in curve.points)
-        progress(f"allocation: sensitivity of {group[0]}" + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
-                 + f": {described or 'no step'}", index, len(groups))
+        progress(f"allocation: sensitivity of {group_label(group)}: {described or 'no step'}", index, len(groups))
     order = merged_order(curves)
     if not order:
         return None
@@ -153,9 +149,7 @@ def _bisect(model, recipe, multiple, calibration, scores, order, curves, unprice
         progress(f"allocation: {k} of {len(order)} steps ({len(chosen)} groups, predicted output error "
                  f"{predicted:.3f}): accuracy {accuracy:.2f} (floor {floor:.2f}) [{time.monotonic() - started:.0f} s]")
         if accuracy >= floor:
-            shapes = {n: [v["before"], v["after"]] for n, v in report["pruning"]["layers"].items()
-                      if v["before"] != v["after"]}
-            good, lo = (built, chosen, layer_ratios, shapes, accuracy, predicted), k
+            good, lo = (built, chosen, changed_shapes(report["pruning"]["layers"]), accuracy, predicted), k
         else:
             hi = k - 1
     if good is None:

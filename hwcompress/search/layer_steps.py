@@ -14,6 +14,7 @@ from ..data.calibration import Calibration
 from ..errors import HwcError
 from ..model.graph import Graph
 from ..passes import prune_channels
+from ..passes.base import PassResult
 from ..passes.channel_groups import analyze
 from ..passes.lowrank import lowrank
 from .layer_spec import model_layers
@@ -73,15 +74,13 @@ class LayerSteps:
         for group in analyze(Graph(model)).coupled_layers():
             for ratio in self.prune.ratios:
                 ratios = {node: ratio for node in group}
-                try:
-                    applied = prune_channels.apply(model, ratio=0.0, layer_ratios=ratios, multiple=multiple)
-                except HwcError:
-                    continue  # nothing to remove at this step (at the channel multiple)
-                shapes = {n: [v["before"], v["after"]] for n, v in applied.log.details["layers"].items()
-                          if v["before"] != v["after"]}
+                applied = prune_preview(model, ratios, multiple)
+                if applied is None:
+                    continue
+                shapes = changed_shapes(applied.log.details["layers"])
                 key = tuple(sorted((n, a) for n, (_, a) in shapes.items()))
                 if key and key not in found:
-                    first = group[0] + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
+                    first = group_label(group)
                     before, after = shapes.get(group[0], next(iter(shapes.values())))
                     apply = (lambda m, r=ratios: self.prune.apply(m, 0.0, self.target, self.calibration, layer_ratios=r))
                     found[key] = (LayerStep(f"prune {first} {before}->{after}", apply, shapes), applied.model)
@@ -100,6 +99,25 @@ class LayerSteps:
                 label = f"lowrank {name} {done['method']} rank {'x'.join(map(str, done['ranks']))} (energy {energy:g})"
                 found.append((LayerStep(label, apply, {name: list(done["ranks"])}), applied.model))
         return found
+
+
+def prune_preview(model: onnx.ModelProto, layer_ratios: dict[str, float], multiple: int) -> PassResult | None:
+    """The pruning pass alone (no ranking data, no refit): the layer shapes a step leaves; None
+    where it removes nothing (at the channel multiple)."""
+    try:
+        return prune_channels.apply(model, ratio=0.0, layer_ratios=layer_ratios, multiple=multiple)
+    except HwcError:
+        return None
+
+
+def changed_shapes(layers: dict[str, dict]) -> dict[str, list[int]]:
+    """Layer -> [channels before, after], for the layers the pruning pass's log says changed."""
+    return {n: [v["before"], v["after"]] for n, v in layers.items() if v["before"] != v["after"]}
+
+
+def group_label(group: list[str]) -> str:
+    """A group of coupled layers by its first layer."""
+    return group[0] + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
 
 
 def model_layer_names(model: onnx.ModelProto) -> list[str]:

@@ -156,8 +156,9 @@ def lower(mod, target: Target, winograd: bool = True):
 def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None = None):
     """The fused kernels of ``mod`` for a CPU: convolutions in NHWC and register-blocked by
     ``cpu_schedules`` (3x3 ones by ``winograd`` where it pays, unless turned off; ``cache_bytes``:
-    the CPU's last-level cache where it is this machine's), their weights repacked at compile
-    time, the rest left for MetaSchedule."""
+    the CPU's last-level cache where it is this machine's; a depthwise conv and the 1x1 conv
+    reading it as one kernel, ``depthwise_pointwise``), their weights repacked at compile time,
+    the rest left for MetaSchedule."""
     import tvm
     from tvm import relax
 
@@ -165,6 +166,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     from .dense_as_conv import dense_as_conv
     from .conv_schedules import schedule_convolutions
     from .cpu_schedules import VectorUnit, nhwc_layout
+    from .depthwise_pointwise import fuse_depthwise_pointwise
     from .winograd import rewrite_winograd_convs
 
     unit = VectorUnit.of(tvm_target)
@@ -173,7 +175,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
         convs = rewrite_winograd_convs(convs, unit, cache_bytes)
     lowered = relax.get_pipeline("zero")(pad_output_channels(convs, unit.lanes))
     with tvm_target:
-        scheduled = schedule_convolutions(lowered, tvm_target)
+        scheduled = schedule_convolutions(fuse_depthwise_pointwise(lowered, unit), tvm_target)
     # The convs' weight repacking becomes functions of the constant weights, run at compile time.
     prepack = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
                                         relax.transform.DeadCodeElimination()])

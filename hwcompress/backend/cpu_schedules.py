@@ -147,28 +147,36 @@ def _is_float_hwio(sch: Schedule, conv) -> bool:
     return int(weight.shape[3]) == out_channels and (dense or depthwise)
 
 
-def _schedule(sch: Schedule, conv, tiles: ConvTiles) -> None:
+def _schedule(sch: Schedule, conv, tiles: ConvTiles, keep=(), per_pixel_tile=None) -> None:
+    """The register-blocked schedule of ``conv``. ``keep``: blocks before the conv that are stages
+    of this kernel, not side inputs (``fuse_epilogue``); ``per_pixel_tile(sch, loop)``: computes
+    them inside each parallel pixel tile, ``loop`` (the channel tiles then run inside it, so
+    that what that stage writes is read while it is in cache: ``depthwise_pointwise``)."""
     depthwise = sch.get(conv).name_hint.startswith("group")
-    epilogue = fuse_epilogue(sch, conv)
+    epilogue = fuse_epilogue(sch, conv, keep)
     if not depthwise:
         _pack_weights(sch, conv, tiles.channels)
     n, h, w, o, rh, rw, rc = sch.get_loops(conv)
     w_outer, w_inner = sch.split(w, [None, tiles.width])
     o_outer, o_vectors, o_lanes = sch.split(o, [None, tiles.vectors, tiles.lanes])
-    if _weights_outweigh_input(sch, conv):
+    inside = []
+    if per_pixel_tile is not None:
+        parallel, inside = [n, h, w_outer], [o_outer]
+    elif _weights_outweigh_input(sch, conv):
         # Each thread streams its share of the weights once and re-reads the (smaller) input.
         parallel = [n, o_outer, h, w_outer]
     else:
         # Each pixel tile's input stays in L1 while all channel tiles sweep the small weights.
         parallel = [n, h, w_outer, o_outer]
-    sch.reorder(*parallel, rh, rw, rc, w_inner, o_vectors, o_lanes)
+    sch.reorder(*parallel, *inside, rh, rw, rc, w_inner, o_vectors, o_lanes)
     # The tile's accumulators live in registers; the epilogue reads them there and writes the
     # output once (no full-size intermediate buffer written and read back).
     store = sch.cache_write(conv, 0, "local")
-    sch.reverse_compute_at(store, parallel[-1])
+    sch.reverse_compute_at(store, (parallel + inside)[-1])
     if epilogue is not None:
         sch.reverse_compute_inline(epilogue)
-    sch.parallel(sch.fuse(*parallel))
+    pixel_tiles = sch.fuse(*parallel)
+    sch.parallel(pixel_tiles)
     sch.vectorize(o_lanes)
     sch.unroll(o_vectors)
     sch.unroll(w_inner)
@@ -184,6 +192,8 @@ def _schedule(sch: Schedule, conv, tiles: ConvTiles) -> None:
     sch.vectorize(init_l)
     sch.unroll(init_v)
     sch.unroll(init_w)
+    if per_pixel_tile is not None:
+        per_pixel_tile(sch, pixel_tiles)
 
 
 def _pack_weights(sch: Schedule, conv, channels: int) -> None:
@@ -262,6 +272,13 @@ def has_block(sch: Schedule, name: str) -> bool:
         return True
     except Exception:  # no block of that name
         return False
+
+
+def loops_below(sch: Schedule, block, loop) -> list:
+    """The block's loops inside ``loop``."""
+    loops = sch.get_loops(block)
+    at = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(loop)))
+    return loops[at + 1:]
 
 
 def _schedule_input(sch: Schedule, block, lanes: int, depthwise: bool) -> None:

@@ -99,7 +99,8 @@ def describe_kernels(mod) -> dict[str, dict]:
 
 def _conv_kind(func, inputs: list, output: list | None) -> str:
     """conv2d, depthwise conv2d or grouped conv2d: TOPI names the block of both grouped kinds
-    ``group_conv2d_*``; depthwise is the one whose HWIO weights have one input channel per output."""
+    ``group_conv2d_*``; depthwise is the one whose HWIO weights have one input channel per output.
+    A kernel with a grouped and a dense block is a depthwise conv merged with its 1x1 reader."""
     from tvm.tirx import stmt as S
 
     names = set()
@@ -122,6 +123,8 @@ def _conv_kind(func, inputs: list, output: list | None) -> str:
             walk(getattr(node, "body", None))
 
     walk(func.body)
+    if any(n.startswith("group_conv2d") for n in names) and any(n.startswith("conv2d_nhwc") for n in names):
+        return "depthwise conv2d + 1x1 conv2d"  # depthwise_pointwise's merged kernel
     if not any(n.startswith("group_conv2d") for n in names):
         return "conv2d"
     channels = output[-1] if output else None

@@ -283,7 +283,7 @@ def schedule_winograd(func: tirx.PrimFunc, unit) -> tirx.PrimFunc | None:
 
 def _schedule(sch: Schedule, unit, fuse: bool) -> None:
     from .cpu_schedules import (_blocks_after, _schedule_elementwise, _weights_outweigh_input, choose_tiles,
-                                fuse_epilogue)
+                                fuse_epilogue, loops_below)
 
     out, columns, gemm, transformed, rows, pad = (sch.get_sblock(name) for name in (
         OUTPUT_BLOCK, COLUMNS_BLOCK, GEMM_BLOCK, INPUT_BLOCK, ROWS_BLOCK, PAD_BLOCK))
@@ -352,15 +352,9 @@ def _schedule(sch: Schedule, unit, fuse: bool) -> None:
     if lanes > 1:
         sch.vectorize(c_lanes)
     sch.compute_at(rows, c_outer)
-    r_eps, r_j, *r_lanes = _loops_below(sch, rows, c_outer)  # no lane loop where one channel a vector
+    r_eps, r_j, *r_lanes = loops_below(sch, rows, c_outer)  # no lane loop where one channel a vector
     for loop in r_lanes:
         sch.vectorize(loop)
     sch.unroll(r_j)
     sch.unroll(r_eps)
 
-
-def _loops_below(sch: Schedule, block, loop) -> list:
-    """The block's loops inside ``loop``."""
-    loops = sch.get_loops(block)
-    at = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(loop)))
-    return loops[at + 1:]

@@ -72,11 +72,15 @@ def test_depthwise_then_pointwise_is_one_kernel_where_it_pays_and_exact(name):
     model, merged = block_models(np.random.default_rng(0))[name]
     target = get_target("host")
     kernels = tvm_build.lower(import_onnx(model), target)
-    described = describe_kernels(kernels).values()
+    by_name = describe_kernels(kernels)
+    described = by_name.values()
     fused = [k for k in described if k["op"] == MERGED]
     assert len(fused) == merged, [k["op"] for k in described]
-    for kernel in fused:
-        assert kernel["schedule"] == "hwc register-blocked"
+    for name, kernel in by_name.items():
+        if kernel["op"] == MERGED:
+            assert kernel["schedule"] == "hwc register-blocked"
+            # The 1x1 weights are repacked per channel tile when compiling, as in the separate conv.
+            assert name.endswith("_prepacked")
     # Without the merge both convs are still on the hand-written schedule.
     convs = [k for k in described if "conv" in k["op"]]
     assert len(convs) == 2 - merged and all(k["schedule"] == "hwc register-blocked" for k in convs)
@@ -85,3 +89,37 @@ def test_depthwise_then_pointwise_is_one_kernel_where_it_pays_and_exact(name):
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
     assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+
+
+def test_int8_depthwise_then_pointwise_is_one_kernel_with_the_qdq_graphs_values():
+    """In an int8 model the depthwise conv reads 8-bit activations, computes in float and
+    requantizes; merged, its 8-bit tile feeds the 1x1 conv's integer dot product. Values: ONNX
+    Runtime's of the QDQ graph as written, up to float rounding in the last scale."""
+    from hwcompress.backend.int8_conv_schedule import dot_product_intrinsics
+    from hwcompress.backend.int8_lowering import lower_qdq
+    from hwcompress.data.calibration import Calibration
+    from hwcompress.compress.quantize import quantize_model
+
+    target = get_target("host")
+    if not dot_product_intrinsics(target.tvm_target()):
+        pytest.skip("this CPU has no integer dot product")
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [conv("x", "w0", "e"), helper.make_node("Relu", ["e"], ["re"]),
+         conv("re", "wd", "d", "bd", pads=[1, 1, 1, 1], group=64), helper.make_node("Relu", ["d"], ["a"]),
+         conv("a", "wp", "y", "bp")],
+        [("x", [1, 16, 12, 12])], [("y", [1, 16, 12, 12])],
+        {"w0": rng.normal(0, 0.3, (64, 16, 1, 1)), "wd": rng.normal(0, 0.3, (64, 1, 3, 3)),
+         "bd": rng.normal(0, 0.1, 64), "wp": rng.normal(0, 0.2, (16, 64, 1, 1)), "bp": rng.normal(0, 0.1, 16)})
+    feeds = [{"x": rng.normal(0, 1, (1, 16, 12, 12)).astype(np.float32)} for _ in range(8)]
+    quantized, _ = quantize_model(model, Calibration(feeds, "synthetic"), "int8", "minmax")
+    mod, _ = lower_qdq(import_onnx(quantized))
+    kernels = tvm_build.lower(mod, target)
+    merged = [k for k in describe_kernels(kernels).values() if k["op"] == MERGED]
+    assert len(merged) == 1 and merged[0]["schedule"] == "hwc register-blocked"
+    vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
+    session = ort.session(quantized, exact=True)
+    for feed in feeds[:3]:
+        got = outputs_to_numpy(vm["main"](tvm.runtime.tensor(feed["x"])))[0]
+        want = session.run(None, feed)[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

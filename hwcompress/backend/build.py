@@ -175,7 +175,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
         convs = rewrite_winograd_convs(convs, unit, cache_bytes)
     lowered = relax.get_pipeline("zero")(pad_output_channels(convs, unit.lanes))
     with tvm_target:
-        scheduled = schedule_convolutions(fuse_depthwise_pointwise(lowered, unit), tvm_target)
+        scheduled = schedule_convolutions(fuse_depthwise_pointwise(lowered, tvm_target), tvm_target)
     # The convs' weight repacking becomes functions of the constant weights, run at compile time.
     prepack = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
                                         relax.transform.DeadCodeElimination()])

@@ -8,14 +8,18 @@ the depthwise conv, its bias and activation for those pixels and every channel i
 registers; the 1x1 conv's channel tiles then sweep that buffer. Measured on AMD Zen 4 (2 threads),
 untuned, each block alone, merged / two kernels, in two of the VM's speed states: 576->96 at 14x14
 0.86-0.97, 144->24 at 56x56 0.65-0.95, 192->32 at 28x28 0.88-0.94, 32->16 at 112x112 0.51-0.59;
-MobileNetV2 fp32 0.86-0.95 (13 of its 17 pairs merged; three runs, 3.28 -> 3.12 ms in the fast state).
+MobileNetV2 fp32 0.86-0.95 (13 of its 17 pairs merged; three runs, 3.28 -> 3.12 ms in the fast state),
+int8 (the shared QOperator model) 1.41 -> 1.27 ms with the same values bit for bit.
 
-The pair is merged after TVM's own fusion (``FuseTIR`` over the two fused kernels), float32 only,
-where the activation outweighs the 1x1 weights (else each pixel tile would re-read all of them)
-and the merged kernel takes the schedule; any other pair stays two kernels.
+The pair is merged after TVM's own fusion (``FuseTIR`` over the two fused kernels): a float 1x1
+conv, or an int8 one on the dot-product kernel (``int8_conv_schedule``), where the activation
+outweighs the 1x1 weights (else each pixel tile would re-read all of them) and the merged kernel
+takes the schedule; any other pair stays two kernels.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax, tirx
@@ -24,20 +28,25 @@ from tvm.s_tir.schedule import ScheduleError
 
 from .cpu_schedules import (CONV_BLOCKS, ConvTiles, VectorUnit, _NotApplicable, _schedule, _weights_outweigh_input,
                             choose_tiles, has_block, loops_below)
+from .int8_conv_schedule import GROUP, dot_product_intrinsics
+from .int8_conv_schedule import _schedule as schedule_int8
 
 DEPTHWISE_BLOCK, POINTWISE_BLOCK = CONV_BLOCKS[1], CONV_BLOCKS[0]
 _CALL_TIR = "relax.call_tir"
 
 
-def fuse_depthwise_pointwise(mod: tvm.IRModule, unit: VectorUnit) -> tvm.IRModule:
-    """``mod`` (fused kernels, after ``relax.get_pipeline("zero")``) with every float depthwise
-    kernel whose output only a float 1x1 conv kernel reads merged into that one and scheduled."""
+def fuse_depthwise_pointwise(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """``mod`` (fused kernels, after ``relax.get_pipeline("zero")``) with every depthwise kernel
+    whose output only a 1x1 conv kernel reads merged into that one and scheduled for ``target``:
+    float 1x1 convs, and int8 ones where the CPU has an integer dot product (the int8 model's
+    depthwise conv reads 8-bit activations, computes in float and requantizes)."""
+    kernel = _Kernel(VectorUnit.of(target), dot_product_intrinsics(target))
     builder = relax.BlockBuilder(mod)
     changed = False
     for gvar, func in mod.functions.items():
         if not isinstance(func, relax.Function) or (func.attrs is not None and "Primitive" in func.attrs):
             continue
-        blocks = [_fuse_in_block(mod, builder, block, _uses(func), unit) for block in func.body.blocks]
+        blocks = [_fuse_in_block(mod, builder, block, _uses(func), kernel) for block in func.body.blocks]
         if any(new is not old for new, old in zip(blocks, func.body.blocks)):
             changed = True
             builder.update_func(gvar, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body),
@@ -57,7 +66,7 @@ def _uses(func: relax.Function) -> dict:
     return uses
 
 
-def _fuse_in_block(mod, builder, block, uses, unit):
+def _fuse_in_block(mod, builder, block, uses, kernel):
     bound = {b.var: b.value for b in block.bindings}
     merged = {}  # the 1x1 conv's variable -> its new call; the depthwise binding then goes
     for binding in block.bindings:
@@ -68,9 +77,9 @@ def _fuse_in_block(mod, builder, block, uses, unit):
         first = bound.get(first_var)
         if first is None or not _is_call_tir(first) or uses.get(first_var) != 1:  # read by the 1x1 conv only
             continue
-        if not (_is_depthwise(mod[first.args[0]]) and _is_pointwise(mod[second.args[0]])):
+        if not (_is_depthwise(mod[first.args[0]]) and kernel.takes(mod[second.args[0]])):
             continue
-        call = _merged_call(mod, builder, first_var, first, second, unit)
+        call = _merged_call(mod, builder, first_var, first, second, kernel)
         if call is not None:
             merged[binding.var] = (first_var, call)
     if not merged:
@@ -86,54 +95,101 @@ def _is_call_tir(expr) -> bool:
 
 
 def _conv(func, name: str):
-    """(schedule, conv block) where ``func`` is a float32 kernel with that conv block, else None."""
+    """(schedule, conv block, (data, weight, output) dtypes) where ``func`` is an unscheduled kernel
+    with that conv block, else None."""
     if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled")):
         return None
     sch = Schedule(func)
     if not has_block(sch, name):
         return None
     conv = sch.get_sblock(name)
-    if not all(r.source.dtype == "float32" for r in sch.get(conv).reads) or len(sch.get(conv).reads) != 2:
+    if len(sch.get(conv).reads) != 2:
         return None
-    return sch, conv
+    dtypes = tuple(str(r.source.dtype) for r in sch.get(conv).reads) + (str(sch.get(conv).writes[0].source.dtype),)
+    return sch, conv, dtypes
 
 
 def _is_depthwise(func) -> bool:
+    """A depthwise conv computed in float (an int8 model's reads 8-bit activations)."""
     found = _conv(func, DEPTHWISE_BLOCK)
     if found is None or has_block(found[0], POINTWISE_BLOCK):
         return False
-    sch, conv = found
+    sch, conv, (data_type, weight_type, out_type) = found
     data, weight = (r.source for r in sch.get(conv).reads)
-    return int(weight.shape[2]) == 1 and int(weight.shape[3]) == int(data.shape[3])
+    return (data_type in ("float32", "uint8", "int8") and weight_type == out_type == "float32"
+            and int(weight.shape[2]) == 1 and int(weight.shape[3]) == int(data.shape[3]))
 
 
-def _is_pointwise(func) -> bool:
-    found = _conv(func, POINTWISE_BLOCK)
-    if found is None or has_block(found[0], DEPTHWISE_BLOCK):
-        return False
-    sch, conv = found
-    data, weight = (r.source for r in sch.get(conv).reads)
-    out = sch.get(conv).writes[0].source
-    return [int(d) for d in weight.shape[:2]] == [1, 1] and [int(d) for d in data.shape[1:3]] == [
-        int(d) for d in out.shape[1:3]]
+@dataclass(frozen=True)
+class _Kernel:
+    """What the merged kernel's 1x1 conv runs on: the float FMA, or the integer dot product
+    (``intrinsics``: by accumulator lanes, empty where the CPU has none)."""
+
+    unit: VectorUnit
+    intrinsics: dict
+
+    def takes(self, func) -> bool:
+        """Whether ``func`` is a 1x1 stride-1 conv kernel this CPU's schedules cover."""
+        found = _conv(func, POINTWISE_BLOCK)
+        if found is None or has_block(found[0], DEPTHWISE_BLOCK):
+            return False
+        sch, conv, dtypes = found
+        data, weight = (r.source for r in sch.get(conv).reads)
+        out = sch.get(conv).writes[0].source
+        if [int(d) for d in weight.shape[:2]] != [1, 1] or [int(d) for d in data.shape[1:3]] != [
+                int(d) for d in out.shape[1:3]]:
+            return False
+        return dtypes == ("float32",) * 3 or (bool(self.intrinsics) and dtypes[1:] == ("int8", "int32")
+                                               and int(data.shape[3]) % GROUP == 0)
+
+    def schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+        """The merged kernel scheduled: the 1x1 conv register-blocked with its channel tiles
+        inside each pixel tile, the depthwise stage computed there; None where it does not apply."""
+        sch = Schedule(func)
+        pointwise, depthwise = sch.get_sblock(POINTWISE_BLOCK), sch.get_sblock(DEPTHWISE_BLOCK)
+        if _weights_outweigh_input(sch, pointwise):
+            # Every pixel tile would re-read all the 1x1 weights; the separate 1x1 conv streams them
+            # once per thread instead (ShuffleNet's 232->232 at 7x7: 1.36x slower fused).
+            return None
+        int8 = str(sch.get(pointwise).writes[0].source.dtype) == "int32"
+        unit = VectorUnit(max(self.intrinsics), self.unit.registers) if int8 else self.unit
+        out_shape = [int(x) for x in sch.get(pointwise).writes[0].source.shape]
+        tiles = choose_tiles(out_shape[2], out_shape[3], unit)
+        if tiles is None or (int8 and tiles.lanes not in self.intrinsics):
+            return None
+        # The depthwise stage keeps one accumulator vector per pixel of the tile in registers.
+        width = max(d for d in range(1, min(tiles.width, unit.registers // 2) + 1) if out_shape[2] % d == 0)
+        tiles = ConvTiles(width, tiles.vectors, tiles.lanes)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        at = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(pointwise)))
+        stages = dict(keep=blocks[:at],  # the depthwise conv, its padding and epilogue, the 1x1 conv's padding
+                      per_pixel_tile=lambda s, loop: _depthwise_at(s, loop, depthwise, self.unit.lanes))
+        try:
+            if int8:
+                schedule_int8(sch, pointwise, tiles, self.intrinsics[tiles.lanes], **stages)
+            else:
+                _schedule(sch, pointwise, tiles, **stages)
+        except (ScheduleError, _NotApplicable, tvm.error.InternalError, StopIteration):
+            return None
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _merged_call(mod, builder, first_var, first, second, unit):
+def _merged_call(mod, builder, first_var, first, second, kernel):
     """One ``call_tir`` of the merged, scheduled kernel in place of ``first`` then ``second``, or
     None where the schedule does not take the merged kernel."""
     outer = []
     for arg in list(first.args[1].fields) + [a for a in second.args[1].fields if not a.same_as(first_var)]:
         if not any(arg.same_as(o) for o in outer):
             outer.append(arg)
-    kernel = _merged_kernel(mod, first, second, first_var, outer, unit)
-    if kernel is None:
+    merged = _merged_kernel(mod, first, second, first_var, outer, kernel)
+    if merged is None:
         return None
     name = "fused_" + "_".join(g.name_hint.removeprefix("fused_") for g in (first.args[0], second.args[0]))
-    gvar = builder.add_func(kernel, name)
+    gvar = builder.add_func(merged, name)
     return relax.call_tir(gvar, relax.Tuple(outer), second.ty_args[0])
 
 
-def _merged_kernel(mod, first, second, first_var, outer, unit):
+def _merged_kernel(mod, first, second, first_var, outer, kernel):
     """The two kernels as one PrimFunc (TVM's FuseTIR over a function calling both), scheduled."""
     params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(outer)]
 
@@ -159,34 +215,7 @@ def _merged_kernel(mod, first, second, first_var, outer, unit):
                and has_block(Schedule(f), DEPTHWISE_BLOCK) and has_block(Schedule(f), POINTWISE_BLOCK)]
     if len(kernels) != 1:
         return None
-    return schedule_depthwise_pointwise(kernels[0], unit)
-
-
-def schedule_depthwise_pointwise(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc | None:
-    """The merged kernel scheduled: the 1x1 conv register-blocked with its channel tiles inside
-    each pixel tile, the depthwise stage computed there; None where it does not apply."""
-    sch = Schedule(func)
-    pointwise, depthwise = sch.get_sblock(POINTWISE_BLOCK), sch.get_sblock(DEPTHWISE_BLOCK)
-    if _weights_outweigh_input(sch, pointwise):
-        # Every pixel tile would re-read all the 1x1 weights; the separate 1x1 conv streams them
-        # once per thread instead (ShuffleNet's 232->232 at 7x7: 1.36x slower fused).
-        return None
-    out_shape = [int(x) for x in sch.get(pointwise).writes[0].source.shape]
-    tiles = choose_tiles(out_shape[2], out_shape[3], unit)
-    if tiles is None:
-        return None
-    # The depthwise stage keeps one accumulator vector per pixel of the tile in registers.
-    width = max(d for d in range(1, min(tiles.width, unit.registers // 2) + 1) if out_shape[2] % d == 0)
-    tiles = ConvTiles(width, tiles.vectors, tiles.lanes)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    at = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(pointwise)))
-    stages = blocks[:at]  # the depthwise conv, its padding and epilogue, the 1x1 conv's padding
-    try:
-        _schedule(sch, pointwise, tiles, keep=stages,
-                  per_pixel_tile=lambda s, loop: _depthwise_at(s, loop, depthwise, tiles.lanes))
-    except (ScheduleError, _NotApplicable, tvm.error.InternalError, StopIteration):
-        return None
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return kernel.schedule(kernels[0])
 
 
 def _depthwise_at(sch: Schedule, pixel_tile, depthwise, lanes: int) -> None:
@@ -196,8 +225,9 @@ def _depthwise_at(sch: Schedule, pixel_tile, depthwise, lanes: int) -> None:
     computed into registers just before it, its padding read with border checks."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     at = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(depthwise)))
-    padding, epilogue = blocks[:at], blocks[at + 1:]
-    epilogue = [b for b in epilogue if not _has_loop(sch, b, pixel_tile)]  # the 1x1 conv is already there
+    padding = sch.get_producers(depthwise)  # not the 1x1 weights' repacking, which is also before it
+    # The 1x1 conv is already in the pixel tile; what is left after the depthwise conv is its epilogue.
+    epilogue = [b for b in blocks[at + 1:] if not _has_loop(sch, b, pixel_tile)]
     if not epilogue:
         raise _NotApplicable("the depthwise conv has no stage between it and the 1x1 conv")
     for block in epilogue[:-1]:

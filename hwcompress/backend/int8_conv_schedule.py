@@ -193,21 +193,28 @@ def _is_int8_hwio(sch: Schedule, conv) -> bool:
             and in_channels % GROUP == 0)
 
 
-def _schedule(sch: Schedule, conv, tiles, intrinsic: str) -> None:
-    epilogue = fuse_epilogue(sch, conv)
+def _schedule(sch: Schedule, conv, tiles, intrinsic: str, keep=(), per_pixel_tile=None) -> None:
+    """As ``cpu_schedules._schedule`` (``keep``, ``per_pixel_tile``: stages computed inside each
+    pixel tile), with the dot product for the FMA."""
+    epilogue = fuse_epilogue(sch, conv, keep)
     lanes = tiles.lanes
     _pack_weights(sch, conv, tiles.channels, lanes)
     n, h, w, o, rh, rw, rc = sch.get_loops(conv)
     w_outer, w_inner = sch.split(w, [None, tiles.width])
     o_outer, o_vectors, o_lanes = sch.split(o, [None, tiles.vectors, lanes])
     rc_outer, rc_inner = sch.split(rc, [None, GROUP])
-    parallel = [n, o_outer, h, w_outer] if _weights_outweigh_input(sch, conv) else [n, h, w_outer, o_outer]
-    sch.reorder(*parallel, rh, rw, rc_outer, w_inner, o_vectors, o_lanes, rc_inner)
+    inside = []
+    if per_pixel_tile is not None:
+        parallel, inside = [n, h, w_outer], [o_outer]
+    else:
+        parallel = [n, o_outer, h, w_outer] if _weights_outweigh_input(sch, conv) else [n, h, w_outer, o_outer]
+    sch.reorder(*parallel, *inside, rh, rw, rc_outer, w_inner, o_vectors, o_lanes, rc_inner)
     store = sch.cache_write(conv, 0, "local")
-    sch.reverse_compute_at(store, parallel[-1])
+    sch.reverse_compute_at(store, (parallel + inside)[-1])
     if epilogue is not None:
         sch.reverse_compute_inline(epilogue)
-    sch.parallel(sch.fuse(*parallel))
+    pixel_tiles = sch.fuse(*parallel)
+    sch.parallel(pixel_tiles)
     *_, store_w, store_o = sch.get_loops(store)
     store_v, store_l = sch.split(store_o, [None, lanes])
     sch.vectorize(store_l)
@@ -223,6 +230,8 @@ def _schedule(sch: Schedule, conv, tiles, intrinsic: str) -> None:
     sch.tensorize(o_lanes, intrinsic)
     sch.unroll(o_vectors)
     sch.unroll(w_inner)
+    if per_pixel_tile is not None:  # after the tensorize, which matches the input buffer as a parameter's
+        per_pixel_tile(sch, pixel_tiles)
 
 
 def _pack_weights(sch: Schedule, conv, channels: int, lanes: int) -> None:

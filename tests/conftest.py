@@ -34,6 +34,23 @@ def assert_same_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, 
     return error
 
 
+def assert_built_like_onnxruntime(kernels, target, model: onnx.ModelProto, tol: float = 1e-5) -> float:
+    """``kernels`` (``build.lower`` of ``model``) built for ``target`` and run by TVM's VM on random
+    feeds, against ONNX Runtime's outputs of ``model``; max error relative to the output scale."""
+    import tvm
+    from tvm import relax
+
+    from hwcompress.backend import build as tvm_build
+    from hwcompress.backend.runtime import outputs_to_numpy
+
+    feeds = ort.random_inputs(model, seed=1)
+    vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
+    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
+    error = ort.relative_error(ort.run(model, feeds), got)
+    assert error < tol, f"TVM's outputs differ from ONNX Runtime's by {error:.3e} (tolerance {tol})"
+    return error
+
+
 def op_count(model: onnx.ModelProto, op_type: str) -> int:
     return sum(n.op_type == op_type for n in model.graph.node)
 

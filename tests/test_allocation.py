@@ -103,7 +103,7 @@ def test_the_search_allocates_in_its_first_round_and_reports_the_curves(tmp_path
     assert allocation["share"] == 1.0 and allocation["chosen"] and len(allocation["curves"]) > 4
     assert all(set(c) == {"group", "points"} for c in allocation["curves"])
     (trial,) = [t for t in search["trials"] if t["candidate"].startswith("prune (allocated")]
-    assert trial["round"] == 1 and trial["predicted_ms"] < search["trials"][0]["predicted_ms"]
+    assert trial["round"] == 1 and trial["predicted_ms"] < search["trials"][0]["latency_ms"]
     assert trial["layers"] and all(after < before for before, after in trial["layers"].values())
     assert not [t for t in search["trials"] if t["round"] == 1 and t["candidate"].startswith("prune ")
                 and t is not trial]  # no one-group step in the allocating round

@@ -14,7 +14,7 @@ from onnx import helper
 from tvm import relax
 from tvm.s_tir import Schedule
 
-from conftest import make_model
+from conftest import assert_built_like_onnxruntime, make_model
 from hwcompress.model import reference as ort
 from hwcompress.backend import build as tvm_build
 from hwcompress.backend.importer import import_onnx
@@ -102,11 +102,7 @@ def test_convolutions_are_hand_scheduled_and_exact_against_onnxruntime(name):
     kernels = tvm_build.lower(import_onnx(model), target)
     scheduled = [gv.name_hint for gv, f in kernels.functions.items() if is_scheduled(f)]
     assert len(scheduled) == expected_scheduled, scheduled
-    executable = tvm_build.build(kernels, target, None)
-    feeds = ort.random_inputs(model, seed=1)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
-    assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+    assert_built_like_onnxruntime(kernels, target, model)
 
 
 @pytest.mark.parametrize("name", ["3x3 pad bias relu", "1x1 no bias, residual add", "depthwise stride 2, ReLU6"])
@@ -282,11 +278,7 @@ def test_untuned_kernels_get_a_parallel_vectorized_default_schedule(rng):
     assert len(funcs) >= 5 and all(is_scheduled(f) for f in funcs.values()), list(funcs)
     parallel = [name for name, f in funcs.items() if "parallel" in f.script()]
     assert len(parallel) == len(funcs), sorted(set(funcs) - set(parallel))
-    executable = tvm_build.build(kernels, target, None)
-    feeds = ort.random_inputs(model, seed=1)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
-    assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+    assert_built_like_onnxruntime(kernels, target, model)
 
 
 def test_exp_is_vector_arithmetic_as_exact_as_expf():

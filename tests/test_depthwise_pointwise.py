@@ -10,7 +10,7 @@ import tvm
 from onnx import helper
 from tvm import relax
 
-from conftest import make_model
+from conftest import assert_built_like_onnxruntime, make_model
 from hwcompress.backend import build as tvm_build
 from hwcompress.backend.importer import import_onnx
 from hwcompress.backend.kernel_info import describe_kernels
@@ -84,11 +84,7 @@ def test_depthwise_then_pointwise_is_one_kernel_where_it_pays_and_exact(name):
     # Without the merge both convs are still on the hand-written schedule.
     convs = [k for k in described if "conv" in k["op"]]
     assert len(convs) == 2 - merged and all(k["schedule"] == "hwc register-blocked" for k in convs)
-    executable = tvm_build.build(kernels, target, None)
-    feeds = ort.random_inputs(model, seed=1)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
-    assert ort.relative_error(ort.run(model, feeds), got) < 1e-5
+    assert_built_like_onnxruntime(kernels, target, model)
 
 
 def test_int8_depthwise_then_pointwise_is_one_kernel_with_the_qdq_graphs_values():

@@ -16,8 +16,10 @@ alternating rounds and its figure scaled to the anchor's, kept from the table's 
 machine's speed moves between modes within minutes, and figures made in different modes summed into
 predictions that a quarter of one layer's channels saved a quarter of the model's time.
 
-The table predicts a model's latency change as the sum of its layers' changes; the search checks
-every prediction it acts on against an end-to-end measurement of the whole compiled model.
+The table predicts a model's latency change as the relative change of the sum of its layers (the
+sum itself runs about twice the end-to-end time: each layer timed alone reads its input from
+memory); the search checks every prediction it acts on against an end-to-end measurement of the
+whole compiled model.
 """
 
 from __future__ import annotations

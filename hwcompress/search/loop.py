@@ -178,8 +178,6 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
         if base_latency is None:
             raise HwcError(f"target {target.name} cannot be measured here (no device, no model): the search "
                            f"needs a latency; give --device rpc://HOST:PORT/KEY")
-        if table is not None:
-            baseline.predicted_ms = table.predict_ms(model)[0]
         result.budget_s = deadline.budget_s
         finished: _Finished | None = None  # the fastest accepted quantized model, whichever round
         for round_index in range(1, max_rounds + 1):
@@ -224,7 +222,7 @@ def search(model: onnx.ModelProto, target: Target, profile: Profile, build: Buil
                                  "figures_made_in_this_run": table.measured,
                                  "budget_s": table.budget_s, "spent_s": round(table.spent_s, 1),
                                  "chosen_predicted_ms": table.predict_ms(result.model)[0],
-                                 "baseline_predicted_ms": baseline.predicted_ms}
+                                 "baseline_predicted_ms": table.predict_ms(model)[0]}
         result.spent_s = deadline.spent_s()
     return result
 
@@ -313,23 +311,22 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
         progress(f"search round {round_index}: {len(unpriced)} per-layer step(s) not priced (table budget spent)"
                  if not deadline.passed() else
                  f"search round {round_index}: {len(unpriced)} per-layer step(s) not priced (search budget spent)")
-    threshold = result.latency_ms * min_gain
-    promising = [st for st in proposals if st.saving_ms > threshold][:how_many]
+    promising = [st for st in proposals if st.saving_share > min_gain][:how_many]
     for st in proposals:
         if st not in promising:
-            why = (f"the latency table predicts {st.saving_ms:.4f} ms saved, not {min_gain:.0%} of "
-                   f"{result.latency_ms:.3f} ms" if st.saving_ms <= threshold else
-                   f"the table predicts less saving ({st.saving_ms:.4f} ms) than the {how_many} steps tried")
+            why = (f"the latency table predicts {st.saving_share:.1%} of the time saved, not {min_gain:.0%}"
+                   if st.saving_share <= min_gain else
+                   f"the table predicts less saving ({st.saving_share:.1%}) than the {how_many} steps tried")
             result.trials.append(Trial(round_index, st.name, None, "table", float("nan"), reason=why,
-                                       predicted_ms=result.latency_ms - st.saving_ms, layers=st.shapes))
+                                       predicted_ms=result.latency_ms * (1 - st.saving_share), layers=st.shapes))
     kept = []
     for index, st in enumerate(promising, done + 1):
         if deadline.passed():
             result.trials.append(deadline.unreached(round_index, st.name, layers=st.shapes,
-                                                    predicted_ms=result.latency_ms - st.saving_ms))
+                                                    predicted_ms=result.latency_ms * (1 - st.saving_share)))
             continue
         start = time.monotonic()
-        predicted = result.latency_ms - st.saving_ms
+        predicted = result.latency_ms * (1 - st.saving_share)
         try:
             model = st.apply(result.model)
             accuracy = evaluate.score_ort(model)
@@ -369,7 +366,8 @@ def _allocation_trial(steps: LayerSteps, round_index: int, result: SearchResult,
         result.trials.append(Trial(round_index, name, None, "table", float("nan"), reason=why))
         progress(f"search round {round_index}: {name}: none within {floor:.2f} [{time.monotonic() - start:.0f} s]")
         return []
-    predicted = steps.table.predict_ms(found.model)[0] - steps.table.predict_ms(result.model)[0] + result.latency_ms
+    # The table's relative change applied to the measured latency (its sums are about twice it).
+    predicted = result.latency_ms * steps.table.predict_ms(found.model)[0] / steps.table.predict_ms(result.model)[0]
     name = f"prune (allocated by sensitivity: {len(found.ratios)} groups)"
     trial = Trial(round_index, name, None, "table", found.accuracy, predicted_ms=predicted, layers=found.shapes,
                   accepted=True)

@@ -46,7 +46,8 @@ def fuse_depthwise_pointwise(mod: tvm.IRModule, target) -> tvm.IRModule:
     for gvar, func in mod.functions.items():
         if not isinstance(func, relax.Function) or (func.attrs is not None and "Primitive" in func.attrs):
             continue
-        blocks = [_fuse_in_block(mod, builder, block, _uses(func), kernel) for block in func.body.blocks]
+        uses = _uses(func)
+        blocks = [_fuse_in_block(mod, builder, block, uses, kernel) for block in func.body.blocks]
         if any(new is not old for new, old in zip(blocks, func.body.blocks)):
             changed = True
             builder.update_func(gvar, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body),
@@ -67,6 +68,8 @@ def _uses(func: relax.Function) -> dict:
 
 
 def _fuse_in_block(mod, builder, block, uses, kernel):
+    """``block`` with each depthwise call that only a 1x1 conv call reads merged into that call
+    (``block`` itself where there is none)."""
     bound = {b.var: b.value for b in block.bindings}
     merged = {}  # the 1x1 conv's variable -> its new call; the depthwise binding then goes
     for binding in block.bindings:

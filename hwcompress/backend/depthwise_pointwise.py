@@ -26,9 +26,9 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
-from .cpu_schedules import (CONV_BLOCKS, ConvTiles, VectorUnit, _NotApplicable, _schedule, _weights_outweigh_input,
-                            choose_tiles, has_block, loops_below)
-from .int8_conv_schedule import GROUP, dot_product_intrinsics
+from .cpu_schedules import (CONV_BLOCKS, ConvTiles, VectorUnit, _is_float_hwio, _NotApplicable, _schedule,
+                            _weights_outweigh_input, choose_tiles, has_block, loops_below)
+from .int8_conv_schedule import _is_int8_hwio, dot_product_intrinsics
 from .int8_conv_schedule import _schedule as schedule_int8
 
 DEPTHWISE_BLOCK, POINTWISE_BLOCK = CONV_BLOCKS[1], CONV_BLOCKS[0]
@@ -97,30 +97,21 @@ def _is_call_tir(expr) -> bool:
     return isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == _CALL_TIR
 
 
-def _conv(func, name: str):
-    """(schedule, conv block, (data, weight, output) dtypes) where ``func`` is an unscheduled kernel
-    with that conv block, else None."""
+def _conv(func, name: str, other: str):
+    """(schedule, conv block) where ``func`` is an unscheduled kernel with a conv block ``name`` and
+    none named ``other``, else None."""
     if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled")):
         return None
     sch = Schedule(func)
-    if not has_block(sch, name):
+    if not has_block(sch, name) or has_block(sch, other):
         return None
-    conv = sch.get_sblock(name)
-    if len(sch.get(conv).reads) != 2:
-        return None
-    dtypes = tuple(str(r.source.dtype) for r in sch.get(conv).reads) + (str(sch.get(conv).writes[0].source.dtype),)
-    return sch, conv, dtypes
+    return sch, sch.get_sblock(name)
 
 
 def _is_depthwise(func) -> bool:
-    """A depthwise conv computed in float (an int8 model's reads 8-bit activations)."""
-    found = _conv(func, DEPTHWISE_BLOCK)
-    if found is None or has_block(found[0], POINTWISE_BLOCK):
-        return False
-    sch, conv, (data_type, weight_type, out_type) = found
-    data, weight = (r.source for r in sch.get(conv).reads)
-    return (data_type in ("float32", "uint8", "int8") and weight_type == out_type == "float32"
-            and int(weight.shape[2]) == 1 and int(weight.shape[3]) == int(data.shape[3]))
+    """A depthwise conv the float schedule takes (in an int8 model it reads 8-bit activations)."""
+    found = _conv(func, DEPTHWISE_BLOCK, POINTWISE_BLOCK)
+    return found is not None and _is_float_hwio(*found)
 
 
 @dataclass(frozen=True)
@@ -133,17 +124,14 @@ class _Kernel:
 
     def takes(self, func) -> bool:
         """Whether ``func`` is a 1x1 stride-1 conv kernel this CPU's schedules cover."""
-        found = _conv(func, POINTWISE_BLOCK)
-        if found is None or has_block(found[0], DEPTHWISE_BLOCK):
+        found = _conv(func, POINTWISE_BLOCK, DEPTHWISE_BLOCK)
+        if found is None or not (_is_float_hwio(*found) or self.intrinsics and _is_int8_hwio(*found)):
             return False
-        sch, conv, dtypes = found
+        sch, conv = found
         data, weight = (r.source for r in sch.get(conv).reads)
         out = sch.get(conv).writes[0].source
-        if [int(d) for d in weight.shape[:2]] != [1, 1] or [int(d) for d in data.shape[1:3]] != [
-                int(d) for d in out.shape[1:3]]:
-            return False
-        return dtypes == ("float32",) * 3 or (bool(self.intrinsics) and dtypes[1:] == ("int8", "int32")
-                                               and int(data.shape[3]) % GROUP == 0)
+        return [int(d) for d in weight.shape[:2]] == [1, 1] and [int(d) for d in data.shape[1:3]] == [
+            int(d) for d in out.shape[1:3]]
 
     def schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         """The merged kernel scheduled: the 1x1 conv register-blocked with its channel tiles

@@ -28,11 +28,15 @@ class LayerStep:
     name: str
     apply: Callable[[onnx.ModelProto], onnx.ModelProto]  # the full rewrite (reconstruction, data-aware)
     shapes: dict[str, list[int]]  # pruning: layer -> [channels before, after]; low-rank: layer -> ranks
-    saving_ms: float | None = None  # None: not priced (the table's budget ran out before its shapes)
-    # The part of the model's time it saves: the table's saving over the sum of the model's layers.
-    # The sum is about twice the end-to-end time (each layer timed alone reads its input from memory),
-    # so a prediction is this share of the measured latency, not the measured latency less saving_ms.
+    # The part of the model's time it saves: the table's saving over the sum of the model's layers
+    # (None: not priced, the table's budget ran out before its shapes). The sum is about twice the
+    # end-to-end time (each layer timed alone reads its input from memory), so a prediction is this
+    # share of the measured latency, not the measured latency less the table's milliseconds.
     saving_share: float | None = None
+
+    def predicted_ms(self, latency_ms: float) -> float:
+        """The latency the table predicts once applied to a model measured at ``latency_ms``."""
+        return latency_ms * (1 - self.saving_share)
 
 
 class LayerSteps:
@@ -68,10 +72,9 @@ class LayerSteps:
             if predicted is None:
                 unpriced.append(step)
             else:
-                step.saving_ms = current - predicted
-                step.saving_share = step.saving_ms / current
+                step.saving_share = (current - predicted) / current
                 priced.append(step)
-        return sorted(priced, key=lambda st: -st.saving_ms), unpriced
+        return sorted(priced, key=lambda st: -st.saving_share), unpriced
 
     def _prune_steps(self, model: onnx.ModelProto) -> list[tuple[LayerStep, onnx.ModelProto]]:
         found: dict[tuple, tuple[LayerStep, onnx.ModelProto]] = {}

@@ -318,15 +318,15 @@ def _layer_trials(steps: LayerSteps, round_index: int, result: SearchResult, eva
                    if st.saving_share <= min_gain else
                    f"the table predicts less saving ({st.saving_share:.1%}) than the {how_many} steps tried")
             result.trials.append(Trial(round_index, st.name, None, "table", float("nan"), reason=why,
-                                       predicted_ms=result.latency_ms * (1 - st.saving_share), layers=st.shapes))
+                                       predicted_ms=st.predicted_ms(result.latency_ms), layers=st.shapes))
     kept = []
     for index, st in enumerate(promising, done + 1):
         if deadline.passed():
             result.trials.append(deadline.unreached(round_index, st.name, layers=st.shapes,
-                                                    predicted_ms=result.latency_ms * (1 - st.saving_share)))
+                                                    predicted_ms=st.predicted_ms(result.latency_ms)))
             continue
         start = time.monotonic()
-        predicted = result.latency_ms * (1 - st.saving_share)
+        predicted = st.predicted_ms(result.latency_ms)
         try:
             model = st.apply(result.model)
             accuracy = evaluate.score_ort(model)

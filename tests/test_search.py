@@ -115,9 +115,13 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
             assert after < before
     # Scored steps were ranked by the table; only an end-to-end measurement lets one be applied.
     checked = [t for t in steps if t["latency_ms"] is not None]
+    # A step applied and then superseded (the search ended with an earlier round's quantized model,
+    # faster than where the rounds ended) is accepted but no longer chosen.
+    ended_quantized = [t["round"] for t in trials if t["chosen"] and t["candidate"].startswith(("int8", "pow2"))]
     for t in checked:
         assert t["latency_method"] == "local"
-        assert t["chosen"] == t["accepted"]
+        superseded = t["accepted"] and ended_quantized and ended_quantized[0] <= t["round"]
+        assert t["chosen"] == t["accepted"] or (superseded and not t["chosen"] and "superseded" in t["reason"])
     chosen = [t for t in trials if t["chosen"]]
     assert [t["latency_ms"] for t in chosen] == sorted((t["latency_ms"] for t in chosen), reverse=True)
     assert search["applied"] == [t["candidate"] for t in chosen[1:]]
@@ -355,6 +359,7 @@ def test_the_search_ends_with_its_fastest_int8_model_when_later_structure_spent_
     assert (result.latency_ms, result.accuracy) == (1.7, 84.4)
     assert [t.candidate for t in result.trials if t.chosen] == ["baseline", "prune a", "int8"]
     assert result.trials[4].chosen and lines
+    assert "superseded: the search ended with round 2's int8" in result.trials[3].reason  # the report says why
     # Where the rounds ended faster than any int8 model, nothing changes.
     _finish_with_the_best(result, _Finished(trials[2], object(), ["int8"]), Progress(lines.append))
     assert result.model is pruned_once and result.latency_ms == 1.7

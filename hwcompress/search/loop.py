@@ -248,6 +248,8 @@ def _finish_with_the_best(result: SearchResult, finished: _Finished | None, prog
     for trial in result.trials:  # the steps after the one it followed are not part of it
         if trial.chosen and trial.round >= finished.trial.round:
             trial.chosen = False
+            trial.reason = (trial.reason + "; " if trial.reason else "") + (
+                f"superseded: the search ended with round {finished.trial.round}'s {finished.trial.candidate}")
     finished.trial.chosen = True
     progress(f"search: ending with {' + '.join(finished.applied)} (round {finished.trial.round}, "
              f"{finished.trial.latency_ms:.3f} ms, accuracy {finished.trial.accuracy:.2f}): faster than where the "

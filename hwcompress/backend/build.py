@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
     from .kernel_info import describe_kernels
 
     described = describe_kernels(kernels)
-    db_dir, tuning, note = _tune_where_possible(kernels, target, options, progress)
+    db_dir, tuning, note = _tune_where_possible(kernels, model, target, options, progress)
     progress(f"building for {target.name}")
     start = time.monotonic()
     executable = build(kernels, target, db_dir)
@@ -112,9 +113,12 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
                     tuning, note, int8, described)
 
 
-def _tune_where_possible(kernels, target: Target, options: BuildOptions, progress: Progress):
+def _tune_where_possible(kernels, model: onnx.ModelProto, target: Target, options: BuildOptions,
+                         progress: Progress):
     """(database, tuning result, note): GPUs and device-less targets are not tuned; a cross target
-    only on its device; ``tune_trials`` 0 uses the records already there."""
+    only on its device; ``tune_trials`` 0 uses the records already there. Kernels under 1% of the
+    model's latency are left untuned: the search's figure where there was one, else the model timed
+    here before tuning (where it runs here)."""
     if target.is_gpu:
         return None, None, "GPU target: dlight rule-based schedules, no tuning"
     if target.latency.method == "model":
@@ -123,15 +127,44 @@ def _tune_where_possible(kernels, target: Target, options: BuildOptions, progres
     repair(db_dir, progress.warn)
     device = options.device or target.latency.device
     if options.tune_trials > 0 and (device or not target.is_cross):
-        negligible_s = options.latency_hint_ms * NEGLIGIBLE_SHARE / 1e3 if options.latency_hint_ms else None
+        if options.latency_hint_ms:
+            latency_ms = lambda: options.latency_hint_ms  # noqa: E731
+        elif not device:
+            latency_ms = lambda: _untuned_latency_ms(kernels, model, target, db_dir, progress.at("tune"))  # noqa: E731
+        else:  # tuned on a device: no figure of the model there before tuning
+            latency_ms = None
         return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device,
-                            options.tune_seconds or None, negligible_s), None
+                            options.tune_seconds or None, latency_ms, NEGLIGIBLE_SHARE), None
     if options.tune_trials > 0:
         note = (f"{target.name} code cannot run here, so it is tuned only on its device "
                 f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")
         progress(note)
         return db_dir, None, note
     return db_dir, None, f"--tune-trials 0: no tuning; records already in {db_dir} are used"
+
+
+def _untuned_latency_ms(kernels, model: onnx.ModelProto, target: Target, db_dir: Path,
+                        progress: Progress) -> float | None:
+    """The model's latency before this tuning (the records already in ``db_dir``, default schedules
+    elsewhere), built and timed here. It tells which kernels are too small to be worth tuning: a
+    ShuffleNet-style model's default compile spent 500 s of MetaSchedule on 16 layout kernels
+    (transposes, concats: 1-40 microseconds each of a 2.2 ms model) and ran 93 trials in all."""
+    from ..measure.latency import Job
+    from ..measure.local import LocalMeasurer
+    from ..model.reference import random_inputs
+
+    progress("tuning: timing the model untuned first (which kernels are worth tuning)")
+    try:
+        with tempfile.TemporaryDirectory(prefix="hwc-untuned-") as scratch:
+            library = Path(scratch) / "untuned.so"
+            export(build(kernels, target, db_dir), target, Path(scratch), library.name)
+            job = Job("untuned", library, random_inputs(model, seed=0), [i.name for i in model.graph.input], model)
+            latency = LocalMeasurer(target.threads, repeat=10, min_repeat_ms=20).measure(job).latency.median_ms
+    except (HwcError, OSError) as exc:
+        progress.warn(f"tuning: the untuned model could not be timed ({first_line(str(exc))}); every kernel is tuned")
+        return None
+    progress(f"tuning: the model runs {latency:.3f} ms untuned")
+    return latency
 
 
 def lower(mod, target: Target, winograd: bool = True):

@@ -77,10 +77,12 @@ class TuningResult:
     defaults_kept: int = 0  # kernels where no candidate beat the default schedule (measured alike)
     negligible: int = 0  # kernels left on their default schedule: too fast for tuning to pay
     stopped: str | None = None  # why tuning ended before its trials (the time budget), if it did
+    model_ms: float | None = None  # the model's latency that ``negligible`` is a share of (None: unknown)
 
 
 def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress = SILENT,
-         device: str | None = None, seconds: float | None = None, negligible_s: float | None = None) -> TuningResult:
+         device: str | None = None, seconds: float | None = None, latency_ms=None,
+         negligible_share: float = 0.0) -> TuningResult:
     """Tune every fused kernel of ``kernels`` (from ``build.lower``) that has no schedule yet with
     MetaSchedule, adding to ``db_dir``.
 
@@ -90,7 +92,8 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     interrupted safely), keeps the records written so far, and raises KeyboardInterrupt; the next
     run tunes again what had not finished. ``seconds`` bounds the wall time the same way: when it
     is spent the child is stopped, the records so far are kept and the build goes on with them.
-    Kernels whose default schedule runs in under ``negligible_s`` keep it untuned."""
+    Kernels whose default schedule runs in under ``negligible_share`` of the model's latency
+    (``latency_ms()``, asked only when there is something to tune; None: unknown) keep it untuned."""
     import tvm
 
     if "num-cores" not in target.tvm_target_dict():
@@ -103,6 +106,8 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
         progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, nothing to tune")
         return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=0, records_reused=len(known),
                             seconds=time.monotonic() - start, database=str(db_dir))
+    model_ms = latency_ms() if latency_ms is not None and negligible_share > 0 else None
+    negligible_s = model_ms * negligible_share / 1e3 if model_ms else None
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     child = context.Process(target=_tune_in_child, args=(tvm.ir.save_json(kernels), target, trials, str(db_dir),
@@ -119,7 +124,7 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
                 progress.warn(f"tuning: {stopped}")
                 return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=run,
                                     records_reused=len(known), seconds=time.monotonic() - start,
-                                    database=str(db_dir), stopped=stopped)
+                                    database=str(db_dir), stopped=stopped, model_ms=model_ms)
             try:
                 kind, payload = events.get(timeout=0.5)
             except queue.Empty:
@@ -136,7 +141,7 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
             elif kind == "error":
                 raise HwcError(payload)
             else:
-                result = TuningResult(**payload)
+                result = TuningResult(**payload | {"model_ms": model_ms})
                 break
     except BaseException:
         _stop(child)
@@ -275,7 +280,9 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
                     builder=builder, runner=runner, database=database, cost_model=ms.cost_model.XGBModel(),
                     measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],
                 )
-        run, kept = callback.count, defaults_kept(defaults, database)
+        # Kernels left on their default for being negligible had no candidates: not counted as kept.
+        tuned_defaults = [d for d in defaults if not any(d.workload.same_as(t.dispatched[0]) for t in negligible)]
+        run, kept = callback.count, defaults_kept(tuned_defaults, database)
         if tunable:  # the last count, even if short of the total
             progress("tuning trials", done=run, total=per_task * len(tunable))
         mark_tuned(db_dir, {task_key(t) for t in tunable + negligible})

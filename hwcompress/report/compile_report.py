@@ -163,7 +163,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"candidate measured faster than it.")
         if tuning.get("negligible"):
             lines.append(f"{tuning['negligible']} kernel(s) not tuned: their default schedule runs in under 1% of "
-                         f"the model's measured latency, less than tuning could save.")
+                         f"the model's measured latency ({tuning['model_ms']:.3f} ms before tuning), less than tuning "
+                         f"could save.")
     else:
         lines.append(report.get("tuning_note", "no tuning"))
     lowering = report.get("int8_lowering")

@@ -104,7 +104,6 @@ def compile_for_target(model_path: str | Path, out_dir: str | Path, options: Com
     if search_options.search:
         canonical, search_info = _search(canonical, target, options, search_options, progress.at("search"))
         original = canonical  # the outputs' reference is the chosen model itself
-        options = replace(options, latency_hint_ms=search_info.get("latency_ms"))  # kernels worth tuning
     report = _compile(canonical, logs, original, given, model_path, out_dir, target, options, progress, search_info)
     return CompileResult(report, _budget_failures(report, search_info, search_options))
 

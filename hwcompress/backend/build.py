@@ -28,7 +28,7 @@ from .export import export
 from .importer import import_onnx
 from .lowering_rules import install_lowering_rules
 from ..config.cache import default_cache_dir
-from .tune import TuningResult, tune, tuning_db_dir
+from .tune import TuningResult, UntunedProfile, tune, tuning_db_dir
 from .tuning_db import repair
 
 if TYPE_CHECKING:  # the lowering imports TVM, which a build loads only when it runs
@@ -47,9 +47,6 @@ class BuildOptions:
     device: str | None = None  # rpc://HOST:PORT/KEY where tuning candidates run; default the target's
     int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
     winograd: bool = True      # float 3x3 stride-1 convs by Winograd F(2x2 or 4x4, 3x3) on CPUs (winograd)
-    # The model's measured untuned latency, where known (after a search): kernels whose default
-    # schedule takes under 1% of it are not tuned (tuning could save no more than that).
-    latency_hint_ms: float | None = None
 
     @property
     def cache(self) -> Path:
@@ -127,14 +124,10 @@ def _tune_where_possible(kernels, model: onnx.ModelProto, target: Target, option
     repair(db_dir, progress.warn)
     device = options.device or target.latency.device
     if options.tune_trials > 0 and (device or not target.is_cross):
-        if options.latency_hint_ms:
-            latency_ms = lambda: options.latency_hint_ms  # noqa: E731
-        elif not device:
-            latency_ms = lambda: _untuned_latency_ms(kernels, model, target, db_dir, progress.at("tune"))  # noqa: E731
-        else:  # tuned on a device: no figure of the model there before tuning
-            latency_ms = None
+        # Tuned on a device: no profile of the model there before tuning, every kernel is tuned.
+        profile = None if device else (lambda: _untuned_profile(kernels, model, target, db_dir, progress.at("tune")))
         return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device,
-                            options.tune_seconds or None, latency_ms, NEGLIGIBLE_SHARE), None
+                            options.tune_seconds or None, profile, NEGLIGIBLE_SHARE), None
     if options.tune_trials > 0:
         note = (f"{target.name} code cannot run here, so it is tuned only on its device "
                 f"(--device rpc://HOST:PORT/KEY); records already in {db_dir} are used")
@@ -143,28 +136,31 @@ def _tune_where_possible(kernels, model: onnx.ModelProto, target: Target, option
     return db_dir, None, f"--tune-trials 0: no tuning; records already in {db_dir} are used"
 
 
-def _untuned_latency_ms(kernels, model: onnx.ModelProto, target: Target, db_dir: Path,
-                        progress: Progress) -> float | None:
-    """The model's latency before this tuning (the records already in ``db_dir``, default schedules
-    elsewhere), built and timed here. It tells which kernels are too small to be worth tuning: a
-    ShuffleNet-style model's default compile spent 500 s of MetaSchedule on 16 layout kernels
-    (transposes, concats: 1-40 microseconds each of a 2.2 ms model) and ran 93 trials in all."""
+def _untuned_profile(kernels, model: onnx.ModelProto, target: Target, db_dir: Path,
+                     progress: Progress) -> UntunedProfile | None:
+    """The model before this tuning (the records already in ``db_dir``, default schedules
+    elsewhere), built and profiled here: which kernels are too small a share of it to be worth
+    tuning. Judged inside the model, not alone: a ShuffleNet-style model's layout transposes ran
+    their default schedule in 5-20 microseconds alone (under 1% of the model), yet left untuned
+    the model ran 2-8% slower than with them tuned (in alternating rounds)."""
     from ..measure.latency import Job
-    from ..measure.local import LocalMeasurer
+    from ..measure.local import LocalMeasurer, kernel_times
     from ..model.reference import random_inputs
 
-    progress("tuning: timing the model untuned first (which kernels are worth tuning)")
+    progress("tuning: profiling the model untuned first (which kernels are worth tuning)")
     try:
         with tempfile.TemporaryDirectory(prefix="hwc-untuned-") as scratch:
             library = Path(scratch) / "untuned.so"
             export(build(kernels, target, db_dir), target, Path(scratch), library.name)
             job = Job("untuned", library, random_inputs(model, seed=0), [i.name for i in model.graph.input], model)
             latency = LocalMeasurer(target.threads, repeat=10, min_repeat_ms=20).measure(job).latency.median_ms
+            times = kernel_times(library, job.feeds, job.input_names)
     except (HwcError, OSError) as exc:
-        progress.warn(f"tuning: the untuned model could not be timed ({first_line(str(exc))}); every kernel is tuned")
+        progress.warn(f"tuning: the untuned model could not be profiled ({first_line(str(exc))}); every kernel is tuned")
         return None
+    total = sum(times.values()) or 1.0
     progress(f"tuning: the model runs {latency:.3f} ms untuned")
-    return latency
+    return UntunedProfile(latency, {name: ms / total for name, ms in times.items()})
 
 
 def lower(mod, target: Target, winograd: bool = True):

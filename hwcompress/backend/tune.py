@@ -77,11 +77,20 @@ class TuningResult:
     defaults_kept: int = 0  # kernels where no candidate beat the default schedule (measured alike)
     negligible: int = 0  # kernels left on their default schedule: too fast for tuning to pay
     stopped: str | None = None  # why tuning ended before its trials (the time budget), if it did
-    model_ms: float | None = None  # the model's latency that ``negligible`` is a share of (None: unknown)
+    model_ms: float | None = None  # the model's latency before tuning, where it was timed (None: not)
+
+
+@dataclass
+class UntunedProfile:
+    """The model as it runs before tuning: its latency, and each kernel's share of its time (a
+    per-kernel profile of the model, so a kernel is judged by what it costs inside it)."""
+
+    latency_ms: float
+    shares: dict[str, float]  # kernel name -> share of the profile's total
 
 
 def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress = SILENT,
-         device: str | None = None, seconds: float | None = None, latency_ms=None,
+         device: str | None = None, seconds: float | None = None, profile=None,
          negligible_share: float = 0.0) -> TuningResult:
     """Tune every fused kernel of ``kernels`` (from ``build.lower``) that has no schedule yet with
     MetaSchedule, adding to ``db_dir``.
@@ -92,8 +101,9 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     interrupted safely), keeps the records written so far, and raises KeyboardInterrupt; the next
     run tunes again what had not finished. ``seconds`` bounds the wall time the same way: when it
     is spent the child is stopped, the records so far are kept and the build goes on with them.
-    Kernels whose default schedule runs in under ``negligible_share`` of the model's latency
-    (``latency_ms()``, asked only when there is something to tune; None: unknown) keep it untuned."""
+    Kernels that take under ``negligible_share`` of the model's time (``profile()``: an
+    ``UntunedProfile``, asked only when there is something to tune; None: unknown) keep their
+    default schedule untuned."""
     import tvm
 
     if "num-cores" not in target.tvm_target_dict():
@@ -106,12 +116,13 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
         progress(f"tuning: {len(tasks)} kernels, {len(known)} already in the database, nothing to tune")
         return TuningResult(tasks=len(tasks), trials_requested=trials, trials_run=0, records_reused=len(known),
                             seconds=time.monotonic() - start, database=str(db_dir))
-    model_ms = latency_ms() if latency_ms is not None and negligible_share > 0 else None
-    negligible_s = model_ms * negligible_share / 1e3 if model_ms else None
+    untuned = profile() if profile is not None and negligible_share > 0 else None
+    model_ms = untuned.latency_ms if untuned else None
+    negligible = sorted(name for name, share in untuned.shares.items() if share < negligible_share) if untuned else []
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     child = context.Process(target=_tune_in_child, args=(tvm.ir.save_json(kernels), target, trials, str(db_dir),
-                                                         device, events, negligible_s), daemon=True)
+                                                         device, events, negligible), daemon=True)
     child.start()
     heartbeat = _Heartbeat(progress)
     try:
@@ -197,7 +208,7 @@ def _stop(child) -> None:
 
 
 def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, device: str | None, events,
-                   negligible_s: float | None) -> None:
+                   negligible: list[str]) -> None:
     os.setsid()  # out of the terminal's process group: Ctrl-C goes to hwc, which stops this group
     _skip_tensor_intrinsic_library(arm=str(target.tvm_target_dict().get("mtriple", "")).startswith("aarch64"))
     import tvm
@@ -206,7 +217,7 @@ def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, 
                                              ("event", (e.message, e.done, e.total))))
     try:
         result = _tune_here(tvm.ir.load_json(kernels_json), target, trials, Path(db_dir), progress, device,
-                            negligible_s)
+                            negligible)
         events.put(("result", result.__dict__))
     except HwcError as exc:
         events.put(("error", str(exc)))
@@ -238,7 +249,7 @@ def _skip_tensor_intrinsic_library(arm: bool) -> None:
 
 
 def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Progress,
-               device: str | None, negligible_s: float | None = None) -> TuningResult:
+               device: str | None, negligible_names: list[str] = ()) -> TuningResult:
     import tvm.s_tir.meta_schedule as ms
 
     from .cpu_schedules import VectorUnit
@@ -265,13 +276,14 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
         with contextlib.redirect_stdout(sys.stderr), _named_handlers_only(logging.getLogger("tvm.s_tir.meta_schedule")):
             defaults = commit_default_records(tunable, target.tvm_target(), VectorUnit.of(target.tvm_target()).lanes,
                                               builder, runner, database, progress)
-            negligible = _negligible(tunable, defaults, negligible_s, progress)
+            negligible = _negligible(tunable, negligible_names, progress)
             tunable = [t for t in tunable if t not in negligible]
             # Every kernel gets an equal share: a budget spent on a few kernels leaves the rest naive.
             per_task = max(1, -(-trials // max(1, len(tunable))))
             callback = _progress_callback(progress, per_task * len(tunable), [t.task_name for t in tunable], per_task)
             if tunable:
-                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tunable, str(db_dir))
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    tunable, str(db_dir), strategy=_search_strategy(per_task))
                 ms.tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=str(db_dir),
                     max_trials_global=per_task * len(tunable),
@@ -291,19 +303,27 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
                         negligible=len(negligible))
 
 
-def _negligible(tasks: list, defaults: list, negligible_s: float | None, progress: Progress) -> list:
-    """The tasks whose default schedule, timed just now, runs in under ``negligible_s``: tuning
-    could save less than that each (MobileNetV2's 4 untuned kernels run 2 microseconds each, and
-    tuning them took 4 minutes of a 9-minute compile)."""
-    if not negligible_s:
-        return []
-    from tvm_ffi import structural_hash
+def _search_strategy(per_task: int):
+    """MetaSchedule's evolutionary search sized for tens of trials per kernel, not thousands.
 
-    fast = {structural_hash(d.workload) for d in defaults if d.seconds < negligible_s}
-    chosen = [t for t in tasks if structural_hash(t.dispatched[0]) in fast]
+    Its defaults (a population of 512, and each round at least 50 candidates not measured yet,
+    retried 5 times) stall on kernels with small design spaces: a ShuffleNet-style model's layout
+    transposes and concats have a few dozen distinct schedules, and the default compile ran 66-93
+    trials in 400-500 s, most of it generating candidates it had already measured."""
+    import tvm.s_tir.meta_schedule as ms
+
+    return ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=min(16, per_task),
+                                                 max_fail_count=2)
+
+
+def _negligible(tasks: list, names, progress: Progress) -> list:
+    """The tasks named in ``names`` (kernels under 1% of the model's time in its untuned profile):
+    tuning could save less than that each (MobileNetV2's 4 untuned kernels run 2 microseconds
+    each, and tuning them took 4 minutes of a 9-minute compile). Their default schedule stays."""
+    chosen = [t for t in tasks if t.task_name in set(names)]
     if chosen:
-        progress(f"tuning: {len(chosen)} kernel(s) keep their default schedule untuned: each runs in under "
-                 f"{negligible_s * 1e3:.3g} ms (1% of the model's latency), less than tuning could save")
+        progress(f"tuning: {len(chosen)} kernel(s) keep their default schedule untuned: each takes under 1% of the "
+                 f"model's time, less than tuning could save")
     return chosen
 
 

@@ -162,9 +162,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"{tuning['defaults_kept']} kernel(s) kept the rule-based default schedule: no tuning "
                          f"candidate measured faster than it.")
         if tuning.get("negligible"):
-            lines.append(f"{tuning['negligible']} kernel(s) not tuned: their default schedule runs in under 1% of "
-                         f"the model's measured latency ({tuning['model_ms']:.3f} ms before tuning), less than tuning "
-                         f"could save.")
+            lines.append(f"{tuning['negligible']} kernel(s) not tuned: each took under 1% of the model's time in its "
+                         f"per-kernel profile before tuning (the model ran {tuning['model_ms']:.3f} ms), less than "
+                         f"tuning could save.")
     else:
         lines.append(report.get("tuning_note", "no tuning"))
     lowering = report.get("int8_lowering")

@@ -162,7 +162,9 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
     quantized = is_quantized(original)
     reference = reference_outputs(original, feeds)
     with atomic_dir(out_dir) as tmp:
-        artifact = build_model(model, target, options, tmp, LIBRARY_NAME, progress.at("build"))
+        profiler = _untuned_profiler(measurer) if measurer.runs_here else None
+        artifact = build_model(model, target, replace(options, profiler=profiler), tmp, LIBRARY_NAME,
+                               progress.at("build"))
         progress.at("measure")(f"measuring {measurer.description()}")
         job = Job("model", artifact.library, feeds, artifact.input_names, model)
         measured = measurer.measure(job)
@@ -220,6 +222,15 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
             report["search"] = search_info
         write_reports(report, tmp)
     return report
+
+
+def _untuned_profiler(measurer):
+    """The model before tuning, timed and profiled kernel by kernel by the compile's own measurer
+    (the backend asks it which kernels are too small to tune)."""
+    def profile(library: Path, model: onnx.ModelProto) -> tuple[float | None, dict[str, float]]:
+        job = Job("untuned", library, random_inputs(model, seed=0), [i.name for i in model.graph.input], model)
+        return measurer.measure(job).latency.median_ms, measurer.kernel_times(job)
+    return profile
 
 
 def _kernel_table(kernels: dict[str, float], described: dict[str, dict]) -> list[dict[str, Any]]:

@@ -71,12 +71,13 @@ def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
     saved = json.loads(table.cache.path.read_text())
     assert len(saved) == distinct + 1 and all(v["method"] == "local" and v["median_ms"] > 0 for v in saved.values())
     # Figures are on the anchor kernel's scale (kept with them), and that scale is milliseconds:
-    # the slowest layer timed alone now reads what the table says, within the machine's drift.
+    # the slowest layer timed alone now reads what the table says, within the machine's drift
+    # (this VM switches between two speeds about 1.8x apart: 0.20 vs 0.11 ms seen across a switch).
     assert f"anchor|{ANCHOR.key()}" in saved
     slowest = max(model_layers(small_resnet).values(), key=lambda spec: table.latencies([spec])[spec])
     library = build_model(slowest.to_model(), target, BuildOptions(tune_trials=0, cache_dir=tmp_path), tmp_path).library
     alone = table.measurer.measure(Job("alone", library, slowest.feeds(), slowest.input_names, None)).latency
-    assert table.latencies([slowest])[slowest] == pytest.approx(alone.median_ms, rel=0.5)
+    assert 0.4 < table.latencies([slowest])[slowest] / alone.median_ms < 2.5
 
     again = LatencyTable(target, tmp_path, trials=0)  # a second run: everything from the file
     assert again.predict_ms(small_resnet)[1] == per_layer and again.measured == 0

@@ -14,9 +14,9 @@ import contextlib
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import onnx
 
@@ -46,6 +46,10 @@ class BuildOptions:
     cache_dir: Path | None = None
     device: str | None = None  # rpc://HOST:PORT/KEY where tuning candidates run; default the target's
     int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
+    # (library, model) -> (latency ms, kernel name -> ms) where the model runs here: the untuned
+    # model's profile, which decides what is too small to tune (the compile gives its measurer's).
+    profiler: Callable[[Path, onnx.ModelProto], tuple[float, dict[str, float]]] | None = field(
+        default=None, repr=False, compare=False)
     winograd: bool = True      # float 3x3 stride-1 convs by Winograd F(2x2 or 4x4, 3x3) on CPUs (winograd)
 
     @property
@@ -125,7 +129,8 @@ def _tune_where_possible(kernels, model: onnx.ModelProto, target: Target, option
     device = options.device or target.latency.device
     if options.tune_trials > 0 and (device or not target.is_cross):
         # Tuned on a device: no profile of the model there before tuning, every kernel is tuned.
-        profile = None if device else (lambda: _untuned_profile(kernels, model, target, db_dir, progress.at("tune")))
+        profile = None if device or options.profiler is None else (
+            lambda: _untuned_profile(kernels, model, target, db_dir, options.profiler, progress.at("tune")))
         return db_dir, tune(kernels, target, options.tune_trials, db_dir, progress.at("tune"), device,
                             options.tune_seconds or None, profile, NEGLIGIBLE_SHARE), None
     if options.tune_trials > 0:
@@ -136,27 +141,23 @@ def _tune_where_possible(kernels, model: onnx.ModelProto, target: Target, option
     return db_dir, None, f"--tune-trials 0: no tuning; records already in {db_dir} are used"
 
 
-def _untuned_profile(kernels, model: onnx.ModelProto, target: Target, db_dir: Path,
+def _untuned_profile(kernels, model: onnx.ModelProto, target: Target, db_dir: Path, profiler,
                      progress: Progress) -> UntunedProfile | None:
     """The model before this tuning (the records already in ``db_dir``, default schedules
-    elsewhere), built and profiled here: which kernels are too small a share of it to be worth
-    tuning. Judged inside the model, not alone: a ShuffleNet-style model's layout transposes ran
-    their default schedule in 5-20 microseconds alone (under 1% of the model), yet left untuned
+    elsewhere), built and profiled by ``profiler``: which kernels are too small a share of it to be
+    worth tuning. Judged inside the model, not alone: a ShuffleNet-style model's layout transposes
+    ran their default schedule in 5-20 microseconds alone (under 1% of the model), yet left untuned
     the model ran 2-8% slower than with them tuned (in alternating rounds)."""
-    from ..measure.latency import Job
-    from ..measure.local import LocalMeasurer, kernel_times
-    from ..model.reference import random_inputs
-
     progress("tuning: profiling the model untuned first (which kernels are worth tuning)")
     try:
         with tempfile.TemporaryDirectory(prefix="hwc-untuned-") as scratch:
             library = Path(scratch) / "untuned.so"
             export(build(kernels, target, db_dir), target, Path(scratch), library.name)
-            job = Job("untuned", library, random_inputs(model, seed=0), [i.name for i in model.graph.input], model)
-            latency = LocalMeasurer(target.threads, repeat=10, min_repeat_ms=20).measure(job).latency.median_ms
-            times = kernel_times(library, job.feeds, job.input_names)
+            latency, times = profiler(library, model)
     except (HwcError, OSError) as exc:
         progress.warn(f"tuning: the untuned model could not be profiled ({first_line(str(exc))}); every kernel is tuned")
+        return None
+    if latency is None or not times:
         return None
     total = sum(times.values()) or 1.0
     progress(f"tuning: the model runs {latency:.3f} ms untuned")

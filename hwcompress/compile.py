@@ -162,7 +162,8 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
     quantized = is_quantized(original)
     reference = reference_outputs(original, feeds)
     with atomic_dir(out_dir) as tmp:
-        profiler = _untuned_profiler(measurer) if measurer.runs_here else None
+        # A short timing (5 samples): the profile only decides what is worth tuning.
+        profiler = _untuned_profiler(measurer_for(target, options.device, 5)) if measurer.runs_here else None
         artifact = build_model(model, target, replace(options, profiler=profiler), tmp, LIBRARY_NAME,
                                progress.at("build"))
         progress.at("measure")(f"measuring {measurer.description()}")

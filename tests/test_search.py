@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,15 +146,11 @@ def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp
         if t["accuracy"] is not None and t["round"] == 1:
             assert re.search(rf"\[\d+/\d+\] search round 1: {re.escape(t['candidate'])}: table predicts",
                              result.stderr), t["candidate"]
-
-    again = hwc("compile", *args, "-o", str(tmp_path / "again"))
-    assert again.returncode == 0, again.stderr
-    second = json.loads(again.stdout)["search"]
-    made = second["latency_table"]["figures_made_in_this_run"]
-    if second["applied"] == search["applied"]:  # the same decisions: every figure comes from the table
-        assert made == 0, again.stderr
-    else:  # end-to-end timing noise chose another step: only the shapes that step leads to are new
-        assert made < table["figures_made_in_this_run"], (search["applied"], second["applied"])
+    # The figures are kept in the cache for the next run (a second run reading them all back is
+    # test_latency_table's: this search's second run took half of this test's 70 s).
+    saved = json.loads(Path(table["file"]).read_text())
+    assert Path(table["file"]).is_relative_to(tmp_path / "cache")
+    assert len(saved) > table["figures_made_in_this_run"]  # and the anchor kernel's figure
 
 
 def test_search_keeps_only_measured_gains_within_budget(tmp_path, mnist_files):

@@ -48,7 +48,7 @@ class BuildOptions:
     int8_compute: bool = True  # QDQ Conv/MatMul as integer compute in TVM (int8_lowering)
     # (library, model) -> (latency ms, kernel name -> ms) where the model runs here: the untuned
     # model's profile, which decides what is too small to tune (the compile gives its measurer's).
-    profiler: Callable[[Path, onnx.ModelProto], tuple[float, dict[str, float]]] | None = field(
+    profiler: Callable[[Path, onnx.ModelProto], tuple[float | None, dict[str, float]]] | None = field(
         default=None, repr=False, compare=False)
     winograd: bool = True      # float 3x3 stride-1 convs by Winograd F(2x2 or 4x4, 3x3) on CPUs (winograd)
 
@@ -118,8 +118,8 @@ def _tune_where_possible(kernels, model: onnx.ModelProto, target: Target, option
                          progress: Progress):
     """(database, tuning result, note): GPUs and device-less targets are not tuned; a cross target
     only on its device; ``tune_trials`` 0 uses the records already there. Kernels under 1% of the
-    model's latency are left untuned: the search's figure where there was one, else the model timed
-    here before tuning (where it runs here)."""
+    model's time are left untuned, judged by the untuned model's profile (``options.profiler``,
+    where the model runs here)."""
     if target.is_gpu:
         return None, None, "GPU target: dlight rule-based schedules, no tuning"
     if target.latency.method == "model":

@@ -320,7 +320,8 @@ def _negligible(tasks: list, names, progress: Progress) -> list:
     """The tasks named in ``names`` (kernels under 1% of the model's time in its untuned profile):
     tuning could save less than that each (MobileNetV2's 4 untuned kernels run 2 microseconds
     each, and tuning them took 4 minutes of a 9-minute compile). Their default schedule stays."""
-    chosen = [t for t in tasks if t.task_name in set(names)]
+    names = set(names)
+    chosen = [t for t in tasks if t.task_name in names]
     if chosen:
         progress(f"tuning: {len(chosen)} kernel(s) keep their default schedule untuned: each takes under 1% of the "
                  f"model's time, less than tuning could save")

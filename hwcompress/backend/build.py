@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the lowering imports TVM, which a build loads only when it 
 
 DEFAULT_TUNE_TRIALS = 500
 DEFAULT_TUNE_SECONDS = 600.0  # a default compile ends in bounded time; 0: no limit
-NEGLIGIBLE_SHARE = 0.01  # of the model's latency: a kernel faster than that is left untuned
+NEGLIGIBLE_SHARE = 0.01  # of the untuned model's per-kernel profile: a kernel under that is left untuned
 
 
 @dataclass

@@ -278,6 +278,9 @@ def test_untuned_kernels_get_a_parallel_vectorized_default_schedule(rng):
     assert len(funcs) >= 5 and all(is_scheduled(f) for f in funcs.values()), list(funcs)
     parallel = [name for name, f in funcs.items() if "parallel" in f.script()]
     assert len(parallel) == len(funcs), sorted(set(funcs) - set(parallel))
+    # Pools over NHWC reduce with whole vectors of channels: each lane its own output channel.
+    pools = [name for name in funcs if name.startswith(("max_pool", "mean"))]
+    assert len(pools) == 2 and all("T.vectorized" in funcs[name].script() for name in pools), pools
     assert_built_like_onnxruntime(kernels, target, model)
 
 

@@ -1,7 +1,8 @@
 """A rule-based CPU schedule for the kernels that neither the project's conv schedule nor a tuning
 record covers (pooling, resize, concat, transposes, softmax, an untuned dense layer): elementwise
 producers inlined, the outer spatial loops fused and spread over the thread pool, the innermost
-spatial loop vectorized where the vector lanes divide it. Without it such a kernel runs as
+spatial loop vectorized where the vector lanes divide it (in a reduction, the lanes are output
+channels and the reduction loops run around them: pools, a squeeze-and-excitation FC). Without it such a kernel runs as
 TVM's naive single-threaded loop nest (a YOLO-style detector ran 18x slower than ONNX Runtime
 untuned); MetaSchedule records, where tuning made them, still take precedence."""
 
@@ -61,6 +62,13 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
             innermost = _extent(sch, spatial[-1])
             if not reduce and not other and len(spatial) > 1 and (innermost % lanes == 0 or 2 <= innermost <= lanes):
                 *spatial, inner = spatial
+            last_var = [it.var for it in info.iters if it.kind == "S"][-1]
+            across = _lanes_across_reduction(sch.get(block), last_var, innermost, lanes) if reduce and not other else 0
+            if across:
+                *spatial, last = spatial
+                outer_lanes, inner = sch.split(last, [None, across])
+                spatial.append(outer_lanes)
+                sch.reorder(*spatial, *reduce, inner)
             outer, product = [], 1
             for loop in spatial:
                 if product >= tasks:
@@ -68,15 +76,44 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
                 outer.append(loop)
                 product *= _extent(sch, loop) or tasks
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-            if inner is not None:  # a whole vector's worth, or all of a short channel axis (4 lanes)
+            if across:
+                sch.vectorize(inner)
+            elif inner is not None:  # a whole vector's worth, or all of a short channel axis (4 lanes)
                 sch.vectorize(sch.split(inner, [None, lanes])[1] if innermost % lanes == 0 else inner)
             if reduce:
-                reductions.append((block, reduce[0]))
-        for block, loop in reductions:
-            sch.decompose_reduction(block, loop)
+                reductions.append((block, reduce[0], across))
+        for block, loop, across in reductions:
+            init = sch.decompose_reduction(block, loop)
+            if across:
+                sch.vectorize(sch.get_loops(init)[-1])
     except (ScheduleError, tvm.error.InternalError, ValueError):
         return None
     return sch
+
+
+def _lanes_across_reduction(block, var, extent: int, lanes: int) -> int:
+    """Vector lanes for a reduction whose innermost output axis is also the innermost, contiguous
+    axis of everything it reads with it (a global average pool over NHWC, a squeeze-and-excitation
+    FC on HWIO weights): each lane accumulates its own output, the reduction loops run outside the
+    lanes, and every load is a whole vector. 0 where the axis is not such (a softmax's row sum
+    reduces along the contiguous axis itself) or no power of two from 4 lanes up divides it.
+    A global pool over 56x56x16 ran 0.023 ms as scalar loops, an SE FC reading its weights by
+    column 0.037 ms."""
+    vector = lanes
+    while vector >= 4 and extent % vector:
+        vector //= 2
+    if vector < 4:
+        return 0
+    for region in [*block.reads, *block.writes]:
+        mins = [r.min for r in region.region]
+        uses = [i for i, m in enumerate(mins) if _mentions(m, var)]
+        if uses and (uses != [len(mins) - 1] or not mins[-1].same_as(var)):
+            return 0
+    return vector
+
+
+def _mentions(expr, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
 
 
 def _extent(sch: Schedule, loop) -> int:

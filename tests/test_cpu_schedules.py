@@ -284,6 +284,26 @@ def test_untuned_kernels_get_a_parallel_vectorized_default_schedule(rng):
     assert_built_like_onnxruntime(kernels, target, model)
 
 
+def test_a_tensor_written_out_transposed_is_computed_row_by_row(rng):
+    """A U-Net's last op, a bilinear resize computed in NHWC and leaving the model as NCHW: the
+    transpose runs over the resize's rows in parallel, each row computed just before it is written
+    out (not the resize's index arithmetic and gathers repeated per output vector), exactly."""
+    from hwcompress.backend.default_schedule import schedule_untuned
+
+    nodes = [conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "roi", "scales"], ["y"], mode="linear")]
+    model = make_model(nodes, [("x", [1, 8, 16, 16])], [("y", [1, 4, 32, 32])],
+                       {"w": rng.normal(0, 0.1, (4, 8, 3, 3)), "b": rng.normal(0, 0.1, 4),
+                        "roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32)})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    with target.tvm_target():
+        scheduled = schedule_untuned(kernels, VectorUnit.of(target.tvm_target()).lanes)
+    [script] = [f.script() for gv, f in scheduled.functions.items() if "resize" in gv.name_hint]
+    assert "T.parallel" in script and script.index("T.parallel") < script.index('T.sblock("resize")'), script
+    assert_built_like_onnxruntime(kernels, target, model)
+
+
 def test_exp_is_vector_arithmetic_as_exact_as_expf():
     """exp (and sigmoid, SiLU) lowers to a polynomial in registers, not one expf call per lane (a
     YOLO-style detector's SiLU convs ran 21% slower so): relative error below 3e-7 where the

@@ -45,6 +45,8 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
+        if _rows_before_transpose(sch, infos, lanes):
+            return sch
         reductions = []
         for info in try_inline(sch, infos):
             block = info.block_rv
@@ -89,6 +91,41 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
     except (ScheduleError, tvm.error.InternalError, ValueError):
         return None
     return sch
+
+
+def _rows_before_transpose(sch: Schedule, infos, lanes: int) -> bool:
+    """A kernel that computes a tensor and writes it out transposed (a bilinear resize in NHWC
+    leaving the model as NCHW): computed whole, inlined into the transpose, each output vector
+    repeats the index arithmetic and gathers its inputs (a U-Net's final 2x resize of 4 channels
+    to 256x256 ran 0.28 ms so). Instead the transpose runs over the producer's rows in parallel,
+    each row computed just before (in cache, its channels in vector lanes) and written out
+    transposed: 0.10 ms. False (schedule untouched) where the kernel is not one injective block
+    read by one transpose."""
+    if len(infos) != 2 or any(it.kind != "S" for info in infos for it in info.iters):
+        return False
+    producer, last = infos
+    reads, writes = sch.get(last.block_rv).reads, sch.get(producer.block_rv).writes
+    if len(reads) != 1 or len(writes) != 1 or not reads[0].source.same_as(writes[0].source):
+        return False
+    variables = [it.var for it in last.iters]
+    order = [next((k for k, v in enumerate(variables) if v.same_as(r.min)), None)
+             for r in reads[0].region if not isinstance(r.min, tirx.IntImm)]  # unit axes are constants
+    if len(order) < 3 or None in order or sorted(order) != list(range(len(variables))) or order == sorted(order):
+        return False
+    loops = sch.get_loops(last.block_rv)
+    rows = [loops[k] for k in order[:-2]]  # the producer's outer axes (batch, row), in its order
+    sch.reorder(*rows, *[loop for k, loop in enumerate(loops) if k not in order[:-2]])
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    sch.parallel(row)
+    sch.compute_at(producer.block_rv, row)
+    for block in (producer.block_rv, last.block_rv):
+        inner = sch.get_loops(block)[-1]
+        extent = _extent(sch, inner)
+        if extent % lanes == 0:
+            sch.vectorize(sch.split(inner, [None, lanes])[1])
+        elif 2 <= extent <= lanes:
+            sch.vectorize(inner)
+    return True
 
 
 def _lanes_across_reduction(block, var, extent: int, lanes: int) -> int:

@@ -22,6 +22,10 @@ def test_builtin_targets_and_their_tvm_targets():
     host = targets["host"].tvm_target()
     assert str(host.attrs["mcpu"]) not in ("", "auto") and int(host.attrs["num-cores"]) >= 1
     assert targets["npu16"].channel_multiple == 16 and targets["npu16"].latency.method == "model"
+    # host's channel multiple is "auto": the vector lanes of the CPU found (16 with AVX-512, 8 with AVX2).
+    from hwcompress.backend.cpu_schedules import VectorUnit
+
+    assert targets["host"].channel_multiple == VectorUnit.of(host).lanes in (4, 8, 16)
 
 
 def test_every_target_has_a_default_profile():
@@ -91,6 +95,8 @@ def test_user_target_directory_adds_and_overrides(tmp_path, monkeypatch):
     ("name: x\ndescription: d\ntvm: {target: {kind: llvm}}\nchannel_multiple: 4\ndtypes: [float32]\nlatency: {method: guess}\n",
      "latency.method"),
     ("name: x\ndescription: [unclosed\n", "not valid YAML"),
+    ("name: x\ndescription: d\ntvm: {target: {kind: cuda}}\nchannel_multiple: auto\ndtypes: [float32]\n"
+     "latency: {method: local}\n", "channel_multiple: 'auto' (the vector lanes) is for CPU targets"),
 ])
 def test_bad_target_file_is_one_clear_line(tmp_path, body, fragment):
     (tmp_path / "bad.yaml").write_text(body)

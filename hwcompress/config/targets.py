@@ -13,6 +13,7 @@ from .files import Kind, load_definitions
 from .host import physical_cores
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
+_MULTIPLE = {"oneOf": [_POSITIVE_INT, {"const": "auto"}]}  # auto: a CPU's vector lanes (float32)
 _TVM_TARGET = {"type": "object", "required": ["kind"], "properties": {
     "kind": {"type": "string"}, "mtriple": {"type": "string", "minLength": 1},
     "num-cores": {"oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}}}
@@ -40,8 +41,8 @@ TARGET_SCHEMA: dict[str, Any] = {
             "properties": {"target": _TVM_TARGET, "host": _TVM_TARGET,
                            "cross_compiler": {"type": ["string", "null"]}},
         },
-        "channel_multiple": _POSITIVE_INT,
-        "rank_multiple": _POSITIVE_INT,
+        "channel_multiple": _MULTIPLE,
+        "rank_multiple": _MULTIPLE,
         "dtypes": {"type": "array", "minItems": 1, "uniqueItems": True,
                    "items": {"enum": ["float32", "float16", "int8", "pow2"]}},
         "int8": {"type": "object", "additionalProperties": False, "properties": {
@@ -95,8 +96,8 @@ class Target:
     tvm_target_spec: dict[str, Any]      # the TVM target as written, ``auto`` values unresolved
     tvm_host_spec: dict[str, Any] | None
     cross_compiler: str | None
-    channel_multiple: int
-    rank_multiple: int
+    channel_multiple_spec: int | str     # as written: a number, or "auto"
+    rank_multiple_spec: int | str
     dtypes: tuple[str, ...]
     int8_activation: str                 # "asymmetric" (uint8) or "symmetric" (int8)
     int8_dot_product: bool | None        # None: not stated in the YAML
@@ -111,11 +112,15 @@ class Target:
         if latency["method"] == "model" and not model:
             raise HwcError(f"{source}: invalid target file: latency.model: method 'model' needs a cycle model")
         int8 = data.get("int8", {})
+        for key in ("channel_multiple", "rank_multiple"):
+            if data.get(key) == "auto" and data["tvm"]["target"]["kind"] != "llvm":
+                raise HwcError(f"{source}: invalid target file: {key}: 'auto' (the vector lanes) is for CPU "
+                               f"targets (tvm.target.kind llvm); give a number")
         return cls(
             name=data["name"], description=data["description"], tvm_target_spec=data["tvm"]["target"],
             tvm_host_spec=data["tvm"].get("host"), cross_compiler=data["tvm"].get("cross_compiler"),
-            channel_multiple=data["channel_multiple"],
-            rank_multiple=data.get("rank_multiple", data["channel_multiple"]), dtypes=tuple(data["dtypes"]),
+            channel_multiple_spec=data["channel_multiple"],
+            rank_multiple_spec=data.get("rank_multiple", data["channel_multiple"]), dtypes=tuple(data["dtypes"]),
             int8_activation=int8.get("activation", "asymmetric"), int8_dot_product=int8.get("dot_product"),
             latency=LatencySpec(method=latency["method"], device=latency.get("device"),
                                 threads=None if threads == "auto" else int(threads),
@@ -148,6 +153,26 @@ class Target:
             gpu = gpu_here()
             return f"{gpu.name} ({gpu.arch})"
         return None
+
+    @property
+    def channel_multiple(self) -> int:
+        """Channels a pruned layer keeps come in multiples of this. ``auto``: the CPU's float32 vector
+        lanes (16 with AVX-512, 8 with AVX2, 4 on NEON): the conv kernels tile output channels by
+        whole vectors and fall back to narrower ones otherwise, so MobileNetV2's 144-channel
+        expansion pruned to 108 ran 3-7 % slower than unpruned, to 96 4-12 % faster."""
+        return self._resolved(self.channel_multiple_spec)
+
+    @property
+    def rank_multiple(self) -> int:
+        """Ranks of a factorized layer (the first factor's output channels) come in multiples of this."""
+        return self._resolved(self.rank_multiple_spec)
+
+    def _resolved(self, multiple: int | str) -> int:
+        if multiple != "auto":
+            return int(multiple)
+        from ..backend.cpu_schedules import VectorUnit
+
+        return VectorUnit.of(self.tvm_target()).lanes
 
     @property
     def symmetric_activations(self) -> bool:

@@ -23,7 +23,7 @@ def test_builtin_targets_and_their_tvm_targets():
     assert str(host.attrs["mcpu"]) not in ("", "auto") and int(host.attrs["num-cores"]) >= 1
     assert targets["npu16"].channel_multiple == 16 and targets["npu16"].latency.method == "model"
     # host's channel multiple is "auto": the vector lanes of the CPU found (16 with AVX-512, 8 with AVX2).
-    from hwcompress.backend.cpu_schedules import VectorUnit
+    from hwcompress.config.vector_unit import VectorUnit
 
     assert targets["host"].channel_multiple == VectorUnit.of(host).lanes in (4, 8, 16)
 

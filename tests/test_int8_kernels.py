@@ -23,7 +23,7 @@ from hwcompress.model.qoperator import qoperator_as_qdq
 
 
 def _host_has_vnni() -> bool:
-    from hwcompress.backend.cpu_schedules import has_feature
+    from hwcompress.config.vector_unit import has_feature
 
     return has_feature("avx512vnni", get_target("host").tvm_target())
 

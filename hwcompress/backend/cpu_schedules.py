@@ -27,39 +27,10 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
+from ..config.vector_unit import VectorUnit
+
 # TOPI's block names: dense convs, and grouped ones (depthwise is the case with one input channel per group).
 CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")
-
-
-@dataclass(frozen=True)
-class VectorUnit:
-    """What the register blocking needs to know about a CPU: lanes per vector, vector registers."""
-
-    lanes: int
-    registers: int
-
-    @staticmethod
-    def of(target) -> "VectorUnit":
-        def has(feature: str) -> bool:
-            return has_feature(feature, target)
-
-        if has("avx512f"):
-            return VectorUnit(16, 32)
-        if has("avx2") or has("avx"):
-            return VectorUnit(8, 16)
-        if has("neon") or "aarch64" in str(target.attrs.get("mtriple", "")):
-            return VectorUnit(4, 32)
-        return VectorUnit(4, 16)
-
-
-def has_feature(feature: str, target) -> bool:
-    """Whether LLVM's ``target`` has an ISA feature (``avx512f``, ``avx512vnni``, ...)."""
-    from tvm.target.codegen import target_has_features
-
-    try:
-        return bool(target_has_features(feature, target))
-    except Exception:  # a feature name this LLVM does not know
-        return False
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
+from ..config.vector_unit import has_feature
 from .cpu_schedules import (VectorUnit, fuse_epilogue, _NotApplicable, _schedule_input, _weights_outweigh_input,
-                            choose_tiles, has_feature)
+                            choose_tiles)
 from .int8_lowering import DOT_GROUP as GROUP  # input channels one vpdpbusd lane sums
 
 

@@ -170,7 +170,7 @@ class Target:
     def _resolved(self, multiple: int | str) -> int:
         if multiple != "auto":
             return int(multiple)
-        from ..backend.cpu_schedules import VectorUnit
+        from .vector_unit import VectorUnit
 
         return VectorUnit.of(self.tvm_target()).lanes
 

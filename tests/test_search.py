@@ -26,6 +26,7 @@ def mnist_files(tmp_path_factory):
         name: quick
         target: host
         accuracy_budget: {max_top1_drop: 1.0}
+        search: {max_rounds: 2}
         passes:
           prune: {enabled: true, ratios: [0.2, 0.5], reconstruct: true, multiple: 2}
           lowrank: {enabled: true, energies: [0.9], methods: [svd, spatial, tucker2]}

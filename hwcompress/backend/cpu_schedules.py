@@ -27,7 +27,7 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
-from ..config.vector_unit import VectorUnit
+from ..config.vector_unit import VectorUnit, widest_lanes
 
 # TOPI's block names: dense convs, and grouped ones (depthwise is the case with one input channel per group).
 CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")
@@ -46,10 +46,8 @@ class ConvTiles:
 
 def choose_tiles(out_width: int, out_channels: int, unit: VectorUnit) -> ConvTiles | None:
     """The largest register tile that fits: accumulators + one weight row + one broadcast."""
-    lanes = unit.lanes
-    while lanes >= 4 and out_channels % lanes:
-        lanes //= 2
-    if lanes < 4 or out_channels % lanes:
+    lanes = widest_lanes(out_channels, unit.lanes)
+    if not lanes:
         return None
     best = None
     for vectors in (2, 1, 3, 4):

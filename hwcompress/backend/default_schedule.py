@@ -16,6 +16,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.dlight import normalize_prim_func, try_inline
 from tvm.s_tir.schedule import ScheduleError
 
+from ..config.vector_unit import widest_lanes
 from .cpu_schedules import schedule_unscheduled
 
 
@@ -62,7 +63,7 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
             sch.reorder(*spatial, *reduce, *other)
             inner = None
             innermost = _extent(sch, spatial[-1])
-            if not reduce and not other and len(spatial) > 1 and (innermost % lanes == 0 or 2 <= innermost <= lanes):
+            if not reduce and not other and len(spatial) > 1 and _vectorizable(innermost, lanes):
                 *spatial, inner = spatial
             last_var = [it.var for it in info.iters if it.kind == "S"][-1]
             across = _lanes_across_reduction(sch.get(block), last_var, innermost, lanes) if reduce and not other else 0
@@ -80,8 +81,8 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
             if across:
                 sch.vectorize(inner)
-            elif inner is not None:  # a whole vector's worth, or all of a short channel axis (4 lanes)
-                sch.vectorize(sch.split(inner, [None, lanes])[1] if innermost % lanes == 0 else inner)
+            elif inner is not None:
+                _vectorize(sch, inner, lanes)
             if reduce:
                 reductions.append((block, reduce[0], across))
         for block, loop, across in reductions:
@@ -120,11 +121,8 @@ def _rows_before_transpose(sch: Schedule, infos, lanes: int) -> bool:
     sch.compute_at(producer.block_rv, row)
     for block in (producer.block_rv, last.block_rv):
         inner = sch.get_loops(block)[-1]
-        extent = _extent(sch, inner)
-        if extent % lanes == 0:
-            sch.vectorize(sch.split(inner, [None, lanes])[1])
-        elif 2 <= extent <= lanes:
-            sch.vectorize(inner)
+        if _vectorizable(_extent(sch, inner), lanes):
+            _vectorize(sch, inner, lanes)
     return True
 
 
@@ -136,10 +134,8 @@ def _lanes_across_reduction(block, var, extent: int, lanes: int) -> int:
     reduces along the contiguous axis itself) or no power of two from 4 lanes up divides it.
     A global pool over 56x56x16 ran 0.023 ms as scalar loops, an SE FC reading its weights by
     column 0.037 ms."""
-    vector = lanes
-    while vector >= 4 and extent % vector:
-        vector //= 2
-    if vector < 4:
+    vector = widest_lanes(extent, lanes)
+    if not vector:
         return 0
     for region in [*block.reads, *block.writes]:
         mins = [r.min for r in region.region]
@@ -147,6 +143,15 @@ def _lanes_across_reduction(block, var, extent: int, lanes: int) -> int:
         if uses and (uses != [len(mins) - 1] or not mins[-1].same_as(var)):
             return 0
     return vector
+
+
+def _vectorizable(extent: int, lanes: int) -> bool:
+    return extent % lanes == 0 or 2 <= extent <= lanes
+
+
+def _vectorize(sch: Schedule, loop, lanes: int) -> None:
+    """A whole vector's worth of ``loop`` at a time, or all of a short axis (4 channels)."""
+    sch.vectorize(sch.split(loop, [None, lanes])[1] if _extent(sch, loop) % lanes == 0 else loop)
 
 
 def _mentions(expr, var) -> bool:

@@ -36,3 +36,11 @@ def has_feature(feature: str, target) -> bool:
         return bool(target_has_features(feature, target))
     except Exception:  # a feature name this LLVM does not know
         return False
+
+
+def widest_lanes(count: int, lanes: int) -> int:
+    """The widest vector, from ``lanes`` down by halves to 4, whose lanes divide ``count`` (output
+    channels tiled by whole vectors); 0 where none does."""
+    while lanes >= 4 and count % lanes:
+        lanes //= 2
+    return lanes if lanes >= 4 else 0

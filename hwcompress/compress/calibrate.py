@@ -60,8 +60,7 @@ def entropy_threshold(values: np.ndarray, levels: int, bins: int = 2048) -> floa
     for stop in range(levels, bins + 1, max(1, (bins - levels) // 128)):
         p = hist[:stop].copy()
         p[stop - 1] += hist[stop:].sum()          # clipped mass lands in the last bin
-        chunks = np.array_split(hist[:stop], levels)  # the reference without its clipped tail
-        q = np.concatenate([np.where(c > 0, c.sum() / max((c > 0).sum(), 1), 0.0) for c in chunks])
+        q = _spread_over_levels(hist[:stop], levels)  # the reference without its clipped tail
         p_sum, q_sum = p.sum(), q.sum()
         if q_sum == 0:
             continue
@@ -70,6 +69,18 @@ def entropy_threshold(values: np.ndarray, levels: int, bins: int = 2048) -> floa
         if kl < best_kl:
             best_kl, best = kl, float(edges[stop])
     return best
+
+
+def _spread_over_levels(hist: np.ndarray, levels: int) -> np.ndarray:
+    """``hist`` merged into ``levels`` runs of adjacent bins (``np.array_split``'s runs), each
+    run's mass spread evenly over its non-empty bins: what the histogram looks like quantized."""
+    size, longer = divmod(hist.size, levels)
+    sizes = np.full(levels, size)
+    sizes[:longer] += 1
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    filled = hist > 0
+    mass = np.add.reduceat(hist, starts) / np.maximum(np.add.reduceat(filled.astype(np.float64), starts), 1)
+    return np.where(filled, np.repeat(mass, sizes), 0.0)
 
 
 def tensor_sqnr(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: list[str],

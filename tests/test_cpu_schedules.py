@@ -304,6 +304,28 @@ def test_a_tensor_written_out_transposed_is_computed_row_by_row(rng):
     assert_built_like_onnxruntime(kernels, target, model)
 
 
+def test_a_concat_is_written_in_place_by_the_convs_making_its_inputs(rng):
+    """SqueezeNet's fire module, its squeeze output joined too: both expand convs write their
+    channels straight into the concat's output, the squeeze output (read by the convs as well) is
+    copied in, no concat kernel is left, and the model is exact."""
+    nodes = [conv_node("x", "ws", "s", "bs"), helper.make_node("Relu", ["s"], ["sr"]),
+             conv_node("sr", "w1", "a", "b1"), helper.make_node("Relu", ["a"], ["ar"]),
+             conv_node("sr", "w3", "c", "b3", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["cr"]),
+             helper.make_node("Concat", ["ar", "cr", "sr"], ["joined"], axis=1),
+             conv_node("joined", "wo", "y", "bo")]
+    model = make_model(nodes, [("x", [1, 8, 12, 12])], [("y", [1, 8, 12, 12])],
+                       {"ws": rng.normal(0, 0.3, (8, 8, 1, 1)), "bs": rng.normal(0, 0.1, 8),
+                        "w1": rng.normal(0, 0.3, (16, 8, 1, 1)), "b1": rng.normal(0, 0.1, 16),
+                        "w3": rng.normal(0, 0.1, (16, 8, 3, 3)), "b3": rng.normal(0, 0.1, 16),
+                        "wo": rng.normal(0, 0.1, (8, 40, 1, 1)), "bo": rng.normal(0, 0.1, 8)})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    names = [gv.name_hint for gv in kernels.functions]
+    assert not [n for n in names if n.startswith("concatenate")], names
+    assert len([n for n in names if n.endswith("_into_concat")]) == 3 and "copy_into_concat" in names, names
+    assert_built_like_onnxruntime(kernels, target, model)
+
+
 def test_exp_is_vector_arithmetic_as_exact_as_expf():
     """exp (and sigmoid, SiLU) lowers to a polynomial in registers, not one expf call per lane (a
     YOLO-style detector's SiLU convs ran 21% slower so): relative error below 3e-7 where the

@@ -188,11 +188,13 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     ``cpu_schedules`` (3x3 ones by ``winograd`` where it pays, unless turned off; ``cache_bytes``:
     the CPU's last-level cache where it is this machine's; a depthwise conv and the 1x1 conv
     reading it as one kernel, ``depthwise_pointwise``), their weights repacked at compile time,
-    the rest left for MetaSchedule."""
+    concats written in place by the kernels making their inputs (``concat_in_place``), the rest
+    left for MetaSchedule."""
     import tvm
     from tvm import relax
 
     from .channel_padding import pad_output_channels
+    from .concat_in_place import concat_in_place
     from .dense_as_conv import dense_as_conv
     from .conv_schedules import schedule_convolutions
     from .cpu_schedules import VectorUnit, nhwc_layout
@@ -209,7 +211,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     # The convs' weight repacking becomes functions of the constant weights, run at compile time.
     prepack = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
                                         relax.transform.DeadCodeElimination()])
-    return prepack(scheduled)
+    return concat_in_place(prepack(scheduled))
 
 
 def build(kernels, target: Target, db_dir: Path | None):

@@ -323,6 +323,10 @@ def test_a_concat_is_written_in_place_by_the_convs_making_its_inputs(rng):
     names = [gv.name_hint for gv in kernels.functions]
     assert not [n for n in names if n.startswith("concatenate")], names
     assert len([n for n in names if n.endswith("_into_concat")]) == 3 and "copy_into_concat" in names, names
+    from hwcompress.backend.kernel_info import describe_kernels
+
+    convs = [k for k in describe_kernels(kernels).values() if k["op"] == "conv2d" and k["output"] == [1, 12, 12, 40]]
+    assert len(convs) == 2 and all(k["fused"] == ["add", "relu", "concat in place"] for k in convs), convs
     assert_built_like_onnxruntime(kernels, target, model)
 
 

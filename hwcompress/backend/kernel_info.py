@@ -18,6 +18,7 @@ _MAIN_OPS = ("conv2d_transpose", "conv2d_winograd", "conv2d", "matmul", "max_poo
 # Op names that contain underscores, so that a kernel name can be split into ops.
 _COMPOUND = ("adaptive_avg_pool2d", "conv2d_transpose", "conv2d_winograd", "max_pool2d", "avg_pool2d", "strided_slice",
              "layout_transform", "broadcast_to", "expand_dims", "image_resize2d")
+_INTO_CONCAT = "_into_concat"
 # Shorter words for the epilogue column.
 _WORDS = {"maximum": "max", "minimum": "min", "multiply": "mul", "subtract": "sub",
           "divide": "div"}
@@ -32,8 +33,9 @@ def _unnumbered(token: str) -> str:
 def fused_ops(kernel: str) -> list[str]:
     """The Relax ops fused into ``kernel``, from its name, in order (TVM numbers repeated ops:
     ``conv2d3``, ``cast10``; the numbering is dropped)."""
-    name = re.sub(r"_prepacked$", "", re.sub(r"^fused_", "", kernel))
-    tokens = [_unnumbered(t) for t in name.split("_") if t]
+    into_concat = kernel.endswith(_INTO_CONCAT)  # concat_in_place's kernels write their concat's slice
+    name = re.sub(r"_prepacked$", "", re.sub(r"^fused_", "", kernel.removesuffix(_INTO_CONCAT)))
+    tokens = [_unnumbered(t) for t in name.split("_") if t] + (["concat in place"] if into_concat else [])
     ops, i = [], 0
     while i < len(tokens):
         if tokens[i] == "tir" and i + 1 < len(tokens):  # TIR intrinsics: tir_round, tir_sigmoid
@@ -68,8 +70,9 @@ def describe_kernels(mod) -> dict[str, dict]:
         for binding in (b for block in getattr(func.body, "blocks", []) for b in block.bindings):
             value = binding.value
             if isinstance(value, relax.Call) and getattr(value.op, "name", "") in call_tir:
-                callee, args = value.args[0], value.args[1]
-                inputs = [s for s in (static_shape(a) for a in getattr(args, "fields", [])) if s is not None]
+                callee, args = value.args[0], list(getattr(value.args[1], "fields", []))
+                written = {int(i) for i in getattr(value.attrs, "inplace_indices", None) or []}  # outputs, not inputs
+                inputs = [s for s in (static_shape(a) for i, a in enumerate(args) if i not in written) if s is not None]
                 calls.setdefault(callee.name_hint, (inputs, static_shape(binding.var)))
     described = {}
     for gvar, func in mod.functions.items():

@@ -30,9 +30,9 @@ from .cpu_schedules import (CONV_BLOCKS, ConvTiles, VectorUnit, _is_float_hwio, 
                             _weights_outweigh_input, choose_tiles, has_block, loops_below)
 from .int8_conv_schedule import _is_int8_hwio, dot_product_intrinsics
 from .int8_conv_schedule import _schedule as schedule_int8
+from .relax_rewrite import is_call_tir, rewrite_blocks
 
 DEPTHWISE_BLOCK, POINTWISE_BLOCK = CONV_BLOCKS[1], CONV_BLOCKS[0]
-_CALL_TIR = "relax.call_tir"
 
 
 def fuse_depthwise_pointwise(mod: tvm.IRModule, target) -> tvm.IRModule:
@@ -41,30 +41,7 @@ def fuse_depthwise_pointwise(mod: tvm.IRModule, target) -> tvm.IRModule:
     float 1x1 convs, and int8 ones where the CPU has an integer dot product (the int8 model's
     depthwise conv reads 8-bit activations, computes in float and requantizes)."""
     kernel = _Kernel(VectorUnit.of(target), dot_product_intrinsics(target))
-    builder = relax.BlockBuilder(mod)
-    changed = False
-    for gvar, func in mod.functions.items():
-        if not isinstance(func, relax.Function) or (func.attrs is not None and "Primitive" in func.attrs):
-            continue
-        uses = _uses(func)
-        blocks = [_fuse_in_block(mod, builder, block, uses, kernel) for block in func.body.blocks]
-        if any(new is not old for new, old in zip(blocks, func.body.blocks)):
-            changed = True
-            builder.update_func(gvar, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body),
-                                                     func.ret_ty, func.is_pure, func.attrs))
-    return relax.transform.DeadCodeElimination()(builder.get()) if changed else mod
-
-
-def _uses(func: relax.Function) -> dict:
-    """How often each variable of ``func`` is read."""
-    uses: dict = {}
-
-    def count(expr):
-        if isinstance(expr, relax.Var):
-            uses[expr] = uses.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, count)
-    return uses
+    return rewrite_blocks(mod, lambda builder, block, uses: _fuse_in_block(mod, builder, block, uses, kernel))
 
 
 def _fuse_in_block(mod, builder, block, uses, kernel):
@@ -74,11 +51,11 @@ def _fuse_in_block(mod, builder, block, uses, kernel):
     merged = {}  # the 1x1 conv's variable -> its new call; the depthwise binding then goes
     for binding in block.bindings:
         second = binding.value
-        if not _is_call_tir(second) or not second.args[1].fields:
+        if not is_call_tir(second) or not second.args[1].fields:
             continue
         first_var = second.args[1].fields[0]
         first = bound.get(first_var)
-        if first is None or not _is_call_tir(first) or uses.get(first_var) != 1:  # read by the 1x1 conv only
+        if first is None or not is_call_tir(first) or uses.get(first_var) != 1:  # read by the 1x1 conv only
             continue
         if not (_is_depthwise(mod[first.args[0]]) and kernel.takes(mod[second.args[0]])):
             continue
@@ -91,10 +68,6 @@ def _fuse_in_block(mod, builder, block, uses, kernel):
     bindings = [relax.VarBinding(b.var, merged[b.var][1]) if b.var in merged else b
                 for b in block.bindings if b.var not in gone]
     return relax.DataflowBlock(bindings) if isinstance(block, relax.DataflowBlock) else relax.BindingBlock(bindings)
-
-
-def _is_call_tir(expr) -> bool:
-    return isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == _CALL_TIR
 
 
 def _conv(func, name: str, other: str):

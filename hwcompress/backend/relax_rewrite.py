@@ -1,9 +1,12 @@
 """What the project's Relax rewrites (dense_as_conv, pad_layout, channel_padding, int8_lowering,
-affine_chain) share: running a mutator over every Relax function of a module, and reading a
-constant (a weight through the bindings and transposes the importer and the layout conversion put
-in front of it)."""
+affine_chain, depthwise_pointwise, concat_in_place) share: running a mutator over every Relax
+function of a module, or a rewrite over each binding block of the fused kernels' calls, and
+reading a constant (a weight through the bindings and transposes the importer and the layout
+conversion put in front of it)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import tvm
@@ -18,6 +21,41 @@ def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IR
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, mutator.visit_expr(func))
     return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+
+def rewrite_blocks(mod: tvm.IRModule, rewrite: Callable) -> tvm.IRModule:
+    """``mod`` with each binding block of its Relax functions (not the primitive ones fusion made)
+    replaced by ``rewrite(builder, block, uses)`` (``uses``: how often each variable of the
+    function is read; the builder: where new kernels go), unused bindings removed."""
+    builder = relax.BlockBuilder(mod)
+    changed = False
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, relax.Function) or (func.attrs is not None and "Primitive" in func.attrs):
+            continue
+        uses = variable_uses(func)
+        blocks = [rewrite(builder, block, uses) for block in func.body.blocks]
+        if any(new is not old for new, old in zip(blocks, func.body.blocks)):
+            changed = True
+            builder.update_func(gvar, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body),
+                                                     func.ret_ty, func.is_pure, func.attrs))
+    return relax.transform.DeadCodeElimination()(builder.get()) if changed else mod
+
+
+def variable_uses(func: relax.Function) -> dict:
+    """How often each variable of ``func`` is read."""
+    uses: dict = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, count)
+    return uses
+
+
+def is_call_tir(expr) -> bool:
+    """Whether ``expr`` calls a kernel (``call_tir``, not in place)."""
+    return isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir"
 
 
 def constant_value(expr) -> np.ndarray | None:

@@ -330,6 +330,40 @@ def test_a_concat_is_written_in_place_by_the_convs_making_its_inputs(rng):
     assert_built_like_onnxruntime(kernels, target, model)
 
 
+def test_a_channel_shuffle_runs_in_nhwc_without_layout_transposes(rng):
+    """ShuffleNet's unit: concat, the NCHW shuffle (Reshape, Transpose, Reshape), Split, one half to
+    a conv and into the next concat. In NHWC it needs no transpose to NCHW and back: only the
+    model's input and output are transposed, and the model is exact."""
+    from hwcompress.backend.cpu_schedules import nhwc_layout
+
+    shuffle = [helper.make_node("Reshape", ["joined", "grouped"], ["g"]),
+               helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 1, 3, 4]),
+               helper.make_node("Reshape", ["t", "flat"], ["shuffled"]),
+               helper.make_node("Split", ["shuffled", "halves"], ["keep", "work"], axis=1)]
+    nodes = [conv_node("x", "wa", "a", "ba"), helper.make_node("Relu", ["a"], ["ar"]),
+             conv_node("x", "wb", "b", "bb"), helper.make_node("Concat", ["ar", "b"], ["joined"], axis=1),
+             *shuffle, conv_node("work", "wc", "c", "bc"), helper.make_node("Concat", ["keep", "c"], ["y"], axis=1)]
+    model = make_model(nodes, [("x", [1, 16, 8, 8])], [("y", [1, 32, 8, 8])],
+                       {"wa": rng.normal(0, 0.3, (16, 16, 1, 1)), "ba": rng.normal(0, 0.1, 16),
+                        "wb": rng.normal(0, 0.3, (16, 16, 1, 1)), "bb": rng.normal(0, 0.1, 16),
+                        "wc": rng.normal(0, 0.3, (16, 16, 1, 1)), "bc": rng.normal(0, 0.1, 16),
+                        "grouped": np.array([1, 2, 16, 8, 8], np.int64), "flat": np.array([1, 32, 8, 8], np.int64),
+                        "halves": np.array([16, 16], np.int64)})
+    converted = nhwc_layout(import_onnx(model))["main"]
+    transposes = []  # of activations (8x8 maps), between NCHW and NHWC
+    relax.analysis.post_order_visit(converted.body, lambda e: transposes.append(e) if (
+        isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.permute_dims"
+        and [int(a) for a in e.attrs.axes] in ([0, 3, 1, 2], [0, 2, 3, 1])
+        and [int(d) for d in e.ty.shape][1:3] in ([8, 8], [32, 8], [16, 8])) else None)
+    inward = [t for t in transposes if [int(a) for a in t.attrs.axes] == [0, 2, 3, 1]]
+    outward = [t for t in transposes if [int(a) for a in t.attrs.axes] == [0, 3, 1, 2]]
+    # Only the model's input goes to NHWC (once per conv reading it), only its output back to NCHW.
+    assert all(t.args[0].same_as(converted.params[0]) for t in inward), converted.script()
+    assert len(outward) == 1 and int(outward[0].ty.shape[1]) == 32, converted.script()
+    target = get_target("host")
+    assert_built_like_onnxruntime(tvm_build.lower(import_onnx(model), target), target, model)
+
+
 def test_exp_is_vector_arithmetic_as_exact_as_expf():
     """exp (and sigmoid, SiLU) lowers to a polynomial in registers, not one expf call per lane (a
     YOLO-style detector's SiLU convs ran 21% slower so): relative error below 3e-7 where the

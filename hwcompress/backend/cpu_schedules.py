@@ -297,10 +297,13 @@ def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
 
 
 def nhwc_layout(mod: tvm.IRModule) -> tvm.IRModule:
-    """Convolutions in NHWC with HWIO weights: channels innermost, where the vector lanes are.
+    """Convolutions in NHWC with HWIO weights: channels innermost, where the vector lanes are
+    (pads and channel shuffles moved to that side of the layout transposes).
     Transposed convolutions stay NCHW: TVM 0.27 can only lower those (in NHWC one reached the VM
     unlowered and the build failed)."""
     from .pad_layout import pads_after_transposes
+    from .shuffle_layout import shuffles_in_nhwc
 
-    return pads_after_transposes(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
-                                                                "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]})(mod))
+    converted = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
+                                               "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]})(mod)
+    return pads_after_transposes(shuffles_in_nhwc(converted))

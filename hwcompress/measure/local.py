@@ -98,7 +98,10 @@ class LocalMeasurer(Measurer):
             for name, j in (("job", job), ("reference", reference)):
                 vm, _, args = load_local(j.library, j.feeds, j.input_names)
                 runners[name] = lambda main=vm["main"], args=args: main(*args)
-            medians = alternating_latency_ms(runners, rounds=rounds, repeat=10, pause_s=0.2)
+            # Both run on TVM's one thread pool: no other runtime's spinning workers to wait out
+            # (two SqueezeNet and two ShuffleNet libraries read the same ratios, within their
+            # spread, with no pause as with 0.2 s; the search's candidates each took 2 s longer).
+            medians = alternating_latency_ms(runners, rounds=rounds, repeat=10, pause_s=0.0)
         return float(np.median([a / b for a, b in zip(medians["job"], medians["reference"])]))
 
 

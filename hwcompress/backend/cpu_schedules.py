@@ -301,9 +301,7 @@ def nhwc_layout(mod: tvm.IRModule) -> tvm.IRModule:
     (pads and channel shuffles moved to that side of the layout transposes).
     Transposed convolutions stay NCHW: TVM 0.27 can only lower those (in NHWC one reached the VM
     unlowered and the build failed)."""
-    from .pad_layout import pads_after_transposes
-    from .shuffle_layout import shuffles_in_nhwc
+    from .layout_transposes import nhwc_side
 
-    converted = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
-                                               "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]})(mod)
-    return pads_after_transposes(shuffles_in_nhwc(converted))
+    return nhwc_side(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
+                                                    "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]})(mod))

@@ -1,4 +1,4 @@
-"""What the project's Relax rewrites (dense_as_conv, pad_layout, channel_padding, int8_lowering,
+"""What the project's Relax rewrites (dense_as_conv, layout_transposes, channel_padding, int8_lowering,
 affine_chain, depthwise_pointwise, concat_in_place) share: running a mutator over every Relax
 function of a module, or a rewrite over each binding block of the fused kernels' calls, and
 reading a constant (a weight through the bindings and transposes the importer and the layout

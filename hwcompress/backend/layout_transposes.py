@@ -1,17 +1,24 @@
-"""A channel shuffle computed in NHWC, not through NCHW and back.
+"""Pads and channel shuffles moved to the NHWC side of the layout conversion's transposes.
 
-ShuffleNet's channel shuffle is written for NCHW: ``Reshape [N, g, C/g, H, W]``, ``Transpose``
-of the two channel axes, ``Reshape [N, C, H, W]``, then a ``Split`` of the channels. Relax's
-``ConvertLayout`` has no NHWC rule for a reshape, so around every shuffle the NHWC activations
-were transposed to NCHW, shuffled and split there, and each half transposed back for the convs
-reading it: the ShuffleNet-style model spent about a quarter of its per-kernel profile moving
-data between layouts. Here the shuffle of a tensor transposed to NCHW becomes the same
-permutation of the NHWC channels (``[N, H, W, g, C/g]``, the last two axes swapped), with the
-transpose to NCHW after it; a split of a transposed tensor splits before the transpose, a concat
-of tensors transposed alike concatenates before it, and a transpose that undoes the one before it
-is dropped, so the transposes meet and cancel.
+Relax's ``ConvertLayout`` has no NHWC rule for ``nn.pad`` or for a reshape, so what it cannot
+convert stays in NCHW, wrapped in a transpose to NCHW before it and one back after it.
+
+- Pads: the int8 lowering pads explicitly (with the input's zero point, which the conv's own zero
+  padding cannot express), so every padded int8 conv moved its input through memory three times.
+  ``permute_dims(pad(x), to_nhwc)`` becomes ``pad(permute_dims(x, to_nhwc))`` with the pad widths
+  permuted the same way.
+- Channel shuffles: ShuffleNet's, written for NCHW (``Reshape [N, g, C/g, H, W]``, ``Transpose``
+  of the two channel axes, ``Reshape [N, C, H, W]``, then a ``Split`` of the channels), had every
+  unit transposed to NCHW and each half back for the convs reading it: the ShuffleNet-style model
+  spent about a quarter of its per-kernel profile moving data between layouts. The shuffle of a
+  tensor transposed to NCHW becomes the same permutation of the NHWC channels
+  (``[N, H, W, g, C/g]``, the last two axes swapped), with the transpose to NCHW after it; a split
+  of a transposed tensor splits before the transpose, a concat of tensors transposed alike
+  concatenates before it.
+
+A transpose of a transpose is one transpose, or none where the second undoes the first, so the
+transposes moved this way meet and cancel.
 """
-
 from __future__ import annotations
 
 import tvm
@@ -19,6 +26,7 @@ from tvm import relax
 
 from .relax_rewrite import rewrite_functions
 
+_PAD = tvm.ir.Op.get("relax.nn.pad")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _SPLIT = tvm.ir.Op.get("relax.split")
@@ -26,8 +34,8 @@ _CONCAT = tvm.ir.Op.get("relax.concat")
 _TO_NCHW = [0, 3, 1, 2]
 
 
-def shuffles_in_nhwc(mod: tvm.IRModule) -> tvm.IRModule:
-    return rewrite_functions(_Shuffles(mod), mod)
+def nhwc_side(mod: tvm.IRModule) -> tvm.IRModule:
+    return rewrite_functions(_Mover(mod), mod)
 
 
 def _shape(expr) -> list[int] | None:
@@ -39,7 +47,7 @@ def _shape(expr) -> list[int] | None:
 
 
 @relax.expr_functor.mutator
-class _Shuffles(relax.PyExprMutator):
+class _Mover(relax.PyExprMutator):
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         rewritten = None
@@ -50,8 +58,25 @@ class _Shuffles(relax.PyExprMutator):
         elif call.op == _CONCAT:
             rewritten = self._concat(call)
         elif call.op == _PERMUTE and call.attrs.axes is not None:
-            rewritten = self._permuted(call.args[0], [int(a) for a in call.attrs.axes])
+            axes = [int(a) for a in call.attrs.axes]
+            rewritten = self._permuted(call.args[0], axes)
+            if rewritten is None:
+                rewritten = self._pad_permuted(call.args[0], axes)
         return call if rewritten is None else rewritten
+
+    def _pad_permuted(self, expr, axes: list[int]):
+        """``permute_dims(pad(x), axes)`` as ``pad(permute_dims(x, axes))``, the widths permuted."""
+        pad = self._bound(expr)
+        if not (isinstance(pad, relax.Call) and pad.op == _PAD and pad.attrs.pad_mode == "constant"):
+            return None
+        widths = [int(w) for w in pad.attrs.pad_width]
+        if len(widths) != 2 * len(axes):
+            return None
+        moved = [w for axis in axes for w in widths[2 * axis:2 * axis + 2]]
+        inner = self._permuted(pad.args[0], axes)
+        if inner is None:
+            inner = relax.op.permute_dims(pad.args[0], axes)
+        return relax.op.nn.pad(self.builder_.emit(inner), moved, pad_value=float(pad.attrs.pad_value))
 
     def _shuffle(self, call):
         """``reshape(permute(reshape(permute(x, to NCHW), [N, g, C/g, H, W]), [0, 2, 1, 3, 4]),

@@ -1,5 +1,5 @@
-"""Identity/Dropout removal, Reshape canonicalization, ConvTranspose as 1x1 conv + pixel shuffle: exact
-rewrites, checked with ONNX Runtime."""
+"""Identity/Dropout removal, Reshape canonicalization, explicit pads, 1-D layers as 2-D ones,
+ConvTranspose as a conv + pixel shuffle: exact rewrites, checked with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from onnx import helper
 from conftest import assert_same_outputs, make_model, op_count
 import pytest
 
-from hwcompress.passes import canonicalize_reshape, convtranspose_as_conv, eliminate_identity, explicit_pads
+from hwcompress.passes import (canonicalize_reshape, conv1d_as_conv2d, convtranspose_as_conv, eliminate_identity,
+                               explicit_pads)
 
 
 def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
@@ -80,8 +81,73 @@ def test_non_overlapping_convtranspose_becomes_a_1x1_conv_and_a_pixel_shuffle(rn
     assert_same_outputs(model, result.model, tol=1e-5)
 
 
-def test_overlapping_or_padded_convtranspose_is_left_alone(rng):
-    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1])
-    model = make_model([node], [("x", [1, 4, 5, 5])], [("y", [1, 3, 7, 7])], {"w": rng.normal(0, 1, (4, 3, 3, 3))})
+@pytest.mark.parametrize("kernel, strides, pads, output_padding, groups", [
+    ((4, 4), (2, 2), [1, 1, 1, 1], [0, 0], 1),   # DCGAN / FSRCNN-style 2x upsampling
+    ((3, 3), (2, 2), [1, 1, 1, 1], [1, 1], 1),   # PyTorch's "same" 2x upsampling
+    ((5, 3), (3, 2), [2, 0, 1, 3], [1, 0], 1),   # asymmetric everything
+    ((3, 3), (1, 1), [3, 3, 3, 3], [0, 0], 1),   # a pad wider than the kernel
+    ((4, 4), (2, 2), [1, 1, 1, 1], [0, 0], 4),   # depthwise (bilinear-style) upsampling
+])
+def test_overlapping_or_padded_convtranspose_becomes_a_conv_a_pixel_shuffle_and_a_crop(rng, kernel, strides,
+                                                                                      pads, output_padding, groups):
+    """Each output phase of a strided transposed conv is an ordinary conv with the taps that reach
+    it: one conv to Co x sh x sw channels, shuffled into space, cropped by the padding. Exact."""
+    kh, kw = kernel
+    cout = 4 if groups > 1 else 3
+    out = [(size - 1) * s + k - pads[i] - pads[i + 2] + output_padding[i]
+           for i, (size, k, s) in enumerate(zip((5, 7), kernel, strides))]
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=list(strides), pads=pads,
+                            output_padding=output_padding, group=groups)
+    model = make_model([node], [("x", [1, 4, 5, 7])], [("y", [1, cout, *out])],
+                       {"w": rng.normal(0, 1, (4, cout // groups, kh, kw)), "b": rng.normal(0, 1, cout)})
     result = convtranspose_as_conv.apply(model)
-    assert op_count(result.model, "ConvTranspose") == 1 and "overlap or are padded" in result.log.skipped[0]
+    assert op_count(result.model, "ConvTranspose") == 0 and op_count(result.model, "Conv") == 1
+    assert_same_outputs(model, result.model, tol=1e-5)
+
+
+def test_dilated_convtranspose_is_left_alone(rng):
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], dilations=[2, 2])
+    model = make_model([node], [("x", [1, 4, 5, 5])], [("y", [1, 3, 15, 15])], {"w": rng.normal(0, 1, (4, 3, 3, 3))})
+    result = convtranspose_as_conv.apply(model)
+    assert op_count(result.model, "ConvTranspose") == 1 and "dilated" in result.log.skipped[0]
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_stack_of_1d_layers_runs_on_4d_tensors_from_its_first_layer_to_its_last(rng, opset):
+    """1-D conv, PReLU with a per-channel slope, max-pool, dilated conv, a residual Add, a scalar
+    Mul, a transposed conv and global pooling: each layer becomes 2-D over [N, C, 1, L], the
+    Squeezes move past the elementwise ops and cancel the next layer's Unsqueeze, so one Unsqueeze
+    (the input) and one Squeeze (the output) are left. Exact (the Squeeze's axes as an input from
+    opset 13, an attribute before)."""
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], strides=[2], pads=[2, 2]),
+             helper.make_node("PRelu", ["a", "slope"], ["p"]),
+             helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[2], strides=[2]),
+             helper.make_node("Conv", ["m", "wb"], ["b"], pads=[2, 2], dilations=[2]),
+             helper.make_node("Add", ["b", "m"], ["r"]),
+             helper.make_node("Mul", ["r", "half"], ["h"]),
+             helper.make_node("ConvTranspose", ["h", "wt"], ["t"], strides=[2], pads=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["t"], ["y"])]
+    model = make_model(nodes, [("x", [1, 4, 32])], [("y", [1, 3, 1])],
+                       {"wa": rng.normal(0, 1, (6, 4, 5)), "ba": rng.normal(0, 1, 6), "slope": rng.uniform(0, 1, (6, 1)),
+                        "wb": rng.normal(0, 1, (6, 6, 3)), "half": np.array(0.5), "wt": rng.normal(0, 1, (6, 3, 4))},
+                       opset=opset)
+    result = conv1d_as_conv2d.apply(model)
+    assert len(result.log.applied) == 4 and not result.log.skipped
+    assert op_count(result.model, "Unsqueeze") == 1 and op_count(result.model, "Squeeze") == 1
+    layers = [n for n in result.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MaxPool")]
+    assert all(len(helper.get_attribute_value(a)) == 2 for n in layers for a in n.attribute
+               if a.name in ("kernel_shape", "strides"))
+    assert_same_outputs(model, result.model, tol=1e-5)
+    as_conv = convtranspose_as_conv(result.model)  # the 1-D transposed conv, now 2-D, becomes a conv
+    assert op_count(as_conv, "ConvTranspose") == 0
+    assert_same_outputs(model, as_conv, tol=1e-5)
+
+
+def test_a_1d_layer_read_by_an_op_that_cannot_move_keeps_its_squeeze(rng):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1]),
+             helper.make_node("Softmax", ["a"], ["s"], axis=-1),
+             helper.make_node("Conv", ["s", "w"], ["y"], pads=[1, 1])]
+    model = make_model(nodes, [("x", [1, 4, 16])], [("y", [1, 4, 16])], {"w": rng.normal(0, 1, (4, 4, 3))})
+    result = conv1d_as_conv2d.apply(model)
+    assert op_count(result.model, "Unsqueeze") == 2 and op_count(result.model, "Squeeze") == 2
+    assert_same_outputs(model, result.model, tol=1e-5)

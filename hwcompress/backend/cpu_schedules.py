@@ -13,8 +13,9 @@ target's vector width and register count, so the kernel is good without tuning, 
 that cannot be tuned from here (arm-a72 cross-compiled).
 
 A fused function is scheduled only when it has exactly this shape (one ``conv2d_nhwc`` or
-depthwise ``group_conv2d_nhwc`` block, float32, weights HWIO, optional padding and elementwise
-epilogue); anything else (other grouped convs, int8) is left to MetaSchedule. Scheduled functions
+``group_conv2d_nhwc`` block, float32, weights HWIO, optional padding and elementwise epilogue;
+a grouped conv's channel tile within one group); anything else (int8 outside
+``int8_conv_schedule``) is left to MetaSchedule. Scheduled functions
 carry ``tirx.is_scheduled`` so tuning skips them."""
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def schedule_conv2d_nhwc(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc
     if conv is None or not _is_float_hwio(sch, conv):
         return None
     out_shape = [int(x) for x in sch.get(conv).writes[0].source.shape]
-    tiles = choose_tiles(out_shape[2], out_shape[3], unit)
+    tiles = choose_tiles(out_shape[2], channels_per_group(sch, conv), unit)
     if tiles is None:
         return None
     try:
@@ -95,9 +96,10 @@ def _conv_block(sch: Schedule):
 
 
 def _is_float_hwio(sch: Schedule, conv) -> bool:
-    """A float32 conv with HWIO weights, dense (I = input channels) or depthwise (I = 1, one
-    output channel per input channel): in both, output channel lanes read contiguous weights and
-    either one broadcast input value (dense) or the matching input lanes (depthwise)."""
+    """A float32 conv with HWIO weights, dense (I = input channels), grouped (I = input channels
+    per group) or depthwise (I = 1, one output channel per input channel): in each, output channel
+    lanes read contiguous weights and either one broadcast input value (dense; grouped, where a
+    channel tile stays inside one group) or the matching input lanes (depthwise)."""
     block = sch.get(conv)
     loops = sch.get_loops(conv)
     if len(block.iter_vars) != 7 or len(loops) != 7 or len(block.reads) != 2:
@@ -110,10 +112,28 @@ def _is_float_hwio(sch: Schedule, conv) -> bool:
         return False
     in_channels, out_channels = int(data.shape[3]), int(out.shape[3])
     per_group = int(weight.shape[2])
+    groups = in_channels // per_group
     dense = per_group == in_channels and data.dtype == "float32"
+    grouped = 1 < per_group < in_channels and data.dtype == "float32" and in_channels % per_group == 0 \
+        and out_channels % groups == 0
     # An int8 model's depthwise conv reads its 8-bit input lanes and converts them (int8_lowering).
     depthwise = per_group == 1 and in_channels == out_channels and data.dtype in ("float32", "uint8", "int8")
-    return int(weight.shape[3]) == out_channels and (dense or depthwise)
+    return int(weight.shape[3]) == out_channels and (dense or grouped or depthwise)
+
+
+def is_depthwise(sch: Schedule, conv) -> bool:
+    """One input channel per output channel (the weights' I axis is 1)."""
+    return int(sch.get(conv).reads[1].source.shape[2]) == 1
+
+
+def channels_per_group(sch: Schedule, conv) -> int:
+    """Output channels per group (all of them in a dense conv): a register tile must not straddle
+    two groups, whose lanes would read different input channels."""
+    data, weight = (region.source for region in sch.get(conv).reads)
+    out_channels = int(sch.get(conv).writes[0].source.shape[3])
+    if is_depthwise(sch, conv):
+        return out_channels
+    return out_channels // (int(data.shape[3]) // int(weight.shape[2]))
 
 
 def _schedule(sch: Schedule, conv, tiles: ConvTiles, keep=(), per_pixel_tile=None) -> None:
@@ -121,7 +141,7 @@ def _schedule(sch: Schedule, conv, tiles: ConvTiles, keep=(), per_pixel_tile=Non
     of this kernel, not side inputs (``fuse_epilogue``); ``per_pixel_tile(sch, loop)``: computes
     them inside each parallel pixel tile, ``loop`` (the channel tiles then run inside it, so
     that what that stage writes is read while it is in cache: ``depthwise_pointwise``)."""
-    depthwise = sch.get(conv).name_hint.startswith("group")
+    depthwise = is_depthwise(sch, conv)
     epilogue = fuse_epilogue(sch, conv, keep)
     if not depthwise:
         _pack_weights(sch, conv, tiles.channels)

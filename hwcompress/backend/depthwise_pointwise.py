@@ -27,7 +27,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
 from .cpu_schedules import (CONV_BLOCKS, ConvTiles, VectorUnit, _is_float_hwio, _NotApplicable, _schedule,
-                            _weights_outweigh_input, choose_tiles, has_block, loops_below)
+                            _weights_outweigh_input, choose_tiles, has_block, is_depthwise, loops_below)
 from .int8_conv_schedule import _is_int8_hwio, dot_product_intrinsics
 from .int8_conv_schedule import _schedule as schedule_int8
 from .relax_rewrite import is_call_tir, rewrite_blocks
@@ -84,7 +84,7 @@ def _conv(func, name: str, other: str):
 def _is_depthwise(func) -> bool:
     """A depthwise conv the float schedule takes (in an int8 model it reads 8-bit activations)."""
     found = _conv(func, DEPTHWISE_BLOCK, POINTWISE_BLOCK)
-    return found is not None and _is_float_hwio(*found)
+    return found is not None and _is_float_hwio(*found) and is_depthwise(*found)
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,7 @@ def _conv_kind(func, inputs: list, output: list | None) -> str:
     if not any(n.startswith("group_conv2d") for n in names):
         return "conv2d"
     channels = output[-1] if output else None
-    if any(len(s) == 4 and s[2] == 1 and s[3] == channels for s in inputs):
+    # HWIO weights [kh, kw, 1, C] (not a bias broadcast as [1, 1, 1, C])
+    if any(len(s) == 4 and s[2] == 1 and s[3] == channels and (s[0], s[1]) != (1, 1) for s in inputs):
         return "depthwise conv2d"
     return "grouped conv2d"

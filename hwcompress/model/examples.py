@@ -4,7 +4,8 @@ They let a newcomer run hwc without downloading anything, and give tests and ben
 architectures with BatchNormalization still in place: classifiers (ResNet-18, MobileNetV2,
 MobileNetV3-style with squeeze-and-excitation and HardSwish, ShuffleNet-style with channel split and
 shuffle), a YOLO-style detector (Focus slicing, SiLU, SPP, upsampling), a U-Net-style segmenter
-(ConvTranspose, Resize, skip concatenations) and an audio CNN with a channels-last input. Weights are
+(ConvTranspose, Resize, skip concatenations), an audio CNN with a channels-last input, a 1-D CNN
+over raw audio samples and a sub-pixel super-resolution net (pixel shuffle as Reshape/Transpose). Weights are
 He-scaled and BN statistics non-trivial, so activations stay in a realistic range and folding is exercised.
 """
 
@@ -290,5 +291,46 @@ def audio_cnn(input_size: int = 98, classes: int = 128, width: float = 1.0, seed
                    input_shape=[1, input_size, 40, 1])
 
 
+def waveform(input_size: int = 16000, classes: int = 35, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """M5 (Dai et al. 2017, the raw-waveform classifier of torchaudio's speech-command tutorial): 1-D
+    convs over audio samples ([1, 1, ``input_size``]), the first 80 taps at stride 4, each with
+    BatchNormalization, ReLU and a 4x max-pool, then global average pooling and a classifier."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
+    y, cin = "input", 1
+    for c, k, stride in ((128, 80, 4), (128, 3, 1), (256, 3, 1), (512, 3, 1)):
+        cout = ch(c)
+        w = b.rng.normal(0, np.sqrt(2.0 / (cin * k)), (cout, cin, k))
+        y = b.node("Conv", [y, b.const("w", w)], "conv", kernel_shape=[k], strides=[stride], pads=[k // 2 - 1 + k % 2] * 2)
+        bn = [b.rng.uniform(0.5, 1.5, cout), b.rng.normal(0, 0.1, cout), b.rng.normal(0, 0.1, cout),
+              b.rng.uniform(0.5, 1.5, cout)]
+        y = b.node("Relu", [b.node("BatchNormalization", [y] + [b.const("bn", p) for p in bn], "bn")], "relu")
+        y = b.node("MaxPool", [y], "pool", kernel_shape=[4], strides=[4])
+        cin = cout
+    return b.model("waveform", "input", b.head(y, cin, classes), input_size, classes,
+                   input_shape=[1, 1, input_size])
+
+
+def superres(input_size: int = 224, classes: int = 1, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """A sub-pixel super-resolution net (ESPCN, Shi et al. 2016; the layers of PyTorch's ONNX export
+    tutorial): 5x5 and 3x3 convs at the input's full resolution, a last conv to ``classes`` colour
+    channels x 3 x 3 sub-pixels, and the pixel shuffle as PyTorch exports it (Reshape -> Transpose
+    -> Reshape) to an image 3x the size."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
+    y, cin, scale = "input", classes, 3
+    for c, k in ((64, 5), (64, 3), (32, 3)):
+        y = b.node("Relu", [b.conv(y, cin, ch(c), k, bias=True)], "relu")
+        cin = ch(c)
+    y = b.conv(y, cin, classes * scale * scale, 3, bias=True)
+    size = input_size
+    y = b.node("Reshape", [y, b.const_int("shape", [1, classes, scale, scale, size, size])], "shuffle")
+    y = b.node("Transpose", [y], "shuffle_t", perm=[0, 1, 4, 2, 5, 3])
+    y = b.node("Reshape", [y, b.const_int("shape", [1, classes, size * scale, size * scale])], "shuffle_r")
+    return b.model("superres", "input", y, input_size, classes, input_shape=[1, classes, size, size],
+                   output_shape=[1, classes, size * scale, size * scale])
+
+
 EXAMPLES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "mobilenetv3": mobilenetv3,
-            "shufflenet": shufflenet, "yolo": yolo, "unet": unet, "audio": audio_cnn}
+            "shufflenet": shufflenet, "yolo": yolo, "unet": unet, "audio": audio_cnn, "waveform": waveform,
+            "superres": superres}

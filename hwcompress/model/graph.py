@@ -198,6 +198,11 @@ class Graph:
         self.nodes[at:at] = list(new_nodes)
         self._mark_dirty()
 
+    def insert_after(self, anchor: onnx.NodeProto, new_nodes: Iterable[onnx.NodeProto]) -> None:
+        at = self._position(anchor) + 1
+        self.nodes[at:at] = list(new_nodes)
+        self._mark_dirty()
+
     def replace_node(self, old: onnx.NodeProto, new_nodes: Iterable[onnx.NodeProto]) -> None:
         at = self._position(old)
         self.nodes[at:at + 1] = list(new_nodes)

@@ -409,3 +409,22 @@ def test_exp_is_vector_arithmetic_as_exact_as_expf():
     assert (np.abs(got[normal] - want[normal]) / want[normal]).max() < 3e-7
     assert np.isnan(got[-8]) and got[-7] == np.inf and got[-6] == 0 and got[-5] == 1
     assert got[-3] == np.inf and got[-1] == 0 and (x > 88.73).sum() and (got[x > 88.73] == np.inf).all()
+
+
+@pytest.mark.parametrize("rows", [[1, 14, 28], [1, 197], [4, 9]])
+def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, rows):
+    """x @ W as a 1x1 conv: an NHWC-shaped [1, H, W, K] input as it is (the GELU after it fused
+    into the conv's epilogue), 197 tokens (prime) as one-pixel images, whose one-pixel register
+    tile must leave the parallel loop parallel (it once unrolled it: minutes of compiling and one
+    thread at run time)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Sigmoid", ["m"], ["s"]),
+             helper.make_node("Mul", ["m", "s"], ["y"])]
+    model = make_model(nodes, [("x", [*rows, 64])], [("y", [*rows, 48])], {"w": rng.normal(0, 0.2, (64, 48))})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    scheduled = {gv.name_hint: f.script() for gv, f in kernels.functions.items() if is_scheduled(f)}
+    (conv,) = [script for name, script in scheduled.items() if "conv2d" in name]
+    assert "T.parallel" in conv and "T.vectorized" in conv
+    if len(rows) == 3:
+        assert len([f for f in kernels.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]) == 1  # all fused
+    assert_built_like_onnxruntime(kernels, target, model)

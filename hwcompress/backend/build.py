@@ -202,7 +202,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     from .winograd import rewrite_winograd_convs
 
     unit = VectorUnit.of(tvm_target)
-    convs = nhwc_layout(dense_as_conv(mod))
+    convs = nhwc_layout(dense_as_conv(mod, unit))
     if winograd:  # before the channel padding: its slice would be an epilogue wider than the tile
         convs = rewrite_winograd_convs(convs, unit, cache_bytes)
     lowered = relax.get_pipeline("zero")(pad_output_channels(convs, unit.lanes))

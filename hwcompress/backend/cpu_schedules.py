@@ -169,20 +169,30 @@ def _schedule(sch: Schedule, conv, tiles: ConvTiles, keep=(), per_pixel_tile=Non
     sch.vectorize(o_lanes)
     sch.unroll(o_vectors)
     sch.unroll(w_inner)
-    *_, store_w, store_o = sch.get_loops(store)
-    store_v, store_l = sch.split(store_o, [None, tiles.lanes])
-    sch.vectorize(store_l)
-    sch.unroll(store_v)
-    sch.unroll(store_w)
+    store_tile(sch, store, inside[-1] if inside else pixel_tiles, tiles.lanes)
     for producer in sch.get_producers(conv):  # the padding
         _schedule_input(sch, producer, tiles.lanes, depthwise)
     init = sch.decompose_reduction(conv, rh)
-    *_, init_w, init_v, init_l = sch.get_loops(init)
+    *init_pixels, init_v, init_l = loops_below(sch, init, inside[-1] if inside else pixel_tiles)
     sch.vectorize(init_l)
     sch.unroll(init_v)
-    sch.unroll(init_w)
+    for loop in init_pixels:
+        sch.unroll(loop)
     if per_pixel_tile is not None:
         per_pixel_tile(sch, pixel_tiles)
+
+
+def store_tile(sch: Schedule, store, tile_loop, lanes: int) -> None:
+    """The register tile written out (with its epilogue) inside ``tile_loop``: vectors along
+    channels, the tile's pixels and vectors unrolled. Only loops below ``tile_loop``: where the tile
+    is one pixel wide TVM drops that loop, and the parallel loop above must not be unrolled in its
+    place (it was: a 1x1 conv over 784 one-pixel rows took 8 minutes to compile, one thread to run)."""
+    *pixels, channels = loops_below(sch, store, tile_loop)
+    vectors, vector_lanes = sch.split(channels, [None, lanes])
+    sch.vectorize(vector_lanes)
+    sch.unroll(vectors)
+    for loop in pixels:
+        sch.unroll(loop)
 
 
 def _pack_weights(sch: Schedule, conv, channels: int) -> None:

@@ -1,10 +1,13 @@
 """Fully connected layers as 1x1 convolutions, so that they get the register-blocked conv kernel.
 
-``x @ W`` with a constant 2-D ``W`` is a 1x1 conv over ``rows`` images of one pixel: ``x``
-reshaped to ``[rows, K, 1, 1]`` (no data moves), ``W`` transposed to ``[N, K, 1, 1]`` at compile
-time, the result reshaped back. Left as a matmul, a classifier head had no schedule but the
-generic one: MobileNetV2's 1280 x 1000 layer took 0.9 ms (a sixth of the model) where ONNX Runtime
-takes about 0.1; as a conv it streams its weights once at the vector units' pace.
+``x @ W`` with a constant 2-D ``W`` is a 1x1 conv: ``x`` reshaped (no data moves) to one NHWC
+image whose ``rows`` are the pixels of one row, ``[1, 1, rows, K]``, so that the conv's register
+tile spans several rows and each weight vector loaded serves all of them; ``W`` as HWIO
+``[1, 1, K, N]`` at compile time; the result reshaped back. Where no register tile divides the
+rows (a prime count of tokens), ``rows`` images of one pixel, ``[rows, 1, 1, K]``, the weights
+re-read per row. Left as a matmul, a classifier head had no schedule but the generic one:
+MobileNetV2's 1280 x 1000 layer took 0.9 ms (a sixth of the model) where ONNX Runtime takes about
+0.1; as a conv it streams its weights once at the vector units' pace.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..config.vector_unit import VectorUnit
+from .cpu_schedules import choose_tiles
 from .relax_rewrite import bound_constant, rewrite_functions
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -26,30 +31,50 @@ def static_shape(expr) -> list[int] | None:
         return None
 
 
-def matmul_as_conv(x, weight: np.ndarray, out_dtype: str, pad_value: float = 0.0, depth_multiple: int = 1):
-    """``x @ weight`` written as reshape -> 1x1 conv2d -> reshape; the depth (K) is padded to a
-    multiple of ``depth_multiple`` (``x`` with ``pad_value``, ``weight`` with zeros). None where
-    ``x``'s shape is not static."""
+def matmul_as_conv(x, weight: np.ndarray, out_dtype: str, pad_value: float = 0.0, depth_multiple: int = 1,
+                   unit: VectorUnit | None = None):
+    """``x @ weight`` written as a 1x1 NHWC conv2d over ``x``'s rows (``_image_shape``, reshaped
+    there and back where needed); the depth (K) is padded to a multiple of ``depth_multiple``
+    (``x`` with ``pad_value``, ``weight`` with zeros). None where ``x``'s shape is not static."""
     shape = static_shape(x)
     if shape is None or len(shape) < 2:
         return None
-    rows, depth = int(np.prod(shape[:-1])), shape[-1]
+    depth = shape[-1]
     extra = -depth % depth_multiple
-    data = relax.op.reshape(x, [rows, depth, 1, 1])
+    image = _image_shape(shape[:-1], unit)
+    data = x if image == shape[:-1] else relax.op.reshape(x, [*image, depth])
     if extra:
-        data = relax.op.nn.pad(data, [0, 0, 0, extra, 0, 0, 0, 0], pad_value=pad_value)
-    kernel = np.ascontiguousarray(np.pad(weight, [(0, extra), (0, 0)]).T.reshape(weight.shape[1], depth + extra, 1, 1))
-    out = relax.op.nn.conv2d(data, relax.const(kernel), out_dtype=out_dtype)
-    return relax.op.reshape(out, [*shape[:-1], weight.shape[1]])
+        data = relax.op.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, extra], pad_value=pad_value)
+    kernel = np.ascontiguousarray(np.pad(weight, [(0, extra), (0, 0)]).reshape(1, 1, depth + extra, weight.shape[1]))
+    out = relax.op.nn.conv2d(data, relax.const(kernel), data_layout="NHWC", kernel_layout="HWIO", out_dtype=out_dtype)
+    return out if image == shape[:-1] else relax.op.reshape(out, [*shape[:-1], weight.shape[1]])
 
 
-def dense_as_conv(mod: tvm.IRModule) -> tvm.IRModule:
-    """Every float32 matmul by a constant 2-D weight rewritten as a 1x1 conv."""
-    return rewrite_functions(_Rewriter(mod), mod)
+def _image_shape(rows: list[int], unit: VectorUnit | None) -> list[int]:
+    """The NHWC image [N, H, W] the matmul's rows become: an NHWC tensor's own [1, H, W] (no
+    reshape before or after, so the ops after it fuse into the conv's epilogue), or one row of
+    pixels, where a register tile divides the row; else one-pixel images."""
+    def tiled(width):
+        return unit is not None and width > 1 and choose_tiles(width, 2 * unit.lanes, unit) is not None
+
+    if len(rows) == 3 and rows[0] == 1 and tiled(rows[2]):
+        return list(rows)
+    count = int(np.prod(rows))
+    return [1, 1, count] if tiled(count) else [count, 1, 1]
+
+
+def dense_as_conv(mod: tvm.IRModule, unit: VectorUnit | None = None) -> tvm.IRModule:
+    """Every float32 matmul by a constant 2-D weight rewritten as a 1x1 conv (its rows along one
+    image row where ``unit``'s register tile divides them)."""
+    return rewrite_functions(_Rewriter(mod, unit), mod)
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, unit: VectorUnit | None):
+        super().__init__(mod)
+        self.unit = unit
+
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         if call.op != _MATMUL:
@@ -57,5 +82,5 @@ class _Rewriter(relax.PyExprMutator):
         value = bound_constant(self, call.args[1])
         if value is None or value.ndim != 2 or value.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
             return call
-        conv = matmul_as_conv(call.args[0], value, "float32")
+        conv = matmul_as_conv(call.args[0], value, "float32", unit=self.unit)
         return call if conv is None else conv

@@ -9,8 +9,8 @@ from onnx import helper
 from conftest import assert_same_outputs, make_model, op_count
 import pytest
 
-from hwcompress.passes import (canonicalize_reshape, conv1d_as_conv2d, convtranspose_as_conv, eliminate_identity,
-                               explicit_pads)
+from hwcompress.passes import (canonicalize_reshape, channel_multiplier_as_depthwise, conv1d_as_conv2d,
+                               convtranspose_as_conv, eliminate_identity, explicit_pads)
 
 
 def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
@@ -151,3 +151,26 @@ def test_a_1d_layer_read_by_an_op_that_cannot_move_keeps_its_squeeze(rng):
     result = conv1d_as_conv2d.apply(model)
     assert op_count(result.model, "Unsqueeze") == 2 and op_count(result.model, "Squeeze") == 2
     assert_same_outputs(model, result.model, tol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_channel_multiplier_becomes_a_repeated_input_a_depthwise_conv_and_a_shuffle(rng, bias):
+    """Output channel c*m + j reads input channel c: the input repeated m times along channels
+    (Concat), a depthwise conv over m*C channels, a channel shuffle back. Exact."""
+    node = helper.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["y"], group=8, strides=[2, 2],
+                            pads=[1, 1, 1, 1])
+    model = make_model([node], [("x", [1, 8, 9, 9])], [("y", [1, 24, 5, 5])],
+                       {"w": rng.normal(0, 1, (24, 1, 3, 3))} | ({"b": rng.normal(0, 1, 24)} if bias else {}))
+    result = channel_multiplier_as_depthwise.apply(model)
+    (conv,) = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert [a.i for a in conv.attribute if a.name == "group"] == [24] and op_count(result.model, "Concat") == 1
+    assert_same_outputs(model, result.model, tol=1e-5)
+
+
+def test_a_depthwise_transposed_conv_ends_as_a_plain_depthwise_conv(rng):
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1], group=6)
+    model = make_model([node], [("x", [1, 6, 7, 7])], [("y", [1, 6, 14, 14])], {"w": rng.normal(0, 1, (6, 1, 4, 4))})
+    result = channel_multiplier_as_depthwise(convtranspose_as_conv(model))
+    (conv,) = [n for n in result.graph.node if n.op_type == "Conv"]
+    assert [a.i for a in conv.attribute if a.name == "group"] == [24]  # 6 channels x 4 phases, one input each
+    assert_same_outputs(model, result, tol=1e-5)

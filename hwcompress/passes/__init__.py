@@ -9,6 +9,7 @@ import onnx
 
 from .base import ModelPass, PassLog, PassResult, model_pass
 from .canonicalize_reshape import canonicalize_reshape
+from .channel_multiplier import channel_multiplier_as_depthwise
 from .conv1d_as_conv2d import conv1d_as_conv2d
 from .convtranspose_as_conv import convtranspose_as_conv
 from .eliminate_identity import eliminate_identity
@@ -17,7 +18,7 @@ from .fold_batchnorm import fold_batchnorm
 from .prune_channels import prune_channels
 
 CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape, conv1d_as_conv2d,
-                                    explicit_pads, convtranspose_as_conv)
+                                    explicit_pads, convtranspose_as_conv, channel_multiplier_as_depthwise)
 
 
 def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog]]:
@@ -30,6 +31,7 @@ def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog
     return model, logs
 
 
-__all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_reshape", "conv1d_as_conv2d",
+__all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_reshape", "channel_multiplier_as_depthwise",
+           "conv1d_as_conv2d",
            "convtranspose_as_conv",
            "eliminate_identity", "explicit_pads", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical"]

@@ -31,32 +31,23 @@ def convtranspose_as_conv(graph: Graph, log: PassLog) -> None:
         if why:
             log.skipped.append(f"{node.name}: {why}")
             continue
-        if not _rewrite(graph, node):
+        done = _rewrite(graph, node)
+        if done is None:
             log.skipped.append(f"{node.name}: output_padding reaches past what the phases compute")
-            continue
-        weight = graph.initializer(node.input[1])
-        kh, kw = weight.shape[2:]
-        sh, sw = _strides(graph, node)
-        groups = graph.attrs(node).get("group", 1)
-        log.applied.append(f"{node.name}: ConvTranspose {kh}x{kw} stride {sh}x{sw} is a "
-                           f"{-(-kh // sh)}x{-(-kw // sw)} conv to {weight.shape[1] * groups * sh * sw} channels "
-                           "and a pixel shuffle")
+        else:
+            log.applied.append(f"{node.name}: {done}")
 
 
-def _strides(graph: Graph, node) -> tuple[int, int]:
-    return tuple(graph.attrs(node).get("strides", [1, 1]))
-
-
-def _rewrite(graph: Graph, node) -> bool:
-    """Replace ``node`` by its conv + pixel shuffle (+ crop); False, changing nothing, where the
-    output reaches past the phases' rows."""
+def _rewrite(graph: Graph, node) -> str | None:
+    """Replace ``node`` by its conv + pixel shuffle (+ crop) and say what it became; None,
+    changing nothing, where the output reaches past the phases' rows."""
     weight = graph.initializer(node.input[1])
     attrs = graph.attrs(node)
     groups = attrs.get("group", 1)
     cin, group_out, kh, kw = weight.shape
     cout = group_out * groups
     n, _, h, w = graph.shape(node.input[0])
-    strides = _strides(graph, node)
+    strides = tuple(attrs.get("strides", [1, 1]))
     pads = list(attrs.get("pads", [0] * 4))
     extra = list(attrs.get("output_padding", [0, 0]))
     # Per spatial axis: taps per phase, the conv's own padding, the phase rows it computes
@@ -76,7 +67,7 @@ def _rewrite(graph: Graph, node) -> bool:
         rows.append(last - first)
         crop.append((pads[axis] - first * s, pads[axis] - first * s + out))
         if crop[-1][1] > rows[-1] * s:
-            return False
+            return None
     (Kh, Kw), (sh, sw) = taps, strides
     padded = np.zeros((cin, group_out, Kh * sh, Kw * sw), weight.dtype)
     padded[:, :, :kh, :kw] = weight
@@ -103,7 +94,8 @@ def _rewrite(graph: Graph, node) -> bool:
                                                shape([crop[0][1], crop[1][1]]), shape([2, 3])],
                                      [node.output[0]], name=node.name))
     graph.replace_node(node, nodes)
-    return True
+    return (f"ConvTranspose {kh}x{kw} stride {sh}x{sw} is a {Kh}x{Kw} conv to {cout * sh * sw} channels, "
+            "a pixel shuffle" + (" and a crop" if cropped else ""))
 
 
 def _not_applicable(graph: Graph, node) -> str | None:

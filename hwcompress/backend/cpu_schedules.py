@@ -169,15 +169,11 @@ def _schedule(sch: Schedule, conv, tiles: ConvTiles, keep=(), per_pixel_tile=Non
     sch.vectorize(o_lanes)
     sch.unroll(o_vectors)
     sch.unroll(w_inner)
-    store_tile(sch, store, inside[-1] if inside else pixel_tiles, tiles.lanes)
+    tile_loop = inside[-1] if inside else pixel_tiles
+    store_tile(sch, store, tile_loop, tiles.lanes)
     for producer in sch.get_producers(conv):  # the padding
         _schedule_input(sch, producer, tiles.lanes, depthwise)
-    init = sch.decompose_reduction(conv, rh)
-    *init_pixels, init_v, init_l = loops_below(sch, init, inside[-1] if inside else pixel_tiles)
-    sch.vectorize(init_l)
-    sch.unroll(init_v)
-    for loop in init_pixels:
-        sch.unroll(loop)
+    init_tile(sch, sch.decompose_reduction(conv, rh), tile_loop)
     if per_pixel_tile is not None:
         per_pixel_tile(sch, pixel_tiles)
 
@@ -189,6 +185,16 @@ def store_tile(sch: Schedule, store, tile_loop, lanes: int) -> None:
     place (it was: a 1x1 conv over 784 one-pixel rows took 8 minutes to compile, one thread to run)."""
     *pixels, channels = loops_below(sch, store, tile_loop)
     vectors, vector_lanes = sch.split(channels, [None, lanes])
+    sch.vectorize(vector_lanes)
+    sch.unroll(vectors)
+    for loop in pixels:
+        sch.unroll(loop)
+
+
+def init_tile(sch: Schedule, init, tile_loop) -> None:
+    """The accumulators' zeroing (``decompose_reduction``'s block) inside ``tile_loop``: vectors
+    along channels, the rest unrolled; as ``store_tile``, only loops below ``tile_loop``."""
+    *pixels, vectors, vector_lanes = loops_below(sch, init, tile_loop)
     sch.vectorize(vector_lanes)
     sch.unroll(vectors)
     for loop in pixels:

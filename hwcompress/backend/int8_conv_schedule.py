@@ -27,7 +27,7 @@ from tvm.s_tir.schedule import ScheduleError
 
 from ..config.vector_unit import has_feature
 from .cpu_schedules import (VectorUnit, fuse_epilogue, _NotApplicable, _schedule_input, _weights_outweigh_input,
-                            choose_tiles, loops_below, store_tile)
+                            choose_tiles, init_tile, store_tile)
 from .int8_lowering import DOT_GROUP as GROUP  # input channels one vpdpbusd lane sums
 
 
@@ -216,15 +216,11 @@ def _schedule(sch: Schedule, conv, tiles, intrinsic: str, keep=(), per_pixel_til
         sch.reverse_compute_inline(epilogue)
     pixel_tiles = sch.fuse(*parallel)
     sch.parallel(pixel_tiles)
-    store_tile(sch, store, inside[-1] if inside else pixel_tiles, lanes)
+    tile_loop = inside[-1] if inside else pixel_tiles
+    store_tile(sch, store, tile_loop, lanes)
     for producer in sch.get_producers(conv):  # the padding (with the input's zero point)
         _schedule_input(sch, producer, lanes, depthwise=False)
-    init = sch.decompose_reduction(conv, rh)
-    *init_pixels, init_v, init_l = loops_below(sch, init, inside[-1] if inside else pixel_tiles)
-    sch.vectorize(init_l)
-    sch.unroll(init_v)
-    for loop in init_pixels:
-        sch.unroll(loop)
+    init_tile(sch, sch.decompose_reduction(conv, rh), tile_loop)
     sch.tensorize(o_lanes, intrinsic)
     sch.unroll(o_vectors)
     sch.unroll(w_inner)

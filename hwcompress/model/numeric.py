@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def conv_output_size(size: int, kernel: int, stride: int = 1, dilation: int = 1, pad_before: int = 0,
+                     pad_after: int = 0) -> int:
+    """Length of a Conv's output along one spatial axis (ONNX's formula, explicit pads)."""
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def conv2d(x: np.ndarray, weight: np.ndarray, pads=(0, 0, 0, 0), strides=(1, 1), dilations=(1, 1)) -> np.ndarray:
     """ONNX Conv (one image, group 1): x [C, H, W], weight [O, C, kh, kw] -> [O, Ho, Wo]."""
     c, h, w = x.shape
@@ -12,8 +18,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, pads=(0, 0, 0, 0), strides=(1, 1),
     top, left, bottom, right = pads
     padded = np.zeros((c, h + top + bottom, w + left + right), dtype=np.float64)
     padded[:, top:top + h, left:left + w] = x
-    ho = (padded.shape[1] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-    wo = (padded.shape[2] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    ho = conv_output_size(padded.shape[1], kh, strides[0], dilations[0])
+    wo = conv_output_size(padded.shape[2], kw, strides[1], dilations[1])
     out = np.zeros((weight.shape[0], ho, wo), dtype=np.float64)
     for i in range(kh):
         for j in range(kw):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.graph import Graph
+from ..model.numeric import conv_output_size
 from .base import PassLog, model_pass
 
 
@@ -51,14 +52,14 @@ def _rewrite(graph: Graph, node, shape, weight: np.ndarray, channels: int) -> No
     if len(node.input) > 2 and node.input[2]:
         graph.set_constant_input(node, 2, graph.initializer(node.input[2])[order], "Brepeated")
     out = node.output[0]
-    out_shape = graph.shape(out)
+    attrs = graph.attrs(node)
+    pads, strides, dilations = attrs.get("pads", [0] * 4), attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
+    oh, ow = (conv_output_size(size, k, strides[i], dilations[i], pads[i], pads[i + 2])
+              for i, (size, k) in enumerate(zip((h, w), weight.shape[2:])))
     graph.set_attr(node, "group", channels * multiplier)
     concat = graph.make_node("Concat", [node.input[0]] * multiplier, [repeated], name=f"{node.name}_repeat", axis=1)
     graph.set_input(node, 0, repeated)
     node.output[0] = inner
-    oh, ow = out_shape[2:] if out_shape and len(out_shape) == 4 else (None, None)
-    if oh is None:
-        oh, ow = _conv_out_size(graph, node, h, w)
     shape_of = lambda dims: graph.add_initializer(f"{node.name}_shape", np.array(dims, np.int64))  # noqa: E731
     graph.insert_before(node, [concat])
     graph.insert_after(node, [
@@ -68,12 +69,3 @@ def _rewrite(graph: Graph, node, shape, weight: np.ndarray, channels: int) -> No
         graph.make_node("Reshape", [moved, shape_of([n, channels * multiplier, oh, ow])], [out],
                         name=f"{node.name}_order")])
 
-
-def _conv_out_size(graph: Graph, node, h: int, w: int) -> tuple[int, int]:
-    """The conv's output height and width from its attributes (explicit pads)."""
-    attrs = graph.attrs(node)
-    kh, kw = graph.initializer(node.input[1]).shape[2:]
-    sh, sw = attrs.get("strides", [1, 1])
-    dh, dw = attrs.get("dilations", [1, 1])
-    pads = attrs.get("pads", [0, 0, 0, 0])
-    return ((h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1, (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1)

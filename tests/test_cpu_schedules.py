@@ -151,6 +151,19 @@ def test_accumulator_tiles_live_on_the_stack_not_in_runtime_workspace(name, monk
     assert "TVMBackendAllocWorkspace" in assembly()
 
 
+@pytest.mark.parametrize("shape, parallel", [([1, 1, 1, 96], False), ([1, 64, 128, 128], True)])
+def test_only_kernels_with_work_enough_for_every_core_launch_threads(shape, parallel):
+    """A thread-pool launch costs microseconds; an unrolled LSTM's per-step gate kernels (a few
+    hundred elements) paid it at every step. Such kernels run on the calling thread; large ones
+    still spread over the pool."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])]
+    model = make_model(nodes, [("x", shape)], [("y", shape)], {})
+    target = get_target("host")
+    executable = tvm_build.build(tvm_build.lower(import_onnx(model), target), target, None)
+    llvm = "".join(m.inspect_source("ll") for m in executable.mod.imports)
+    assert ("TVMBackendParallelLaunch" in llvm) == parallel
+
+
 def test_kernels_are_described_by_op_shapes_and_fused_ops():
     """The per-kernel time table's words: which conv, the NHWC shapes, the epilogue in order."""
     from hwcompress.backend.kernel_info import describe_kernels, fused_ops

@@ -8,7 +8,7 @@ write them: 1-D convs over raw audio, transposed convs (4x4 stride 2, depthwise)
 (ResNeXt, RegNet, ShuffleNetV1), a depthwise conv with a channel multiplier, dilated and 1x7/7x1
 convs, a reflect-padded conv, Mish, a segmentation softmax over classes, squeeze-and-excitation
 written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), InstanceNorm, a CRNN-style
-text recognizer's convs and classifier, self-attention. Each is compiled by hwc for this machine
+text recognizer's convs and classifier, a bidirectional LSTM and a GRU (unrolled by hwc), self-attention. Each is compiled by hwc for this machine
 (``--trials``: tuning budget, default 0: the project's own schedules and default schedules alone),
 checked against ONNX Runtime, and both timed in alternating rounds in this process. A block the
 compile refuses prints its one-line error. Prints the CPU it ran on.
@@ -178,6 +178,24 @@ def crnn():
     return b.model(b.op("Softmax", [y], axis=-1), [1, 3, 32, 320])
 
 
+def lstm():
+    """A text recognizer's sequence model: a bidirectional LSTM over 80 column features."""
+    b, hidden = _Block(), 128
+    bound = 1 / np.sqrt(hidden)
+    weights = [b.const(b.rng.uniform(-bound, bound, shape)) for shape in
+               ((2, 4 * hidden, 256), (2, 4 * hidden, hidden), (2, 8 * hidden))]
+    return b.model(b.op("LSTM", ["x", *weights], hidden_size=hidden, direction="bidirectional"), [80, 1, 256])
+
+
+def gru():
+    """A keyword spotter's recurrent layer: a GRU over 49 frames of 40 mel features."""
+    b, hidden = _Block(), 64
+    bound = 1 / np.sqrt(hidden)
+    weights = [b.const(b.rng.uniform(-bound, bound, shape)) for shape in
+               ((1, 3 * hidden, 40), (1, 3 * hidden, hidden), (1, 6 * hidden))]
+    return b.model(b.op("GRU", ["x", *weights], hidden_size=hidden, linear_before_reset=1), [49, 1, 40])
+
+
 def attention():
     b = _Block()
     q = b.op("MatMul", ["x", b.const(b.rng.normal(0, 0.06, (256, 256)))])
@@ -188,7 +206,7 @@ def attention():
 
 BLOCKS = {f.__name__: f for f in (conv1d, deconv, depthwise_deconv, resnext, regnet, shufflenet_v1, channel_multiplier,
                                    dilated, inception_1x7, reflect_pad, mish, segmentation_softmax, reducemean_se,
-                                   convnext, instance_norm, crnn, attention)}
+                                   convnext, instance_norm, crnn, lstm, gru, attention)}
 
 
 def main() -> None:

@@ -208,8 +208,11 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     lowered = relax.get_pipeline("zero")(pad_output_channels(convs, unit.lanes))
     with tvm_target:
         scheduled = schedule_convolutions(fuse_depthwise_pointwise(lowered, tvm_target), tvm_target)
-    # The convs' weight repacking becomes functions of the constant weights, run at compile time.
-    prepack = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+    # The convs' weight repacking becomes functions of the constant weights, run at compile time,
+    # once per weight (an unrolled LSTM calls one conv with the same weights at every step: 320
+    # identical repackings, each compiled and run, took 7 s).
+    prepack = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                        relax.transform.EliminateCommonSubexpr(), relax.transform.FoldConstant(),
                                         relax.transform.DeadCodeElimination()])
     return concat_in_place(prepack(scheduled))
 

@@ -75,7 +75,10 @@ def stack_buffers(func, _mod, _ctx):
 
 def _cpu_pipeline(**kwargs):
     pipeline, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default", **kwargs)
-    return pipeline, (lambda: tvm.transform.Sequential([stack_buffers, finalize_host()])), finalize_device
+    from .small_kernels import serial_small_kernels
+
+    return pipeline, (lambda: tvm.transform.Sequential([serial_small_kernels, stack_buffers, finalize_host()])), \
+        finalize_device
 
 
 compilation_pipeline.register_tir_pipeline(PIPELINE, _cpu_pipeline)

@@ -331,6 +331,37 @@ def superres(input_size: int = 224, classes: int = 1, width: float = 1.0, seed: 
                    output_shape=[1, classes, size * scale, size * scale])
 
 
+def ocr(input_size: int = 320, classes: int = 97, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """A CRNN text-line recognizer (Shi et al. 2015; the structure of EasyOCR's and PaddleOCR's
+    recognizers): a conv stack over a 32-pixel-high line that pools the height to 1 and the width
+    by 4, the columns as a time-major sequence, two bidirectional LSTMs as PyTorch exports them
+    (``Y`` [T, 2, 1, H] -> Transpose -> Reshape to [T, 1, 2H]), per-step logits over ``classes``
+    characters (CTC's blank included). Output [T, 1, classes] with T = input_size / 4."""
+    b = _Builder(seed)
+    ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
+    y, cin = "input", 3
+    for c, pool in ((32, (2, 2)), (64, (2, 2)), (128, (2, 1)), (128, (2, 1)), (256, (2, 1))):
+        y = b.conv_bn(y, cin, ch(c), 3)
+        y = b.node("MaxPool", [y], "pool", kernel_shape=list(pool), strides=list(pool))
+        cin = ch(c)
+    steps, hidden = input_size // 4, ch(96)
+    y = b.node("Squeeze", [y, b.const_int("axes", [2])], "squeeze")  # [1, C, T]
+    y = b.node("Transpose", [y], "to_time", perm=[2, 0, 1])  # [T, 1, C]
+    for _ in range(2):
+        bound = 1 / np.sqrt(hidden)
+        weights = [b.const(name, b.rng.uniform(-bound, bound, shape)) for name, shape in
+                   (("lstm_w", (2, 4 * hidden, cin)), ("lstm_r", (2, 4 * hidden, hidden)), ("lstm_b", (2, 8 * hidden)))]
+        y = b.node("LSTM", [y, *weights], "lstm", hidden_size=hidden, direction="bidirectional")
+        y = b.node("Transpose", [y], "lstm_t", perm=[0, 2, 1, 3])  # [T, 1, 2, H]
+        y = b.node("Reshape", [y, b.const_int("shape", [steps, 1, 2 * hidden])], "lstm_r")
+        cin = 2 * hidden
+    w = b.rng.normal(0, np.sqrt(1.0 / cin), (cin, classes))
+    y = b.node("Add", [b.node("MatMul", [y, b.const("fc_w", w)], "fc"), b.const("fc_b", b.rng.normal(0, 0.01, classes))],
+               "logits")
+    return b.model("ocr", "input", y, input_size, classes, input_shape=[1, 3, 32, input_size],
+                   output_shape=[steps, 1, classes])
+
+
 EXAMPLES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "mobilenetv3": mobilenetv3,
             "shufflenet": shufflenet, "yolo": yolo, "unet": unet, "audio": audio_cnn, "waveform": waveform,
-            "superres": superres}
+            "superres": superres, "ocr": ocr}

@@ -36,6 +36,7 @@ class Graph:
         self._value_info = {v.name: copy.deepcopy(v) for v in itertools.chain(g.value_info, g.output)}
         self.nodes: list[onnx.NodeProto] = []
         self._names: set[str] = set()
+        self._taken: set[str] | None = None
         self._counter = itertools.count()
         for node in g.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_value(node) is not None:
@@ -46,6 +47,7 @@ class Graph:
             if not node.name or node.name in self._names:
                 node.name = self.unique_name(node.op_type)
             self._names.add(node.name)
+        self._taken = None
         self._index_dirty = True
 
     # ----------------------------------------------------------------- queries
@@ -138,11 +140,13 @@ class Graph:
         taken = self._all_names()
         if hint not in taken:
             self._names.add(hint)
+            taken.add(hint)
             return hint
         while True:
             name = f"{hint}_{next(self._counter)}"
             if name not in taken:
                 self._names.add(name)
+                taken.add(name)
                 return name
 
     def make_node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str],
@@ -299,10 +303,13 @@ class Graph:
 
     # ---------------------------------------------------------------- private
     def _all_names(self) -> set[str]:
-        names = set(self._names) | set(self.initializers) | set(self.input_names) | set(self.output_names)
-        for n in self.nodes:
-            names.update(n.output)
-        return names
+        """Every name in use or handed out; kept between edits that go through the methods above
+        (a pass emitting thousands of nodes would otherwise rescan the graph per name)."""
+        if self._taken is None:
+            self._taken = set(self._names) | set(self.initializers) | set(self.input_names) | set(self.output_names)
+            for n in self.nodes:
+                self._taken.update(n.output)
+        return self._taken
 
     def _position(self, node: onnx.NodeProto) -> int:
         for i, candidate in enumerate(self.nodes):
@@ -312,6 +319,7 @@ class Graph:
 
     def _mark_dirty(self) -> None:
         self._index_dirty = True
+        self._taken = None
 
     def _reindex(self) -> None:
         if not self._index_dirty:

@@ -120,13 +120,20 @@ def supported_ops() -> frozenset[str]:
 
 
 def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    ops = supported_ops()
+    """Nodes neither TVM's importer nor hwc's own canonical rewrites (recurrent layers) take."""
+    from ..passes.unroll_recurrent import RECURRENT_OPS
+
+    ops = supported_ops() | RECURRENT_OPS
     return [n for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in ops]
 
 
 def check_supported_ops(model: onnx.ModelProto, path: Path) -> None:
+    from ..passes.unroll_recurrent import why_not_unrolled
+
     bad = unsupported_nodes(model)
     if not bad:
+        for node, why in why_not_unrolled(model):
+            raise HwcError(f"{path}: {node.op_type} at node {node.name or '(unnamed)'} cannot be compiled: {why}")
         return
     first = bad[0]
     op = f"{first.domain}.{first.op_type}" if first.domain else first.op_type

@@ -16,8 +16,9 @@ from .eliminate_identity import eliminate_identity
 from .explicit_pads import explicit_pads
 from .fold_batchnorm import fold_batchnorm
 from .prune_channels import prune_channels
+from .unroll_recurrent import unroll_recurrent
 
-CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape, conv1d_as_conv2d,
+CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, unroll_recurrent, fold_batchnorm, canonicalize_reshape, conv1d_as_conv2d,
                                     explicit_pads, convtranspose_as_conv, channel_multiplier_as_depthwise)
 
 
@@ -34,4 +35,5 @@ def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog
 __all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_reshape", "channel_multiplier_as_depthwise",
            "conv1d_as_conv2d",
            "convtranspose_as_conv",
-           "eliminate_identity", "explicit_pads", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical"]
+           "eliminate_identity", "explicit_pads", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical",
+           "unroll_recurrent"]

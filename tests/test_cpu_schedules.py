@@ -315,6 +315,26 @@ def test_untuned_kernels_get_a_parallel_vectorized_default_schedule(rng):
     assert_built_like_onnxruntime(kernels, target, model)
 
 
+@pytest.mark.parametrize("length", [197, 64])
+def test_a_softmax_runs_row_by_row_computing_each_exponential_once(length):
+    """Attention's softmax over the last axis: one parallel loop over rows, each row's maximum,
+    exponentials (once each; vectorized where the lanes divide the row), sum and quotients in
+    it, and the values ONNX Runtime computes."""
+    from hwcompress.backend.default_schedule import schedule_untuned
+
+    shape = [1, 3, 13, length]
+    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", shape)], [("y", shape)], {})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    lanes = VectorUnit.of(target.tvm_target()).lanes
+    with target.tvm_target():
+        scheduled = schedule_untuned(kernels, lanes)
+    (script,) = [f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert script.count("T.parallel") == 1 and script.count("T.exp(") == 1
+    assert ("T.vectorized" in script) == (length % lanes == 0)
+    assert_built_like_onnxruntime(kernels, target, model)
+
+
 def test_a_tensor_written_out_transposed_is_computed_row_by_row(rng):
     """A U-Net's last op, a bilinear resize computed in NHWC and leaving the model as NCHW: the
     transpose runs over the resize's rows in parallel, each row computed just before it is written
@@ -424,12 +444,15 @@ def test_exp_is_vector_arithmetic_as_exact_as_expf():
     assert got[-3] == np.inf and got[-1] == 0 and (x > 88.73).sum() and (got[x > 88.73] == np.inf).all()
 
 
-@pytest.mark.parametrize("rows", [[1, 14, 28], [1, 197], [4, 9]])
-def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, rows):
+@pytest.mark.parametrize("rows, row_padding", [([1, 14, 28], 16), ([1, 197], 16), ([1, 197], 0), ([4, 9], 16)])
+def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, rows, row_padding, monkeypatch):
     """x @ W as a 1x1 conv: an NHWC-shaped [1, H, W, K] input as it is (the GELU after it fused
-    into the conv's epilogue), 197 tokens (prime) as one-pixel images, whose one-pixel register
-    tile must leave the parallel loop parallel (it once unrolled it: minutes of compiling and one
-    thread at run time)."""
+    into the conv's epilogue); 197 tokens (prime) one row of pixels with a zero row appended, or,
+    where no padding may be added, one-pixel images, whose one-pixel register tile must leave the
+    parallel loop parallel (it once unrolled it: minutes of compiling and one thread at run time)."""
+    from hwcompress.backend import dense_as_conv
+
+    monkeypatch.setattr(dense_as_conv, "ROW_PADDING", row_padding)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Sigmoid", ["m"], ["s"]),
              helper.make_node("Mul", ["m", "s"], ["y"])]
     model = make_model(nodes, [("x", [*rows, 64])], [("y", [*rows, 48])], {"w": rng.normal(0, 0.2, (64, 48))})
@@ -440,4 +463,36 @@ def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, r
     assert "T.parallel" in conv and "T.vectorized" in conv
     if len(rows) == 3:
         assert len([f for f in kernels.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]) == 1  # all fused
+    one_pixel_images = "T.Buffer((T.int64(197), T.int64(1), T.int64(1), T.int64(64))" in conv
+    assert one_pixel_images == (rows == [1, 197] and row_padding == 0)
+    assert_built_like_onnxruntime(kernels, target, model)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_matmuls_of_two_activations_are_register_blocked_convs_packing_their_weights_at_run_time(rng, heads):
+    """Self-attention's Q K^T and softmax(.) V (one head, or three: one conv per head) as 1x1 convs
+    whose kernels pack the run-time weights, 13 tokens (prime) and 13 key columns padded to whole
+    vectors: no matmul kernel is left to the generic schedule, and the result is ONNX Runtime's."""
+    tokens, d = 13, 16
+    width = heads * d
+    split = lambda name: [helper.make_node("Reshape", [name, "heads_shape"], [f"{name}_h"]),  # noqa: E731
+                          helper.make_node("Transpose", [f"{name}_h"], [f"{name}_t"], perm=[0, 2, 1, 3])]
+    nodes = [helper.make_node("MatMul", ["x", w], [n]) for n, w in (("q", "wq"), ("k", "wk"), ("v", "wv"))]
+    nodes += split("q") + split("k") + split("v")
+    nodes += [helper.make_node("Transpose", ["k_t"], ["kT"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q_t", "kT"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "v_t"], ["o"]),
+              helper.make_node("Transpose", ["o"], ["o_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["o_t", "joined_shape"], ["y"])]
+    weights = {w: rng.normal(0, 0.3, (width, width)) for w in ("wq", "wk", "wv")}
+    model = make_model(nodes, [("x", [1, tokens, width])], [("y", [1, tokens, width])],
+                       {**weights, "heads_shape": np.array([1, tokens, heads, d]),
+                        "joined_shape": np.array([1, tokens, width])})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    names = [gv.name_hint for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert not [n for n in names if "matmul" in n], names
+    packed_at_run_time = [n for n in names if n.endswith("weight_prepack")]
+    assert len(packed_at_run_time) == 2, names  # Q K^T's and P V's (heads share them); W's are packed at compile time
     assert_built_like_onnxruntime(kernels, target, model)

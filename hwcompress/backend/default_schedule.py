@@ -42,6 +42,9 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
     arithmetic per pixel) and 0.06 ms parallel over rows, pixels serial and channels vectorized."""
     tasks = TASKS_PER_CORE * (cores or target_cores(tvm.target.Target.current(allow_none=True)))
     sch = Schedule(func)
+    if _softmax_by_rows(sch, lanes):
+        return sch
+    sch = Schedule(func)
     try:
         infos = normalize_prim_func(sch)
         if infos is None:
@@ -92,6 +95,38 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
     except (ScheduleError, tvm.error.InternalError, ValueError):
         return None
     return sch
+
+
+_SOFTMAX = ("T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm")
+
+
+def _softmax_by_rows(sch: Schedule, lanes: int) -> bool:
+    """A softmax over the last axis, one row at a time, rows in parallel: the row's maximum, its
+    exponentials (computed once, kept for the sum and the division), their sum and the quotients,
+    all while the row is in cache, in one parallel loop. The generic path inlined the exponential
+    into both the sum and the division (every exp twice) and ran three parallel loops over the
+    whole tensor: ViT-Tiny's attention softmax (3 x 197 x 197) took 0.27 ms, half its block.
+    False (schedule untouched) where the kernel is not TVM's four softmax blocks."""
+    try:
+        blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    except (ScheduleError, tvm.error.InternalError, ValueError):
+        return False
+    if sorted(blocks) != sorted(_SOFTMAX):
+        return False
+    maxelem, exp, expsum, norm = (blocks[name] for name in _SOFTMAX)
+    try:
+        *outer, last = sch.get_loops(norm)
+        row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(row)
+        for block in (expsum, exp, maxelem):
+            sch.compute_at(block, row)
+        for block in (exp, norm):
+            inner = sch.get_loops(block)[-1]
+            if _vectorizable(_extent(sch, inner), lanes):
+                _vectorize(sch, inner, lanes)
+    except (ScheduleError, tvm.error.InternalError, ValueError):
+        return False
+    return True
 
 
 def _rows_before_transpose(sch: Schedule, infos, lanes: int) -> bool:

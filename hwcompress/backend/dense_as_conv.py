@@ -95,15 +95,16 @@ def _conv_by(x, shape: list[int], kernel, depth: int, width: int, unit: VectorUn
     return back(relax.op.strided_slice(out, axes=[3], begin=[0], end=[width]) if extra else out, width)
 
 
-ROW_PADDING = 16  # extra zero rows, at most, that give a row count a register tile divides
+ROW_PADDING = 16  # extra zero rows, at most (and an eighth of the rows), that let a register tile divide them
 
 
 def _as_image(x, shape: list[int], unit: VectorUnit | None):
     """(``x`` [..., K] as the NHWC image the conv reads, the function taking the conv's output back
     to ``x``'s rows): an NHWC tensor's own [1, H, W, K] (no reshape before or after, so the ops
     after it fuse into the conv's epilogue); else one row of pixels [1, 1, rows, K] where a
-    register tile divides the rows, or would with up to ``ROW_PADDING`` zero rows appended (ViT's
-    197 tokens: the rows sliced off after); else one-pixel images, the weights re-read per row."""
+    register tile divides the rows, or would with a few zero rows appended (``ROW_PADDING``; ViT's
+    197 tokens: the rows sliced off after); else one-pixel images, the weights re-read per row (a
+    classifier's one row stays one pixel: padding it would multiply its work)."""
     rows, depth = shape[:-1], shape[-1]
 
     def tiled(width):
@@ -112,7 +113,7 @@ def _as_image(x, shape: list[int], unit: VectorUnit | None):
     if len(rows) == 3 and rows[0] == 1 and tiled(rows[2]):
         return x, lambda out, width: out
     count = int(np.prod(rows))
-    padded = next((c for c in range(count, count + ROW_PADDING + 1) if tiled(c)), None)
+    padded = next((c for c in range(count, count + min(ROW_PADDING, count // 8) + 1) if tiled(c)), None)
     if padded is None:
         image = [count, 1, 1]
         return (relax.op.reshape(x, [*image, depth]),
@@ -145,7 +146,7 @@ class _Rewriter(relax.PyExprMutator):
         if call.op != _MATMUL:
             return call
         value = bound_constant(self, call.args[1])
-        if value is None and getattr(call.args[0].ty, "dtype", None) == "float32":
+        if value is None and all(getattr(call.args[i].ty, "dtype", None) == "float32" for i in (0, 1)):
             conv = activation_matmul_as_conv(call.args[0], call.args[1], self.unit)
             return call if conv is None else conv
         if value is None or value.ndim != 2 or value.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":

@@ -23,6 +23,8 @@ from tvm import tirx
 from tvm.tirx import expr as E
 from tvm.tirx import stmt as S
 
+from .tir_statements import rebuild
+
 # Operations (``work``) below which one thread does the kernel sooner than a pool launch would
 # (the crossover measured in the module docstring).
 SERIAL_WORK = 8192
@@ -59,26 +61,10 @@ def _operations(expr) -> int:
 
 
 def _serial(node):
-    """``node`` with its parallel loops made serial, rebuilt only along the paths that change."""
-    if isinstance(node, S.SeqStmt):
-        seq = [_serial(s) for s in node.seq]
-        return S.SeqStmt(seq) if any(a is not b for a, b in zip(seq, node.seq)) else node
-    if isinstance(node, S.For):
-        body = _serial(node.body)
-        kind = S.ForKind.SERIAL if node.kind == S.ForKind.PARALLEL else node.kind
-        if body is node.body and kind == node.kind:
-            return node
-        return S.For(node.loop_var, node.min, node.extent, kind, body, node.thread_binding, node.annotations,
-                     node.step)
-    if isinstance(node, S.AttrStmt):
-        body = _serial(node.body)
-        return node if body is node.body else S.AttrStmt(node.node, node.attr_key, node.value, body)
-    if isinstance(node, S.IfThenElse):
-        then_case = _serial(node.then_case)
-        else_case = _serial(node.else_case) if node.else_case is not None else None
-        if then_case is node.then_case and else_case is node.else_case:
-            return node
-        return S.IfThenElse(node.condition, then_case, else_case)
+    """A parallel loop as a serial one; other statements as they are."""
+    if isinstance(node, S.For) and node.kind == S.ForKind.PARALLEL:
+        return S.For(node.loop_var, node.min, node.extent, S.ForKind.SERIAL, node.body, node.thread_binding,
+                     node.annotations, node.step)
     return node
 
 
@@ -87,5 +73,5 @@ def serial_small_kernels(func, _mod, _ctx):
     """Parallel loops of kernels under ``SERIAL_WORK`` made serial (see the module docstring)."""
     if work(func.body) >= SERIAL_WORK:
         return func
-    body = _serial(func.body)
+    body = rebuild(func.body, _serial)
     return func if body is func.body else func.with_body(body)

@@ -22,6 +22,8 @@ from tvm import tirx
 from tvm.tirx import stmt as S
 from tvm.tirx import compilation_pipeline
 
+from .tir_statements import rebuild
+
 PIPELINE = "hwc_cpu"
 STACK_LIMIT_BYTES = 16 * 1024  # worker threads have MBs of stack; tiles are a few KB
 _KEEP = "disable_lower_builtin"  # tvm::tirx::transform::kDisableLowerTVMBuiltin
@@ -38,27 +40,7 @@ def _constant_bytes(buffer) -> int | None:
 
 
 def _on_stack(node):
-    """``node`` with its small allocations marked, rebuilt only along the paths that change. In
-    this IR allocations and bindings are flat statements; only these five kinds hold others."""
-    if isinstance(node, S.SeqStmt):
-        seq = [_on_stack(s) for s in node.seq]
-        return S.SeqStmt(seq) if any(a is not b for a, b in zip(seq, node.seq)) else node
-    if isinstance(node, S.For):
-        body = _on_stack(node.body)
-        return node if body is node.body else S.For(node.loop_var, node.min, node.extent, node.kind, body,
-                                                    node.thread_binding, node.annotations, node.step)
-    if isinstance(node, S.AttrStmt):
-        body = _on_stack(node.body)
-        return node if body is node.body else S.AttrStmt(node.node, node.attr_key, node.value, body)
-    if isinstance(node, S.IfThenElse):
-        then_case = _on_stack(node.then_case)
-        else_case = _on_stack(node.else_case) if node.else_case is not None else None
-        if then_case is node.then_case and else_case is node.else_case:
-            return node
-        return S.IfThenElse(node.condition, then_case, else_case)
-    if isinstance(node, S.While):
-        body = _on_stack(node.body)
-        return node if body is node.body else S.While(node.condition, body)
+    """A small constant-size kernel buffer marked to stay a stack allocation; other statements as they are."""
     if isinstance(node, S.AllocBuffer) and node.buffer.scope() in ("local", "global"):
         size = _constant_bytes(node.buffer)
         if size is not None and 0 < size <= STACK_LIMIT_BYTES and _KEEP not in node.annotations:
@@ -69,7 +51,7 @@ def _on_stack(node):
 @tirx.transform.prim_func_pass(opt_level=0, name="hwc.StackBuffers")
 def stack_buffers(func, _mod, _ctx):
     """Small constant-size kernel buffers as stack allocations (see the module docstring)."""
-    body = _on_stack(func.body)
+    body = rebuild(func.body, _on_stack)
     return func if body is func.body else func.with_body(body)
 
 

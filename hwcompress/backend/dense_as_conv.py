@@ -4,8 +4,9 @@
 image whose ``rows`` are the pixels of one row, ``[1, 1, rows, K]``, so that the conv's register
 tile spans several rows and each weight vector loaded serves all of them; ``W`` as HWIO
 ``[1, 1, K, N]`` at compile time; the result reshaped back. Where no register tile divides the
-rows (a prime count of tokens), ``rows`` images of one pixel, ``[rows, 1, 1, K]``, the weights
-re-read per row. Left as a matmul, a classifier head had no schedule but the generic one:
+rows (a prime count of tokens), a few zero rows are appended (sliced off after), or else ``rows``
+images of one pixel, ``[rows, 1, 1, K]``, the weights re-read per row. A matmul of two activations
+(attention) is a 1x1 conv too, its weights packed by a kernel at run time. Left as a matmul, a classifier head had no schedule but the generic one:
 MobileNetV2's 1280 x 1000 layer took 0.9 ms (a sixth of the model) where ONNX Runtime takes about
 0.1; as a conv it streams its weights once at the vector units' pace.
 """
@@ -21,6 +22,8 @@ from .cpu_schedules import choose_tiles
 from .relax_rewrite import bound_constant, rewrite_functions
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
+MAX_PRODUCTS = 16  # batched products (attention heads) written out as one conv each, at most
+ROW_PADDING = 16  # extra zero rows, at most (and an eighth of the rows), that let a register tile divide them
 
 
 def static_shape(expr) -> list[int] | None:
@@ -49,16 +52,14 @@ def matmul_as_conv(x, weight: np.ndarray, out_dtype: str, pad_value: float = 0.0
                                    out_dtype=out_dtype), weight.shape[1])
 
 
-MAX_PRODUCTS = 16  # batched products (attention heads) written out as one conv each, at most
-
-
 def activation_matmul_as_conv(x, weight, unit: VectorUnit | None):
     """``x @ weight`` where ``weight`` is computed at run time (attention's ``Q K^T`` and
     ``softmax(.) V``) as 1x1 convs whose weights the conv kernel packs at run time (one pass over
     ``weight``, its own small kernel), the output channels padded to whole vectors and sliced
     back; a batch of products (heads: ``[..., M, K] @ [..., K, N]``, up to ``MAX_PRODUCTS``) one
     conv each, concatenated. TVM's matmul of two activations had only the generic schedule: a
-    self-attention block ran 3.7x ONNX Runtime's time untuned, 1.3x as convs. None (left as it
+    self-attention block ran 3.7x ONNX Runtime's time untuned, 1.3x as convs (1.0-1.1 with the
+    softmax row by row). None (left as it
     is) where shapes are not static, the batches differ or there are more products."""
     shape, wshape = static_shape(x), static_shape(weight)
     if unit is None or shape is None or wshape is None or len(shape) < 2 or len(wshape) < 2:
@@ -95,9 +96,6 @@ def _conv_by(x, shape: list[int], kernel, depth: int, width: int, unit: VectorUn
     return back(relax.op.strided_slice(out, axes=[3], begin=[0], end=[width]) if extra else out, width)
 
 
-ROW_PADDING = 16  # extra zero rows, at most (and an eighth of the rows), that let a register tile divide them
-
-
 def _as_image(x, shape: list[int], unit: VectorUnit | None):
     """(``x`` [..., K] as the NHWC image the conv reads, the function taking the conv's output back
     to ``x``'s rows): an NHWC tensor's own [1, H, W, K] (no reshape before or after, so the ops
@@ -130,8 +128,8 @@ def _as_image(x, shape: list[int], unit: VectorUnit | None):
 
 
 def dense_as_conv(mod: tvm.IRModule, unit: VectorUnit | None = None) -> tvm.IRModule:
-    """Every float32 matmul by a constant 2-D weight rewritten as a 1x1 conv (its rows along one
-    image row where ``unit``'s register tile divides them)."""
+    """Every float32 matmul by a constant 2-D weight, or of two activations, rewritten as a 1x1
+    conv (its rows along one image row where ``unit``'s register tile divides them)."""
     return rewrite_functions(_Rewriter(mod, unit), mod)
 
 

@@ -83,6 +83,19 @@ def test_unsupported_op_is_named_with_its_node(tmp_path):
     assert "\n" not in message
 
 
+def test_an_input_too_small_for_its_layers_is_refused_naming_the_layer(tmp_path, rng):
+    """A 3x3 conv after a 4x4 pool of an 8x8 input has nothing to compute: said at load, with the
+    layer and the empty shape, not as a division by zero inside TVM's build."""
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Conv", ["p", "w"], ["c"], name="conv3x3"),
+             helper.make_node("GlobalAveragePool", ["c"], ["y"])]
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(nodes, [("x", [1, 1, 8, 8])], [("y", [1, 4, 1, 1])], {"w": rng.normal(0, 1, (4, 1, 3, 3))}), path)
+    with pytest.raises(HwcError) as exc:
+        load_model(path)
+    assert "conv3x3" in str(exc.value) and "1x4x0x0" in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_unknown_custom_op_is_refused(tmp_path):
     node = helper.make_node("FancyOp", ["x"], ["y"], name="fancy1", domain="example.org")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [2])],

@@ -12,7 +12,7 @@ from conftest import assert_built_like_onnxruntime, assert_same_outputs, op_coun
 from hwcompress.errors import HwcError
 from hwcompress.passes import unroll_recurrent
 
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+from hwcompress.model.recurrent import GATES
 
 
 def recurrent_model(kind: str, steps: int = 5, batch: int = 2, features: int = 3, hidden: int = 4,

@@ -121,14 +121,14 @@ def supported_ops() -> frozenset[str]:
 
 def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes neither TVM's importer nor hwc's own canonical rewrites (recurrent layers) take."""
-    from ..passes.unroll_recurrent import RECURRENT_OPS
+    from .recurrent import RECURRENT_OPS
 
     ops = supported_ops() | RECURRENT_OPS
     return [n for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in ops]
 
 
 def check_supported_ops(model: onnx.ModelProto, path: Path) -> None:
-    from ..passes.unroll_recurrent import why_not_unrolled
+    from .recurrent import why_not_unrolled
 
     bad = unsupported_nodes(model)
     if not bad:
@@ -254,9 +254,27 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as exc:
         raise HwcError(f"{path}: invalid ONNX model: {first_line(exc)}") from exc
     try:
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise HwcError(f"{path}: invalid ONNX model: shape inference failed: {first_line(exc)}") from exc
+    _check_no_empty_tensors(inferred, path)
+
+
+def _check_no_empty_tensors(inferred: onnx.ModelProto, path: Path) -> None:
+    """A layer computing a tensor with no elements (an input too small for the kernels and pools
+    before it): said here, with the layer, rather than as "Divide by zero" from TVM's build or
+    "Invalid input shape" from ONNX Runtime."""
+    producers = {out: node for node in inferred.graph.node for out in node.output}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    for v in (*inferred.graph.value_info, *inferred.graph.output):
+        dims = v.type.tensor_type.shape.dim  # feature maps only: empty shape vectors are legitimate
+        if v.name in producers and v.type.tensor_type.elem_type in floats and len(dims) >= 3 \
+                and any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            node = producers[v.name]
+            shape = "x".join(str(d.dim_value) if d.HasField("dim_value") else "?" for d in dims)
+            raise HwcError(f"{path}: {node.op_type} node {node.name or '(unnamed)'} computes {v.name!r} with no "
+                           f"elements (shape {shape}): the input is too small for the layers before it "
+                           f"(give a larger --input-shape)")
 
 
 def _simplify(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -18,95 +18,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from ..model.graph import Graph
+from ..model.recurrent import DEFAULT_ACTIVATIONS, GATES, activations, direction, why_not_unrollable
 from .base import PassLog, model_pass
-
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-RECURRENT_OPS = frozenset(_GATES)  # TVM imports none of them; this pass is how they compile
-_DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
-# ONNX activation name -> (op, alpha default, beta default); None: the op takes no parameter.
-_ACTIVATIONS = {"sigmoid": ("Sigmoid", None, None), "tanh": ("Tanh", None, None), "relu": ("Relu", None, None),
-                "softsign": ("Softsign", None, None), "softplus": ("Softplus", None, None),
-                "leakyrelu": ("LeakyRelu", 0.01, None), "thresholdedrelu": ("ThresholdedRelu", 1.0, None),
-                "elu": ("Elu", 1.0, None), "hardsigmoid": ("HardSigmoid", 0.2, 0.5),
-                "affine": ("Affine", 1.0, 0.0), "scaledtanh": ("ScaledTanh", 1.0, 1.0)}
 
 
 @model_pass
 def unroll_recurrent(graph: Graph, log: PassLog) -> None:
     for node in list(graph.nodes):
-        if node.op_type not in _GATES or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in GATES or node.domain not in ("", "ai.onnx"):
             continue
-        why = _not_applicable(graph, node)
+        why = why_not_unrollable(graph, node)
         if why:
             log.skipped.append(f"{node.name}: {why}")
             continue
         steps = _Layer(graph, node).unroll()
         log.applied.append(f"{node.name}: {node.op_type} unrolled over {steps} steps")
-
-
-def why_not_unrolled(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
-    """Each recurrent node this pass would leave, with the reason (the loader refuses such models
-    with it: TVM cannot import them either)."""
-    nodes = [n for n in model.graph.node if n.op_type in _GATES and n.domain in ("", "ai.onnx")]
-    if not nodes:
-        return []
-    graph = Graph(onnx.shape_inference.infer_shapes(model))
-    return [(node, why) for node in nodes if (why := _not_applicable(graph, node))]
-
-
-def _not_applicable(graph: Graph, node) -> str | None:
-    if graph.opset < 13:
-        return f"opset {graph.opset} (hwc's loader converts models to opset 17 first)"
-    if _direction(graph, node) not in ("forward", "reverse", "bidirectional"):
-        return f"direction {_direction(graph, node)!r} is not forward, reverse or bidirectional"
-    inputs = list(node.input) + [""] * 8
-    weights = [inputs[1], inputs[2], inputs[3], inputs[7] if node.op_type == "LSTM" else ""]
-    if not all(graph.is_constant(name) for name in weights if name):
-        return "weights are not constant"
-    shape = graph.shape(node.input[0])
-    if not shape or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
-        return "the input's shape is not static (give --input-shape)"
-    steps = shape[1] if graph.attr(node, "layout", 0) else shape[0]
-    if inputs[4]:
-        lengths = graph.initializer(inputs[4])
-        if lengths is None or np.any(np.asarray(lengths) != steps):
-            return "sequence_lens differ from the sequence length (per-entry lengths are not unrolled)"
-    try:
-        _activations(graph, node)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _activations(graph: Graph, node) -> list[tuple[str, float | None, float | None]]:
-    """Per direction, each activation as (op, alpha, beta): alphas and betas are consumed in order
-    by the activations that take them (ONNX Runtime's reading of the definition)."""
-    directions = 2 if _direction(graph, node) == "bidirectional" else 1
-    names = [a.decode() if isinstance(a, bytes) else a for a in graph.attr(node, "activations", [])]
-    names = names or list(_DEFAULT_ACTIVATIONS[node.op_type]) * directions
-    alphas = list(graph.attr(node, "activation_alpha", []))
-    betas = list(graph.attr(node, "activation_beta", []))
-    out = []
-    for name in names:
-        if name.lower() not in _ACTIVATIONS:
-            raise ValueError(f"activation {name} is not an ONNX recurrent activation")
-        op, alpha, beta = _ACTIVATIONS[name.lower()]
-        if alpha is not None and alphas:
-            alpha = float(alphas.pop(0))
-        if beta is not None and betas:
-            beta = float(betas.pop(0))
-        out.append((op, alpha, beta))
-    if len(out) != len(_DEFAULT_ACTIVATIONS[node.op_type]) * directions:
-        raise ValueError(f"{len(out)} activations for {directions} direction(s)")
-    return out
-
-
-def _direction(graph: Graph, node) -> str:
-    direction = graph.attr(node, "direction", "forward")
-    return direction.decode() if isinstance(direction, bytes) else direction
 
 
 @dataclass
@@ -128,10 +56,9 @@ class _Layer:
         self.hidden = int(graph.attr(node, "hidden_size", 0)) or graph.initializer(node.input[2]).shape[-1]
         self.clip = graph.attr(node, "clip", None)
         self.batch_first = bool(graph.attr(node, "layout", 0))
-        direction = _direction(graph, node)
-        per = len(_DEFAULT_ACTIVATIONS[self.kind])
-        acts = _activations(graph, node)
-        reverses = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+        per = len(DEFAULT_ACTIVATIONS[self.kind])
+        acts = activations(graph, node)
+        reverses = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction(graph, node)]
         self.directions = [_Direction(d, rev, acts[d * per:(d + 1) * per]) for d, rev in enumerate(reverses)]
 
     # ------------------------------------------------------------------ emission helpers
@@ -208,7 +135,7 @@ class _Layer:
     def direction(self, d: _Direction, x: str, steps: int, w, r, b):
         """One direction's steps; (its H per time index, last H, last C)."""
         h = self.hidden
-        gates = _GATES[self.kind]
+        gates = GATES[self.kind]
         w_bias, r_bias = b[:gates * h], b[gates * h:]
         # Recurrent biases that sit inside GRU's reset product stay with the recurrent term.
         inner = self.kind == "GRU"

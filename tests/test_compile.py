@@ -244,6 +244,32 @@ def test_kernels_too_fast_to_matter_are_not_tuned(tmp_path, rng):
     assert report["accuracy"]["max_relative_error"] < 1e-3
 
 
+def test_a_kernel_of_many_tensors_is_not_given_to_metaschedule(tmp_path):
+    """A concatenation of 40 steps (an unrolled sequence's output) keeps its default schedule:
+    MetaSchedule's search on such a kernel produced no candidate in a whole tuning budget; the
+    softmax after it (two tensors) is still a tuning task."""
+    import tvm
+
+    from hwcompress.backend.build import lower
+    from hwcompress.backend.importer import import_onnx
+    from hwcompress.backend.tune import MAX_TUNED_TENSORS, _tasks
+    from hwcompress.config import get_target
+
+    steps = [f"s{i}" for i in range(40)]
+    nodes = [helper.make_node("Sigmoid", ["x"], ["g"])]
+    nodes += [helper.make_node("Mul", ["g", f"k{i}"], [s]) for i, s in enumerate(steps)]
+    nodes += [helper.make_node("Concat", steps, ["c"], axis=0), helper.make_node("Softmax", ["c"], ["y"], axis=0)]
+    model = make_model(nodes, [("x", [1, 8, 64])], [("y", [40, 8, 64])],
+                       {f"k{i}": np.full([1], i + 1.0) for i in range(40)})
+    target = get_target("host")
+    kernels = lower(import_onnx(model), target)
+    many = [gv.name_hint for gv, f in kernels.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and len(f.params) > MAX_TUNED_TENSORS]
+    (tmp_path / "db").mkdir()
+    tasks, _, _ = _tasks(kernels, target, tmp_path / "db")
+    assert many and tasks and not set(many) & {t.task_name for t in tasks}
+
+
 def test_npu16_latency_is_modelled_and_pads_channels_to_16(tmp_path, rng):
     from hwcompress.config.targets import get_target
     from hwcompress.measure.cycle_model import modelled_latency

@@ -8,7 +8,7 @@ write them: 1-D convs over raw audio, transposed convs (4x4 stride 2, depthwise)
 (ResNeXt, RegNet, ShuffleNetV1), a depthwise conv with a channel multiplier, dilated and 1x7/7x1
 convs, a reflect-padded conv, Mish, a segmentation softmax over classes, squeeze-and-excitation
 written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), InstanceNorm, a CRNN-style
-text recognizer's convs and classifier, a bidirectional LSTM and a GRU (unrolled by hwc), self-attention (one head; ViT-Tiny's three). Each is compiled by hwc for this machine
+text recognizer's convs and classifier, a bidirectional LSTM and a GRU (loop kernels), self-attention (one head; ViT-Tiny's three). Each is compiled by hwc for this machine
 (``--trials``: tuning budget, default 0: the project's own schedules and default schedules alone),
 checked against ONNX Runtime, and both timed in alternating rounds in this process. A block the
 compile refuses prints its one-line error. Prints the CPU it ran on.

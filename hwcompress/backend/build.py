@@ -22,6 +22,7 @@ import onnx
 
 from ..config.host import last_level_cache_bytes
 from ..config.targets import Target
+from ..config.vector_unit import VectorUnit
 from ..errors import HwcError, first_line
 from ..progress import SILENT, Progress
 from .export import export
@@ -83,7 +84,7 @@ def build_model(model: onnx.ModelProto, target: Target, options: BuildOptions, d
     if options.tune_seconds < 0:
         raise HwcError("--tune-seconds must be 0 (no limit) or more")
     progress("importing into TVM Relax")
-    mod = import_onnx(model)
+    mod = import_onnx(model, None if target.is_gpu else VectorUnit.of(target.tvm_target()))
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
         from .float16_accumulate import accumulate_in_float32
 

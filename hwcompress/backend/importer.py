@@ -6,6 +6,9 @@ between two transposes, outside the conv's kernel; and it imports Max/Min of sev
 ``stack`` and a reduction, which layout conversion cannot handle at all ("Invalid SLayout"). Here
 they are written with the broadcasting binary ops (``maximum``, ``minimum``, ``multiply``, ``add``)
 that layout conversion moves to NHWC and the conv schedule fuses into its epilogue.
+
+TVM imports no recurrent op (LSTM, GRU, RNN): on CPUs each becomes a MatMul and a loop kernel
+(``recurrent_loops``); elsewhere the layer is unrolled first (``passes.unroll_recurrent``).
 """
 
 from __future__ import annotations
@@ -15,15 +18,22 @@ import contextlib
 import numpy as np
 import onnx
 
+from ..config.vector_unit import VectorUnit
 from ..errors import HwcError, first_line
+from ..model.recurrent import RECURRENT_OPS
 
 
-def import_onnx(model: onnx.ModelProto):
-    """The Relax module of an ONNX model, weights bound as constants."""
+def import_onnx(model: onnx.ModelProto, unit: VectorUnit | None = None):
+    """The Relax module of an ONNX model, weights bound as constants; recurrent layers as loop
+    kernels for a CPU with vector ``unit``, unrolled where there is none (GPU targets)."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    if unit is None and any(n.op_type in RECURRENT_OPS for n in model.graph.node):
+        from ..passes import unroll_recurrent
+
+        model = unroll_recurrent(onnx.shape_inference.infer_shapes(model))  # it needs the input's shape
     try:
-        with _converters_replaced():
+        with _converters_replaced(), _recurrent_loops(unit):
             return from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the importer raises many types for unsupported constructs
         raise HwcError(f"TVM cannot import the model: {type(exc).__name__}: {first_line(exc)}") from exc
@@ -141,3 +151,23 @@ def _converters_replaced():
                 delattr(cls, name)
             else:
                 setattr(cls, name, value)
+
+
+@contextlib.contextmanager
+def _recurrent_loops(unit: VectorUnit | None):
+    """The importer's op table with LSTM, GRU and RNN as loop kernels for ``unit`` (None: as it is)."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    from .recurrent_loops import converter
+
+    if unit is None:
+        yield
+        return
+    original = onnx_frontend._get_convert_map
+    added = {kind: type(kind, (onnx_frontend.OnnxOpConverter,), {"_impl_v1": classmethod(converter(kind, unit))})
+             for kind in RECURRENT_OPS}
+    onnx_frontend._get_convert_map = lambda: {**original(), **added}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original

@@ -73,7 +73,7 @@ def describe_kernels(mod) -> dict[str, dict]:
                 callee, args = value.args[0], list(getattr(value.args[1], "fields", []))
                 written = {int(i) for i in getattr(value.attrs, "inplace_indices", None) or []}  # outputs, not inputs
                 inputs = [s for s in (static_shape(a) for i, a in enumerate(args) if i not in written) if s is not None]
-                calls.setdefault(callee.name_hint, (inputs, static_shape(binding.var)))
+                calls.setdefault(callee.name_hint, (inputs, _first_output_shape(binding.var)))
     described = {}
     for gvar, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
@@ -85,6 +85,7 @@ def describe_kernels(mod) -> dict[str, dict]:
         op = _conv_kind(func, inputs, output) if main == "conv2d" else main
         at = ops.index(main) if main in ops else 0
         schedule = "hwc register-blocked" if is_scheduled(func) else "MetaSchedule / default"
+        schedule = str(func.attrs.get("hwc.schedule", schedule)) if func.attrs is not None else schedule
         if main == "conv2d_winograd":
             from .winograd import tile_size
 
@@ -98,6 +99,17 @@ def describe_kernels(mod) -> dict[str, dict]:
             "schedule": schedule,
         }
     return described
+
+
+def _first_output_shape(var) -> list[int] | None:
+    """The static shape ``var`` holds, or where it holds several outputs (a recurrent layer's
+    sequence and states) the first one's; None where it is not static."""
+    ty = var.ty
+    ty = ty.fields[0] if getattr(ty, "fields", None) else ty
+    try:
+        return [int(d) for d in ty.shape.values]
+    except (AttributeError, TypeError):
+        return None
 
 
 def _conv_kind(func, inputs: list, output: list | None) -> str:

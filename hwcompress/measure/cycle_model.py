@@ -7,6 +7,8 @@ Each layer costs ``max(compute, memory) + layer_overhead_cycles``:
   ``groups * ceil(Cin_g / R) * ceil(Cout_g / C) * Hout * Wout * kh * kw`` (Gemm/MatMul: rows x 1 x 1);
 - memory: weights (int8; at ``weight_bits.pow2`` bits in the layers a pow2 quantization left with
   power-of-two codes), input and output bytes (int8) over ``bytes_per_cycle``;
+- LSTM/GRU/RNN layers: per step and direction, the input's and the state's products by their
+  weights on the array, and a layer's overhead per step;
 - other ops move their int8 output: ``bytes / bytes_per_cycle``; QuantizeLinear/DequantizeLinear
   cost nothing (they only annotate the int8 that the NPU runs in any case), and a layer whose weight
   is a DequantizeLinear of constant codes is priced like one with constant weights.
@@ -25,6 +27,7 @@ import onnx
 
 from ..config.targets import CycleModel, Target
 from ..model.graph import Graph
+from ..model.recurrent import GATES
 from ..passes.quantize import pow2_layer_names
 from .latency import Job, Latency, Measurement, Measurer
 
@@ -53,7 +56,25 @@ def layer_cycles(graph: Graph, node: onnx.NodeProto, params: CycleModel, weights
         weight_bytes = weight.size * params.bits(weights) / 8
         memory = (weight_bytes + in_bytes + out_bytes) / per_cycle
         return int(max(compute, memory)) + params.layer_overhead_cycles
+    if node.op_type in GATES:
+        return _recurrent_cycles(graph, node, params, out_bytes)
     return int(out_bytes / per_cycle)
+
+
+def _recurrent_cycles(graph: Graph, node: onnx.NodeProto, params: CycleModel, out_bytes: int) -> int:
+    """An LSTM/GRU/RNN as the array runs it: every step and direction two products of the batch's
+    rows (input by W, state by R: I and H input channels, G output channels), and a layer's
+    overhead per step, as the steps cannot overlap; memory: weights once, input and outputs."""
+    rows, cols = params.mac_array
+    x, w, r = (graph.shape(node.input[i]) or () for i in range(3))
+    if len(x) != 3 or len(w) != 3 or len(r) != 3 or not all(isinstance(d, int) for d in (*x, *w, *r)):
+        return int(out_bytes / params.bytes_per_cycle)
+    directions, gates, features = w
+    steps_by_batch = x[0] * x[1]  # T * B in either layout
+    steps = x[1] if graph.attr(node, "layout", 0) else x[0]
+    compute = directions * steps_by_batch * (math.ceil(features / rows) + math.ceil(r[2] / rows)) * math.ceil(gates / cols)
+    memory = (math.prod(w) + math.prod(r) + math.prod(x) + out_bytes) / params.bytes_per_cycle
+    return int(max(compute, memory)) + params.layer_overhead_cycles * steps * directions
 
 
 def _constant_weight(graph: Graph, node: onnx.NodeProto):

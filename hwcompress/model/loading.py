@@ -19,6 +19,7 @@ from onnx import version_converter
 
 from ..errors import HwcError, first_line
 from .qoperator import QOperatorError, qoperator_as_qdq, qoperator_ops
+from .recurrent import RECURRENT_OPS, uncompilable_recurrent_nodes
 
 CANONICAL_OPSET = 17
 ASSUMED_BATCH = "hwc.batch_1_assumed"  # inputs whose dynamic batch was set to 1 (the report says so)
@@ -120,19 +121,15 @@ def supported_ops() -> frozenset[str]:
 
 
 def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes neither TVM's importer nor hwc's own canonical rewrites (recurrent layers) take."""
-    from .recurrent import RECURRENT_OPS
-
+    """Nodes neither TVM's importer nor hwc's own conversions (recurrent layers) take."""
     ops = supported_ops() | RECURRENT_OPS
     return [n for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in ops]
 
 
 def check_supported_ops(model: onnx.ModelProto, path: Path) -> None:
-    from .recurrent import why_not_unrolled
-
     bad = unsupported_nodes(model)
     if not bad:
-        for node, why in why_not_unrolled(model):
+        for node, why in uncompilable_recurrent_nodes(model):
             raise HwcError(f"{path}: {node.op_type} at node {node.name or '(unnamed)'} cannot be compiled: {why}")
         return
     first = bad[0]

@@ -9,10 +9,17 @@ from typing import Any
 import onnx
 
 from .graph import Graph
+from .recurrent import GATES
 
 
 def layer_macs(graph: Graph, node: onnx.NodeProto) -> int | None:
-    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul for one run; None if unknown."""
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul or recurrent layer for one run;
+    None if unknown."""
+    if node.op_type in GATES:  # every step: the input and the state times their weights
+        x, w, r = (graph.shape(node.input[i]) for i in range(3))
+        if x is None or w is None or r is None or not all(isinstance(d, int) for d in x):
+            return None
+        return math.prod(x[:2]) * w[0] * w[1] * (w[2] + r[2])  # T*B * D*G * (I + H)
     out = graph.shape(node.output[0])
     if out is None or not all(isinstance(d, int) for d in out):
         return None
@@ -41,7 +48,7 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
     layers = []
     for node in graph.topological_order():
         macs = layer_macs(graph, node)
-        if macs is None and node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if macs is None and node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", *GATES):
             continue
         params = sum(graph.initializer(t).size for t in node.input if t and graph.is_constant(t))
         layers.append({"name": node.name, "op": node.op_type, "output_shape": list(graph.shape(node.output[0]) or []),

@@ -18,7 +18,7 @@ from .fold_batchnorm import fold_batchnorm
 from .prune_channels import prune_channels
 from .unroll_recurrent import unroll_recurrent
 
-CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, unroll_recurrent, fold_batchnorm, canonicalize_reshape, conv1d_as_conv2d,
+CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape, conv1d_as_conv2d,
                                     explicit_pads, convtranspose_as_conv, channel_multiplier_as_depthwise)
 
 

@@ -1,10 +1,11 @@
 """Unroll LSTM, GRU and RNN layers (OCR recognizers, keyword spotters, sequence heads) into
 MatMuls and elementwise ops over their static sequence length.
 
-TVM's ONNX frontend imports none of the three ("unsupported op LSTM"): a CRNN text recognizer
-could not be compiled at all. Unrolled, each layer is one MatMul projecting every time step's input
-at once (``X W^T`` plus both biases: the large, parallel part, a register-blocked conv after
-``dense_as_conv``), then per step and direction one MatMul by the recurrent weights and the gates'
+TVM's ONNX frontend imports none of the three ("unsupported op LSTM"). On CPUs the importer runs
+each as one loop kernel (``backend.recurrent_loops``: an unrolled 80-step BiLSTM was hundreds of
+small kernels, VM-bound); GPU targets get this form, which their rule-based schedules take.
+Unrolled, each layer is one MatMul projecting every time step's input at once (``X W^T`` plus
+both biases: the large, parallel part), then per step and direction one MatMul by the recurrent weights and the gates'
 elementwise ops, which TVM fuses. Zero initial states drop the first step's recurrent MatMul.
 Every attribute of the ONNX definitions is honoured (directions, batch-first layout, peepholes,
 clip, coupled input-forget gate, GRU's linear_before_reset, activations with their alpha/beta);
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.graph import Graph
-from ..model.recurrent import DEFAULT_ACTIVATIONS, GATES, activations, direction, why_not_unrollable
+from ..model.recurrent import DEFAULT_ACTIVATIONS, GATES, activations, direction, why_not_compilable
 from .base import PassLog, model_pass
 
 
@@ -29,7 +30,7 @@ def unroll_recurrent(graph: Graph, log: PassLog) -> None:
     for node in list(graph.nodes):
         if node.op_type not in GATES or node.domain not in ("", "ai.onnx"):
             continue
-        why = why_not_unrollable(graph, node)
+        why = why_not_compilable(graph, node)
         if why:
             log.skipped.append(f"{node.name}: {why}")
             continue

@@ -14,6 +14,7 @@ TVM imports no recurrent op (LSTM, GRU, RNN): on CPUs each becomes a MatMul and 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import onnx
@@ -21,6 +22,10 @@ import onnx
 from ..config.vector_unit import VectorUnit
 from ..errors import HwcError, first_line
 from ..model.recurrent import RECURRENT_OPS
+
+
+# The converters are swapped in TVM's module for the time of one import: one import at a time.
+_IMPORTING = threading.Lock()
 
 
 def import_onnx(model: onnx.ModelProto, unit: VectorUnit | None = None):
@@ -33,7 +38,7 @@ def import_onnx(model: onnx.ModelProto, unit: VectorUnit | None = None):
 
         model = unroll_recurrent(onnx.shape_inference.infer_shapes(model))  # it needs the input's shape
     try:
-        with _converters_replaced(), _recurrent_loops(unit):
+        with _IMPORTING, _converters_replaced(), _recurrent_loops(unit):
             return from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the importer raises many types for unsupported constructs
         raise HwcError(f"TVM cannot import the model: {type(exc).__name__}: {first_line(exc)}") from exc

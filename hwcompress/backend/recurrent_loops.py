@@ -46,7 +46,7 @@ class LoopSpec:
     activations: tuple         # per direction, a tuple of (op, alpha, beta)
     clip: float | None = None
     input_forget: bool = False
-    linear_before_reset: bool = False
+    linear_before_reset: bool = False  # GRU only
     initial_h: bool = False
     initial_c: bool = False
     peepholes: bool = False
@@ -70,7 +70,6 @@ def loop_kernel(spec: LoopSpec, unit: VectorUnit):
     from tvm.script.ir_builder import tirx as T
 
     H, G, D, B, steps = spec.hidden, spec.gates, spec.directions, spec.batch, spec.steps
-    lbr = spec.kind == "GRU" and spec.linear_before_reset
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name(spec.kind.lower())
@@ -79,7 +78,7 @@ def loop_kernel(spec: LoopSpec, unit: VectorUnit):
                       "initial_h": (D, B, H) if spec.initial_h else None,
                       "initial_c": (D, B, H) if spec.initial_c else None,
                       "peepholes": (D, 3 * H) if spec.peepholes else None,
-                      "candidate_bias": (D, H) if lbr else None,
+                      "candidate_bias": (D, H) if spec.linear_before_reset else None,
                       "y": (steps, D, B, H), "y_h": (D, B, H), "y_c": (D, B, H) if spec.kind == "LSTM" else None}
             args = {name: T.arg(name, T.Buffer(shape, "float32")) if shape else None for name, shape in shapes.items()}
             with T.sblock("root"):
@@ -103,7 +102,7 @@ class _Thread:
         self.h = T.alloc_buffer((H,), "float32")
         self.c = T.alloc_buffer((H,), "float32") if spec.kind == "LSTM" else None
         self.g = T.alloc_buffer((G,), "float32")  # the gates' pre-activations
-        self.lbr = spec.kind == "GRU" and spec.linear_before_reset
+        self.lbr = spec.linear_before_reset
         self.gated = T.alloc_buffer((H,), "float32") if spec.kind == "GRU" and not self.lbr else None
 
     def run(self) -> None:

@@ -241,3 +241,41 @@ def test_recurrent_layers_are_counted_and_priced_by_their_steps():
     output_bytes = 20 * 2 * 2 * 4
     assert cycles[0] > 10 * output_bytes / npu16.latency.model.bytes_per_cycle
     assert cycles[1] == pytest.approx(2 * cycles[0], rel=0.05)
+
+
+def test_a_step_is_split_among_idle_cores_only_where_it_pays():
+    """One job (a direction of a batch entry) and idle cores: each step's hidden units are shared
+    out once a step's products are large enough; not where the jobs fill the cores, a step is small
+    (hidden 64: 2.8x slower split, a parallel region a step), or the GRU's candidate needs every
+    unit's reset gate first."""
+    from hwcompress.backend.recurrent_loops import LoopSpec, _parts
+
+    def spec(kind="LSTM", hidden=128, directions=1, batch=1, lbr=False):
+        return LoopSpec(kind, 100, batch, hidden, (False, True)[:directions], (), linear_before_reset=lbr)
+
+    assert _parts(spec(), cores=2) == 2 and _parts(spec(hidden=96), cores=4) == 4
+    assert _parts(spec(directions=2), cores=2) == 1 and _parts(spec(batch=2), cores=2) == 1
+    assert _parts(spec(hidden=64), cores=2) == 1
+    assert _parts(spec("GRU", lbr=False), cores=2) == 1 and _parts(spec("GRU", lbr=True), cores=2) == 2
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("LSTM", {"direction": "reverse", "peepholes": True, "initial": True, "clip": 0.7}),
+    ("LSTM", {"input_forget": 1, "batch": 1}),
+    ("GRU", {"linear_before_reset": 1, "initial": True}),
+    ("RNN", {"direction": "bidirectional", "initial": True}),
+])
+def test_split_steps_compute_onnx_runtimes_outputs(monkeypatch, kind, options):
+    """Steps shared out among threads (forced here on tiny layers: 4 threads of 4 units; 2 of 8
+    for the bidirectional RNN's 4 jobs) give ONNX Runtime's outputs: the threads read one copy of
+    the hidden state and write the other."""
+    from hwcompress.backend import recurrent_loops
+
+    monkeypatch.setattr(recurrent_loops, "SPLIT_WORK", 0)
+    monkeypatch.setattr(recurrent_loops, "physical_cores", lambda: 8)
+    model = recurrent_model(kind, hidden=16, **options)
+    kernels = _loop_kernels(model)
+    (loop,) = [f for g, f in kernels.functions.items() if g.name_hint == kind.lower()]
+    loops = [line.strip() for line in loop.script().splitlines() if line.strip().startswith("for ")]
+    assert "T.parallel" not in loops[0] and any("T.parallel" in line for line in loops)  # jobs serial, steps split
+    assert_built_like_onnxruntime(kernels, _host()[0], model)

@@ -245,9 +245,8 @@ def test_recurrent_layers_are_counted_and_priced_by_their_steps():
 
 def test_a_step_is_split_among_idle_cores_only_where_it_pays():
     """One job (a direction of a batch entry) and idle cores: each step's hidden units are shared
-    out once a step's products are large enough; not where the jobs fill the cores, a step is small
-    (hidden 64: 2.8x slower split, a parallel region a step), or the GRU's candidate needs every
-    unit's reset gate first."""
+    out once a step's products are large enough; not where the jobs fill the cores or a step is
+    small (hidden 64: 2.8x slower split, a parallel region a step)."""
     from hwcompress.backend.recurrent_loops import LoopSpec, _parts
 
     def spec(kind="LSTM", hidden=128, directions=1, batch=1, lbr=False):
@@ -256,19 +255,21 @@ def test_a_step_is_split_among_idle_cores_only_where_it_pays():
     assert _parts(spec(), cores=2) == 2 and _parts(spec(hidden=96), cores=4) == 4
     assert _parts(spec(directions=2), cores=2) == 1 and _parts(spec(batch=2), cores=2) == 1
     assert _parts(spec(hidden=64), cores=2) == 1
-    assert _parts(spec("GRU", lbr=False), cores=2) == 1 and _parts(spec("GRU", lbr=True), cores=2) == 2
+    assert _parts(spec("GRU", lbr=False), cores=2) == _parts(spec("GRU", lbr=True), cores=2) == 2
 
 
 @pytest.mark.parametrize("kind, options", [
     ("LSTM", {"direction": "reverse", "peepholes": True, "initial": True, "clip": 0.7}),
     ("LSTM", {"input_forget": 1, "batch": 1}),
     ("GRU", {"linear_before_reset": 1, "initial": True}),
+    ("GRU", {"direction": "reverse", "initial": True}),
     ("RNN", {"direction": "bidirectional", "initial": True}),
 ])
 def test_split_steps_compute_onnx_runtimes_outputs(monkeypatch, kind, options):
     """Steps shared out among threads (forced here on tiny layers: 4 threads of 4 units; 2 of 8
     for the bidirectional RNN's 4 jobs) give ONNX Runtime's outputs: the threads read one copy of
-    the hidden state and write the other."""
+    the hidden state and write the other; a GRU without linear_before_reset in two parallel
+    regions a step, as its candidate's product reads every unit's reset gate."""
     from hwcompress.backend import recurrent_loops
 
     monkeypatch.setattr(recurrent_loops, "SPLIT_WORK", 0)

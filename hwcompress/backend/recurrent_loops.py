@@ -102,8 +102,9 @@ def loop_kernel(spec: LoopSpec, unit: VectorUnit):
 class _Thread:
     """Writes one (direction, batch entry)'s work: its state in buffers of its own, the steps in
     time order (reversed for a reverse direction). With ``spec.parts`` > 1 each step's hidden units
-    are split among that many threads (one parallel region a step; the hidden state double-buffered
-    so that no thread overwrites what another still reads)."""
+    are split among that many threads (a parallel region a step, two for a GRU without
+    linear_before_reset; the hidden state double-buffered so that no thread overwrites what
+    another still reads)."""
 
     def __init__(self, T, spec: LoopSpec, unit: VectorUnit, args: dict, d, b):
         self.T, self.spec, self.args, self.d, self.b = T, spec, args, d, b
@@ -134,11 +135,12 @@ class _Thread:
             last = spec.steps - 1
             t = step if spec.reverse == (False,) else last - step if spec.reverse == (True,) else (
                 tirx.Select(d == 0, step, last - step))
-            if spec.parts == 1:
-                self.step(t, step % 2, 0)
-            else:
-                with T.parallel(0, spec.parts) as part:
-                    self.step(t, step % 2, part * self.units)
+            for phase in self.phases():
+                if spec.parts == 1:
+                    phase(t, step % 2, 0)
+                else:  # each phase a parallel region: the next reads what every thread wrote
+                    with T.parallel(0, spec.parts) as part:
+                        phase(t, step % 2, part * self.units)
 
         def finish(m):
             T.buffer_store(a["y_h"], self.h[spec.steps % 2, m], [d, b, m])
@@ -146,12 +148,29 @@ class _Thread:
                 T.buffer_store(a["y_c"], self.c[m], [d, b, m])
         self.vector_loop(0, spec.hidden, finish)
 
-    def step(self, t, cur, first) -> None:
-        """Step ``t`` for hidden units [first, first + units): reads h[cur], writes h[1 - cur] and Y."""
-        self.load_gates(t, first)
-        {"LSTM": self.lstm_step, "GRU": self.gru_step, "RNN": self.rnn_step}[self.spec.kind](t, cur, first)
-        self.vector_loop(first, self.units, lambda m: self.T.buffer_store(
-            self.args["y"], self.h[1 - cur, m], [t, self.d, self.b, m]))
+    def phases(self) -> list:
+        """A step's work for hidden units [first, first + units), as ``phase(t, cur, first)``
+        calls that read h[cur] and in the end write h[1 - cur] and Y: one, or for a GRU without
+        linear_before_reset two (its candidate's product reads every unit's r * h)."""
+        def write_y(t, cur, first):
+            self.vector_loop(first, self.units, lambda m: self.T.buffer_store(
+                self.args["y"], self.h[1 - cur, m], [t, self.d, self.b, m]))
+
+        if self.spec.kind == "GRU" and not self.lbr:
+            def reset(t, cur, first):
+                self.load_gates(t, first)
+                self.gru_reset(cur, first)
+
+            def update(t, cur, first):
+                self.gru_update(t, cur, first)
+                write_y(t, cur, first)
+            return [reset, update]
+
+        def step(t, cur, first):
+            self.load_gates(t, first)
+            {"LSTM": self.lstm_step, "GRU": self.gru_update, "RNN": self.rnn_step}[self.spec.kind](t, cur, first)
+            write_y(t, cur, first)
+        return [step]
 
     # ------------------------------------------------------------------ loops and expressions
     def vector_loop(self, first, count: int, body, lanes: int | None = None) -> None:
@@ -242,21 +261,26 @@ class _Thread:
         self.vector_loop(first, self.units, update_cell)
         self.vector_loop(first, self.units, update_hidden)
 
-    def gru_step(self, t, cur, first) -> None:
+    def gru_reset(self, cur, first) -> None:
+        """Without linear_before_reset, the first phase: z and r's products, then r * h for this
+        thread's units (the candidate's product in the next phase reads all of them)."""
+        g, h = self.g, self.h
+        self.recurrent_product(lambda k: h[cur, k], first, range(2))
+        self.vector_loop(first, self.units, lambda m: self.T.buffer_store(
+            self.gated, self.activate(g[self.spec.hidden + m], 0) * h[cur, m], [m]))
+
+    def gru_update(self, t, cur, first) -> None:
         """z and r from the first two gates; the candidate from the input's third gate and either
-        r * (h R_h + Rb_h) (linear_before_reset) or (r * h) R_h (its bias folded into the
-        input's: that product reads every unit's r * h, so such a layer is not split among
-        threads); h = (1 - z) * candidate + z * h."""
+        r * (h R_h + Rb_h) (linear_before_reset: one product by all three gates' weights) or
+        (r * h) R_h (its bias folded into the input's; r * h from ``gru_reset``);
+        h = (1 - z) * candidate + z * h."""
         H, g, h = self.spec.hidden, self.g, self.h
-        if self.lbr:  # one product by all three gates' weights
+        if self.lbr:
             self.recurrent_product(lambda k: h[cur, k], first, range(3))
 
             def candidate(m):
                 return self.activate(self.projected(t, 2 * H + m) + self.activate(g[H + m], 0) * g[2 * H + m], 1)
         else:
-            self.recurrent_product(lambda k: h[cur, k], first, range(2))
-            self.vector_loop(first, self.units, lambda m: self.T.buffer_store(
-                self.gated, self.activate(g[H + m], 0) * h[cur, m], [m]))
             self.recurrent_product(lambda k: self.gated[k], first, range(2, 3))
 
             def candidate(m):
@@ -397,10 +421,8 @@ def _layer(kind: str, shape: list[int], inputs: list, attr: dict):
 def _parts(spec: LoopSpec, cores: int) -> int:
     """Threads to share each step's hidden units: 1 where the layer's jobs (directions x batch
     entries) already occupy the cores or a step is too little work for a parallel region; else
-    the most, up to the idle cores, that leave each a whole number of 4-lane vectors of units.
-    A GRU without linear_before_reset is not split: its candidate's product reads every unit's
-    reset gate."""
+    the most, up to the idle cores, that leave each a whole number of 4-lane vectors of units."""
     jobs = spec.directions * spec.batch
-    if jobs >= cores or spec.hidden * spec.gates < SPLIT_WORK or spec.kind == "GRU" and not spec.linear_before_reset:
+    if jobs >= cores or spec.hidden * spec.gates < SPLIT_WORK:
         return 1
     return max(p for p in range(1, cores // jobs + 1) if spec.hidden % (4 * p) == 0)

@@ -95,11 +95,11 @@ def loop_kernel(spec: LoopSpec, unit: VectorUnit):
                     # Threads take whole (direction, batch entry) jobs, or where a step is split
                     # among them (``parts``), the jobs run one after the other.
                     with (T.parallel if spec.parts == 1 else T.serial)(0, D * B) as job:
-                        _Thread(T, spec, unit, args, job // B, job % B).run()
+                        _Job(T, spec, unit, args, job // B, job % B).run()
     return builder.get()
 
 
-class _Thread:
+class _Job:
     """Writes one (direction, batch entry)'s work: its state in buffers of its own, the steps in
     time order (reversed for a reverse direction). With ``spec.parts`` > 1 each step's hidden units
     are split among that many threads (a parallel region a step, two for a GRU without

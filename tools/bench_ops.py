@@ -8,7 +8,7 @@ write them: 1-D convs over raw audio, transposed convs (4x4 stride 2, depthwise)
 (ResNeXt, RegNet, ShuffleNetV1), a depthwise conv with a channel multiplier, dilated and 1x7/7x1
 convs, a reflect-padded conv, Mish, a segmentation softmax over classes, squeeze-and-excitation
 written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), InstanceNorm, a CRNN-style
-text recognizer's convs and classifier, a bidirectional LSTM and a GRU (loop kernels), self-attention (one head; ViT-Tiny's three). Each is compiled by hwc for this machine
+text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a GRU (loop kernels), self-attention (one head; ViT-Tiny's three). Each is compiled by hwc for this machine
 (``--trials``: tuning budget, default 0: the project's own schedules and default schedules alone),
 checked against ONNX Runtime, and both timed in alternating rounds in this process. A block the
 compile refuses prints its one-line error. Prints the CPU it ran on.
@@ -187,6 +187,16 @@ def lstm():
     return b.model(b.op("LSTM", ["x", *weights], hidden_size=hidden, direction="bidirectional"), [80, 1, 256])
 
 
+def lstm_stream():
+    """A streaming speech model's layer: a unidirectional LSTM of 256 units over 100 frames at batch
+    1 (one job: each step's units are shared among the cores)."""
+    b, hidden = _Block(), 256
+    bound = 1 / np.sqrt(hidden)
+    weights = [b.const(b.rng.uniform(-bound, bound, shape)) for shape in
+               ((1, 4 * hidden, 80), (1, 4 * hidden, hidden), (1, 8 * hidden))]
+    return b.model(b.op("LSTM", ["x", *weights], hidden_size=hidden), [100, 1, 80])
+
+
 def gru():
     """A keyword spotter's recurrent layer: a GRU over 49 frames of 40 mel features."""
     b, hidden = _Block(), 64
@@ -224,7 +234,7 @@ def vit_attention():
 
 BLOCKS = {f.__name__: f for f in (conv1d, deconv, depthwise_deconv, resnext, regnet, shufflenet_v1, channel_multiplier,
                                    dilated, inception_1x7, reflect_pad, mish, segmentation_softmax, reducemean_se,
-                                   convnext, instance_norm, crnn, lstm, gru, attention, vit_attention)}
+                                   convnext, instance_norm, crnn, lstm, lstm_stream, gru, attention, vit_attention)}
 
 
 def main() -> None:

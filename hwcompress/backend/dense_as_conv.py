@@ -27,9 +27,13 @@ ROW_PADDING = 16  # extra zero rows, at most (and an eighth of the rows), that l
 
 
 def static_shape(expr) -> list[int] | None:
-    dims = getattr(expr.ty, "shape", None)
+    return type_shape(expr.ty)
+
+
+def type_shape(ty) -> list[int] | None:
+    """The static shape of a tensor type; None where it is not static (or not a tensor)."""
     try:
-        return [int(d) for d in dims.values]
+        return [int(d) for d in getattr(ty, "shape", None).values]
     except (AttributeError, TypeError):
         return None
 

@@ -104,12 +104,10 @@ def describe_kernels(mod) -> dict[str, dict]:
 def _first_output_shape(var) -> list[int] | None:
     """The static shape ``var`` holds, or where it holds several outputs (a recurrent layer's
     sequence and states) the first one's; None where it is not static."""
-    ty = var.ty
-    ty = ty.fields[0] if getattr(ty, "fields", None) else ty
-    try:
-        return [int(d) for d in ty.shape.values]
-    except (AttributeError, TypeError):
-        return None
+    from .dense_as_conv import type_shape
+
+    fields = getattr(var.ty, "fields", None)
+    return type_shape(fields[0] if fields else var.ty)
 
 
 def _conv_kind(func, inputs: list, output: list | None) -> str:

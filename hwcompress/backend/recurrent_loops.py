@@ -110,8 +110,7 @@ class _Job:
         self.T, self.spec, self.args, self.d, self.b = T, spec, args, d, b
         H, G = spec.hidden, spec.gates
         self.units = H // spec.parts  # hidden units a thread updates each step
-        self.lanes = widest_lanes(self.units, unit.lanes) or 1
-        self.whole_lanes = widest_lanes(G, unit.lanes) or 1  # where one thread sweeps all gate columns
+        self.vector_lanes = unit.lanes
         # Gate vectors accumulated at once: as many as the registers hold beside the operands.
         self.per_chunk = max(1, unit.registers - 6)
         self.h = T.alloc_buffer((2, H), "float32")  # [step parity, unit]: read one, write the other
@@ -173,10 +172,13 @@ class _Job:
         return [step]
 
     # ------------------------------------------------------------------ loops and expressions
-    def vector_loop(self, first, count: int, body, lanes: int | None = None) -> None:
-        """``body(i)`` for i in [first, first + count), ``lanes`` at a time (default: the widest
-        vector dividing a thread's units)."""
-        lanes = lanes or (self.lanes if count % self.lanes == 0 else widest_lanes(count, self.lanes) or 1)
+    def lanes(self, count: int) -> int:
+        """The widest vector, of the CPU's lanes or fewer, that divides ``count`` (1: none does)."""
+        return widest_lanes(count, self.vector_lanes) or 1
+
+    def vector_loop(self, first, count: int, body) -> None:
+        """``body(i)`` for i in [first, first + count), ``lanes(count)`` at a time."""
+        lanes = self.lanes(count)
         with self.T.serial(0, count // lanes) as outer:
             with self.T.vectorized(0, lanes) as inner:
                 body(first + outer * lanes + inner)
@@ -221,15 +223,14 @@ class _Job:
         else:
             value = lambda j: self.projected(t, j)  # noqa: E731
         for start, count in self.gate_columns(first, range(GATES[self.spec.kind])):
-            self.vector_loop(start, count, lambda j: self.T.buffer_store(self.g, value(j), [j]),
-                             self.whole_lanes if count == self.spec.gates else None)
+            self.vector_loop(start, count, lambda j: self.T.buffer_store(self.g, value(j), [j]))
 
     def recurrent_product(self, state, first, gates: range) -> None:
         """g[columns] += state . weights[d, :, columns] for gates ``gates`` of this thread's
         units, a chunk of gate vectors at a time, each chunk's accumulators kept over the whole sum."""
         T, weights = self.T, self.args["recurrent"]
         for start, count in self.gate_columns(first, gates):
-            lanes = self.whole_lanes if count == self.spec.gates else (widest_lanes(count, self.lanes) or 1)
+            lanes = self.lanes(count)
             chunk = _largest_divisor(count // lanes, self.per_chunk)
             with T.serial(0, count // (lanes * chunk)) as part:
                 with T.serial(0, self.spec.hidden) as k:
@@ -357,7 +358,7 @@ def _convert(kind: str, unit: VectorUnit, bb, inputs, attr):
     spec, weights, recurrent, bias, peepholes = _layer(kind, [int(v) for v in x.ty.shape], inputs, attr)
     H, G, D = spec.hidden, spec.gates, spec.directions
 
-    def as_kernel_reads(state):  # [B, D, H] (batch-first) -> [D, B, H], in float32
+    def as_kernel_reads(state):  # [B, D, H] (batch-first) -> [D, B, H], in float32 (the input: [B, T, I])
         state = relax.op.permute_dims(state, [1, 0, 2]) if batch_first else state
         return relax.op.astype(state, "float32") if dtype != "float32" else state
 
@@ -372,7 +373,7 @@ def _convert(kind: str, unit: VectorUnit, bb, inputs, attr):
     folded = w_bias + r_bias
     if spec.linear_before_reset:  # the candidate's recurrent bias is multiplied by r: it stays in the loop
         folded[:, 2 * H:] = w_bias[:, 2 * H:]
-    sequence = as_kernel_reads(x) if batch_first or dtype != "float32" else x
+    sequence = as_kernel_reads(x)  # [B, T, I] (batch-first) -> [T, B, I], in float32
     projection = weights.transpose(2, 0, 1).reshape(weights.shape[-1], D * G)  # [I, D*G]
     args = [relax.op.matmul(sequence, const(projection)), const(folded.reshape(-1)), const(recurrent.transpose(0, 2, 1))]
     args += [as_kernel_reads(inputs[5])] if spec.initial_h else []

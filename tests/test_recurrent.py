@@ -199,6 +199,22 @@ def test_per_entry_sequence_lengths_are_refused_in_one_line(tmp_path):
     assert "LSTM at node" in str(exc.value) and "sequence_lens" in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_run_time_recurrent_weights_are_refused_in_one_line(tmp_path):
+    """A recurrent weight fed as a graph input (neither the loop kernel nor unrolling takes one):
+    loading says which op and why, in one line."""
+    from hwcompress.model.loading import load_model
+
+    model = recurrent_model("GRU")
+    weight = next(i for i in model.graph.initializer if i.name == "R")
+    model.graph.initializer.remove(weight)
+    model.graph.input.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, list(weight.dims)))
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(HwcError) as exc:
+        load_model(tmp_path / "m.onnx")
+    assert "GRU at node" in str(exc.value) and "weights are not constant" in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
 def test_a_float16_layer_computes_in_float32_and_returns_float16():
     """A float16 model's recurrent layer: the loop kernel reads and writes float32, the outputs
     keep the node's type, within float16's rounding of ONNX Runtime's float32 result."""

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -180,8 +181,13 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng, monkeypatc
     from hwcompress.backend import tune
 
     monkeypatch.setattr(tune._Heartbeat, "EVERY_S", 0.5)  # a silent MetaSchedule still prints a line
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     first = compile_model(path, tmp_path / "a", options, Progress(events.append))
     assert first["tuning"]["trials_run"] > 0 and first["tuning"]["records_reused"] == 0
+    assert not list(scratch.iterdir())  # every candidate's library was removed with the tuning run
     # Tuning reports structured, counted events (the CLI draws them as a bar) up to the trials it ran,
     # each with the kernels finished and the best time of the kernel just measured.
     counted = [e for e in events if e.stage == "tune" and e.counted]

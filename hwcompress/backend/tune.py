@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import sys
 import tempfile
@@ -60,9 +61,11 @@ def ms_build(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=PIPELINE)
 
 
-def ms_export(compiler: str | None, module) -> str:
-    """MetaSchedule export through the one export (cross-linked for cross targets)."""
-    path = os.path.join(tempfile.mkdtemp(prefix="hwc-ms-"), "kernel.so")
+def ms_export(compiler: str | None, scratch: str, module) -> str:
+    """MetaSchedule export through the one export (cross-linked for cross targets), into the tuning
+    run's scratch folder, which the run removes (each candidate's library, left in /tmp, had filled
+    it with thousands of folders)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="hwc-ms-", dir=scratch), "kernel.so")
     return str(export_library(module, path, compiler))
 
 
@@ -121,8 +124,9 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     negligible = sorted(name for name, share in untuned.shares.items() if share < negligible_share) if untuned else []
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
+    scratch = tempfile.mkdtemp(prefix="hwc-tune-")
     child = context.Process(target=_tune_in_child, args=(tvm.ir.save_json(kernels), target, trials, str(db_dir),
-                                                         device, events, negligible), daemon=True)
+                                                         device, events, negligible, scratch), daemon=True)
     child.start()
     heartbeat = _Heartbeat(progress)
     try:
@@ -157,7 +161,11 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
     except BaseException:
         _stop(child)
         raise
+    finally:
+        if not child.is_alive():
+            shutil.rmtree(scratch, ignore_errors=True)
     child.join()
+    shutil.rmtree(scratch, ignore_errors=True)
     repair(db_dir, progress.warn)  # failed candidates of this run never become records
     return result
 
@@ -208,7 +216,7 @@ def _stop(child) -> None:
 
 
 def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, device: str | None, events,
-                   negligible: list[str]) -> None:
+                   negligible: list[str], scratch: str) -> None:
     os.setsid()  # out of the terminal's process group: Ctrl-C goes to hwc, which stops this group
     _skip_tensor_intrinsic_library(arm=str(target.tvm_target_dict().get("mtriple", "")).startswith("aarch64"))
     import tvm
@@ -217,7 +225,7 @@ def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, 
                                              ("event", (e.message, e.done, e.total))))
     try:
         result = _tune_here(tvm.ir.load_json(kernels_json), target, trials, Path(db_dir), progress, device,
-                            negligible)
+                            negligible, scratch)
         events.put(("result", result.__dict__))
     except HwcError as exc:
         events.put(("error", str(exc)))
@@ -249,7 +257,7 @@ def _skip_tensor_intrinsic_library(arm: bool) -> None:
 
 
 def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Progress,
-               device: str | None, negligible_names: list[str] = ()) -> TuningResult:
+               device: str | None, negligible_names: list[str], scratch: str) -> TuningResult:
     import tvm.s_tir.meta_schedule as ms
 
     from .cpu_schedules import VectorUnit
@@ -264,7 +272,7 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
     if tunable and trials > 0:
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         builder = ms.builder.LocalBuilder(
-            f_build=ms_build, f_export=functools.partial(ms_export, target.cross_compiler),
+            f_build=ms_build, f_export=functools.partial(ms_export, target.cross_compiler, scratch),
             timeout_sec=300, max_workers=min(os.cpu_count() or 1, 4))
         evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
         if device:

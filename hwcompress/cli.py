@@ -208,8 +208,9 @@ def _parse_layer_ratios(specs: list[str] | None) -> dict[str, float]:
             sep = ""
         if not sep or not name:
             raise HwcError(f"--layer-ratio {spec!r}: expected NODE=RATIO, e.g. conv12=0.5")
-        if not 0 < ratios[name] < 1:
-            raise HwcError(f"--layer-ratio {spec!r}: the ratio must be between 0 and 1 (exclusive)")
+        if not 0 < ratios[name] <= 1:
+            raise HwcError(f"--layer-ratio {spec!r}: the ratio must be above 0 and at most 1 (1: the residual "
+                           "branch the layer lies on removed)")
     return ratios
 
 
@@ -250,8 +251,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lines.append(f"  reconstruction: {report['output_error_without_reconstruction']:.3g} -> "
                      f"{report['output_error_with_reconstruction']:.3g}")
     lines += _statistics_matching_lines(report)
+    lines += [f"  residual branch of {add} removed: {', '.join(names)}"
+              for add, names in report["pruning"].get("removed_branches", {}).items()]
     lines += [f"  {name}: {info['before']} -> {info['after']}" for name, info in layers.items()
-              if info["before"] != info["after"]]
+              if info["before"] != info["after"] and info["after"]]
     lines += [f"  left alone: {reason}" for reason in report["pruning"]["skipped"]]
     _emit(args, report, "\n".join(lines))
     return 0
@@ -511,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--ratio", type=_number(float, 0, 1, high_open=True), required=True, help="fraction of each layer's channels to remove (0..1)")
     p.add_argument("--target", "-t", help="round channel counts to this target's channel multiple")
-    p.add_argument("--layer-ratio", action="append", metavar="NODE=RATIO", help="per-layer ratio (repeatable)")
+    p.add_argument("--layer-ratio", action="append", metavar="NODE=RATIO",
+                   help="per-layer ratio (repeatable); 1 removes the residual branch the layer lies on")
     p.add_argument("--importance", choices=IMPORTANCES, default=PruneRecipe.default("importance"))
     p.add_argument("--calib", help="calibration data (.npz, one array per input) for reconstruction, or 'random'")
     p.add_argument("--no-reconstruct", action="store_true", help="with --calib: measure only, do not refit")

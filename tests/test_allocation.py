@@ -90,7 +90,7 @@ def test_the_search_allocates_in_its_first_round_and_reports_the_curves(tmp_path
         accuracy_budget: {max_top1_drop: 100}
         search: {max_rounds: 1, layer_candidates: 2}
         passes:
-          prune: {enabled: true, per_layer: true, ratios: [0.5], importance: l1, allocate: true}
+          prune: {enabled: true, per_layer: true, ratios: [0.5], branches: true, importance: l1, allocate: true}
     """))
     result = hwc("compile", str(tmp_path / "model.onnx"), "--target", "npu16", "--profile", "alloc",
                  "--profiles-dir", str(tmp_path / "profiles"), "--calib", "random", "--tune-trials", "0",
@@ -108,6 +108,12 @@ def test_the_search_allocates_in_its_first_round_and_reports_the_curves(tmp_path
     assert not [t for t in search["trials"] if t["round"] == 1 and t["candidate"].startswith("prune ")
                 and t is not trial]  # no one-group step in the allocating round
     assert trial["chosen"] and search["applied"] == [trial["candidate"]]
+    # With `branches`, the curve of the group a residual branch's first layer forms ends at ratio 1,
+    # the branch removed (ResNet-18: 5 of its 8 blocks branch off their input); the budget allows all.
+    ends = [c["points"][-1]["ratio"] for c in allocation["curves"] if c["points"]]
+    assert ends.count(1) == 5 and list(allocation["chosen"].values()).count(1) == 5
+    assert sum(after == 0 for _, after in trial["layers"].values()) == 10
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "Sensitivity allocation" in markdown and "Bisection probes" in markdown
+    assert "1 (branch removed)" in markdown
     assert "allocation: sensitivity of" in result.stderr

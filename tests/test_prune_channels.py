@@ -174,3 +174,40 @@ def test_multiple_larger_than_every_layer():
     model = resnet18(input_size=32, classes=10, width=0.125)  # 8..64 channels
     with pytest.raises(HwcError, match="nothing prunable.*not more than the channel multiple 128"):
         prune_channels(model, ratio=0.5, multiple=128)
+
+
+def test_a_layer_ratio_of_one_removes_its_residual_branch(rng):
+    """ResNet-18's identity blocks are branches off their input (its downsampling blocks, whose Add
+    reads two convs of the input, are not): ratio 1 on a block's first conv replaces the block by
+    the constant given, ``x + f(x) -> x + c``, exactly, and the rest of the model is untouched."""
+    from hwcompress.model import reference as ort
+    from hwcompress.passes.residual_branches import leads_branches, residual_branches
+
+    model = fold_batchnorm(resnet18(input_size=32, classes=10, width=0.25))
+    graph = Graph(model)
+    branches = residual_branches(graph)
+    assert len(branches) == 5 and all(len(b.layers) == 2 for b in branches)
+    adds = [n.name for n in graph.nodes if n.op_type == "Add"]
+    assert len(adds) == 8 and {b.add for b in branches} < set(adds)
+    branch = branches[2]
+    # The group a ratio of 1 names: the one of the branch's first layer, not the residual group.
+    assert leads_branches([branch.layers[0]], branches) and not leads_branches([branch.layers[1]], branches)
+    constant = rng.normal(size=(1, *graph.shape(branch.tensor)[1:])).astype(np.float32)
+    result = prune_channels.apply(model, ratio=0.0, layer_ratios={branch.layers[0]: 1.0},
+                                  branch_constants={branch.add: constant})
+    removed = result.model
+    assert result.log.details["removed_branches"] == {branch.add: list(branch.layers)}
+    assert {k: v["after"] for k, v in result.log.details["layers"].items()} == dict.fromkeys(branch.layers, 0)
+    assert len(removed.graph.node) == len(model.graph.node) - len(branch.nodes)
+    add_output = graph.node(branch.add).output[0]
+    feeds = [ort.random_inputs(model, seed) for seed in range(2)]
+    for before, after in zip(ort.run_with_intermediates(model, feeds, [branch.skip]),
+                             ort.run_with_intermediates(removed, feeds, [add_output])):
+        np.testing.assert_allclose(after[add_output], before[branch.skip] + constant, rtol=1e-5, atol=1e-5)
+    # The other layers prune as before beside it; a layer on no branch cannot go whole.
+    other = next(b for b in branches if b is not branch)
+    both = prune_channels.apply(model, ratio=0.0, layer_ratios={branch.layers[0]: 1.0, other.layers[0]: 0.5})
+    assert both.log.details["layers"][other.layers[0]]["after"] == both.log.details["layers"][other.layers[0]]["before"] // 2
+    stem = next(n.name for n in graph.nodes if n.op_type == "Conv")
+    with pytest.raises(HwcError, match="lies on no residual branch"):
+        prune_channels(model, ratio=0.0, layer_ratios={stem: 1.0})

@@ -91,6 +91,9 @@ class PruneRecipe(StructuralRecipe):
     allocation_share: float = knob(1.0, {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                                    "the part of the accuracy budget the allocation may spend (the rest is "
                                    "left for later rounds: int8)")
+    branches: bool = knob(False, _BOOL, "with allocate: also remove a residual branch whole (x + f(x) -> x + its "
+                                        "mean on the calibration data, the layers after it refit), as the last "
+                                        "point of the sensitivity curve of the group its first layer forms")
     importance: str = knob("reconstruction", {"enum": list(IMPORTANCES)},
                            "how channels are ranked: what their readers lose (needs calibration data; l1 without), "
                            "or the filter L1/L2 norm, or BN gamma")

@@ -7,6 +7,11 @@ the kept inputs of the *compressed* model, it reproduces its output in the *orig
 chosen per layer on held-back rows, solved in numpy. Conv layers are unrolled (im2col) at a sample of
 output positions. (MobileNetV2, a quarter of every block's expanded channels ranked by L1, refit: top-1
 83.3 -> 44.6 with one fixed ridge of 1e-2, -> 58.1 with the ridge chosen per layer.)
+
+A layer whose output is added to a residual path is fit to the original *sum* less what the path
+now carries, so it also makes up for what changed upstream on that path (a removed block: MobileNetV2
+with one of blocks 2-6 removed, top-1 on 186 images 73.7-83.9 % fit to its own output, 82.3-84.4 %
+fit to the sum; 10 % of every layer's channels pruned: 49.5 -> 51.1 %).
 """
 
 from __future__ import annotations
@@ -53,17 +58,21 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
     # Targets come from the original model once; inputs are re-read after every refit, in
     # topological order, so each layer is fit to what the layers before it now produce.
     per_run = max(1, MAX_ROWS // max(1, len(feeds)))
-    originals = list(ort.run_with_intermediates(original, feeds, [n.output[0] for n in targets.values()]))
+    skips = {name: _residual_skip(graph, reference, node) for name, node in targets.items()}
+    originals = list(ort.run_with_intermediates(
+        original, feeds, [n.output[0] if skips[name] is None else skips[name][0] for name, n in targets.items()]))
     order = [n.name for n in graph.topological_order() if n.name in targets]
     for name in order:
         node = graph.node(name)
         current = graph.to_model()
-        rows = [sample_rows(graph, node, xs[node.input[0]], ys[node.output[0]], per_run, rng)
-                for xs, ys in zip(ort.run_with_intermediates(current, feeds, [node.input[0]]), originals)]
+        target, skip = skips[name] or (node.output[0], None)
+        reads = [node.input[0]] + ([skip] if skip else [])
+        rows = []
+        for xs, ys in zip(ort.run_with_intermediates(current, feeds, reads), originals):
+            y = ys[target] if name not in kept_outputs else np.take(ys[target], kept_outputs[name], axis=1)
+            rows.append(sample_rows(graph, node, xs[node.input[0]], y - xs[skip] if skip else y, per_run, rng))
         x = np.concatenate([r[0] for r in rows])
         y = np.concatenate([r[1] for r in rows])
-        if name in kept_outputs:
-            y = y[:, kept_outputs[name]]
         before = _fit_error(graph, node, x, y)
         matrix, current_bias = _current(graph, node)
         weight, bias, ridge = _solve(x, y, matrix, current_bias if bias_slot(graph, node) is not None else None)
@@ -71,6 +80,21 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         after = _fit_error(graph, node, x, y)
         notes[name] = f"refit on {len(x)} rows (ridge {ridge:g}): layer output error {before:.3g} -> {after:.3g}"
     return graph.to_model(), notes
+
+
+def _residual_skip(graph: Graph, reference: Graph, node: onnx.NodeProto) -> tuple[str, str] | None:
+    """(the Add's output, the other input) where the layer's output is only added to another
+    tensor (through range Clips, which the fit ignores): the layer is then fit to the original sum
+    less what that tensor now is, so that it also makes up for what changed on the residual path
+    (a removed branch, a pruned layer before)."""
+    tensor, add = node.output[0], graph.sole_consumer(node.output[0])
+    while add is not None and add.op_type == "Clip":
+        tensor, add = add.output[0], graph.sole_consumer(add.output[0])
+    if add is None or add.op_type != "Add" or len(add.input) != 2 or any(graph.is_constant(t) for t in add.input):
+        return None
+    if reference.producer(add.output[0]) is None or graph.shape(add.input[0]) != graph.shape(add.input[1]):
+        return None
+    return add.output[0], next(t for t in add.input if t != tensor)
 
 
 def refittable(graph: Graph, node: onnx.NodeProto) -> bool:

@@ -98,6 +98,15 @@ class Graph:
         return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                      for d in info.type.tensor_type.shape.dim)
 
+    def dtype(self, tensor: str) -> np.dtype | None:
+        """Element type if known."""
+        if tensor in self.initializers:
+            return self.initializers[tensor].dtype
+        info = self._value_info.get(tensor) or next((v for v in self.inputs if v.name == tensor), None)
+        if info is None or not info.type.tensor_type.elem_type:
+            return None
+        return np.dtype(helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
+
     def rank(self, tensor: str) -> int | None:
         shape = self.shape(tensor)
         return None if shape is None else len(shape)

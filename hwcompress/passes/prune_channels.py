@@ -13,6 +13,9 @@
    constant contribution is computed in numpy and folded into the next layer's bias (or added as a
    constant map where zero padding makes it position dependent). Removing channels whose filters
    are zero is therefore exact.
+
+A layer ratio of 1 removes every channel: the residual branch the layer lies on goes whole
+(``residual_branches``: ``x + f(x)`` becomes ``x + c``), before the other layers are pruned.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from ..errors import HwcError
 from ..model.graph import Graph
 from ..model.numeric import conv2d, conv_pads, pool2d
 from .base import PassLog, model_pass
-from .layers import bias_value, set_bias
+from .layers import bias_value, layer_matrix, set_bias
 from .channel_groups import ChannelGraph, analyze
+from .residual_branches import branch_of, remove_branches, residual_branches
 
 IMPORTANCES = ("l1", "l2", "bn_gamma", "reconstruction")
 
@@ -54,18 +58,23 @@ def kept_channels(channels: int, ratio: float, multiple: int) -> int:
 def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int = 1,
                    layer_ratios: dict[str, float] | None = None, importance: str = "l1",
                    removed_atoms: dict[str, list[int]] | None = None,
-                   input_scores: dict[str, np.ndarray] | None = None) -> None:
+                   input_scores: dict[str, np.ndarray] | None = None,
+                   branch_constants: dict[str, np.ndarray] | None = None) -> None:
     """Remove about ``ratio`` of the output channels of every prunable Conv/Gemm/MatMul.
 
-    ``layer_ratios`` overrides the ratio per layer (node name). ``removed_atoms`` names exactly
-    which output channels of which layers to remove (used to test exactness); it bypasses the
-    importance ranking but not the dependency rules. ``input_scores`` (importance
-    "reconstruction"): per reading layer, a score per input channel, higher = keep.
+    ``layer_ratios`` overrides the ratio per layer (node name); 1 removes the residual branch the
+    layer lies on, its output replaced by ``branch_constants[add]`` (zero where not given).
+    ``removed_atoms`` names exactly which output channels of which layers to remove (used to test
+    exactness); it bypasses the importance ranking but not the dependency rules. ``input_scores``
+    (importance "reconstruction"): per reading layer, a score per input channel, higher = keep.
     """
     # ratio 0 with layer_ratios: only the named layers lose channels (a per-layer search step).
-    for r in [*([ratio] if ratio or not layer_ratios else []), *(layer_ratios or {}).values()]:
-        if not 0.0 < r < 1.0:
-            raise HwcError(f"pruning ratio {r} must be between 0 and 1 (exclusive)")
+    if not 0.0 <= ratio < 1.0 or (ratio == 0 and not layer_ratios and removed_atoms is None):
+        raise HwcError(f"pruning ratio {ratio} must be between 0 and 1 (exclusive)")
+    for r in (layer_ratios or {}).values():
+        if not 0.0 < r <= 1.0:
+            raise HwcError(f"layer pruning ratio {r} must be above 0 and at most 1 (1: the layer's residual "
+                           "branch removed)")
     if multiple < 1:
         raise HwcError(f"channel multiple {multiple} must be at least 1")
     layers = {n.name for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")}
@@ -74,12 +83,23 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
         raise HwcError(f"no Conv/Gemm/MatMul layer named {unknown[0]!r} in the model"
                        + (f" ({len(unknown)} unknown names)" if len(unknown) > 1 else "")
                        + f"; its layers are e.g. {', '.join(sorted(layers)[:5])}")
+    layer_ratios = dict(layer_ratios or {})
+    removed_layers = _remove_branches(graph, log, layer_ratios, branch_constants)
+    for name in removed_layers:
+        layer_ratios.pop(name, None)
+    if removed_layers and not ratio and not layer_ratios:
+        log.details.update(kept_outputs={}, consumers=[], layers=removed_layers)
+        return
     cg = analyze(graph)
     if removed_atoms is not None:
         plan = _explicit_plan(cg, removed_atoms)
     else:
         scores = _atom_importance(graph, cg, importance, input_scores)
         plan = _plan(cg, scores, ratio, layer_ratios or {}, multiple)
+    if not plan.removed and removed_layers:
+        log.skipped.extend(plan.left_alone)
+        log.details.update(kept_outputs={}, consumers=[], layers=removed_layers)
+        return
     if not plan.removed:
         reasons = "; ".join(sorted(set(plan.left_alone))[:4]) or "no Conv/Gemm/MatMul output channels"
         raise HwcError(f"nothing prunable at ratio {ratio} with channel multiple {multiple}: {reasons}")
@@ -97,7 +117,35 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
                        for name, info in plan.layers.items() if info["after"] != info["before"])
     log.applied.extend(notes)
     log.skipped.extend(plan.left_alone)
-    log.details["layers"] = plan.layers
+    log.details["layers"] = removed_layers | plan.layers
+
+
+def _remove_branches(graph: Graph, log: PassLog, layer_ratios: dict[str, float],
+                     constants: dict[str, np.ndarray] | None) -> dict[str, dict[str, Any]]:
+    """Remove the residual branches of the layers at ratio 1; their layers as the plan describes
+    layers (``after`` 0)."""
+    whole = [name for name, r in layer_ratios.items() if r == 1.0]
+    if not whole:
+        return {}
+    branches = residual_branches(graph)
+    adds = []
+    for name in whole:
+        branch = branch_of(branches, name)
+        if branch is None:
+            raise HwcError(f"{name} lies on no residual branch: a ratio of 1 removes the residual branch a layer "
+                           "lies on (x + f(x) -> x + c)")
+        adds.append(branch.add)
+    layers = {}
+    for branch in (b for b in branches if b.add in adds):
+        for name in branch.layers:
+            node = graph.node(name)
+            layers[name] = {"op": node.op_type, "before": int(layer_matrix(graph, node).shape[1]), "after": 0}
+    removed = remove_branches(graph, sorted(set(adds)), constants)
+    log.applied.extend(f"{add}: residual branch removed ({len(names)} layers: {', '.join(names)}), its output "
+                       f"replaced by {'its mean' if constants and add in constants else 'zero'}"
+                       for add, names in removed.items())
+    log.details["removed_branches"] = removed
+    return {name: info for name, info in layers.items() if any(name in names for names in removed.values())}
 
 
 # ------------------------------------------------------------------ importance

@@ -82,13 +82,15 @@ def allocation_summary(search: dict[str, Any]) -> list[str]:
     lines = [f"Sensitivity allocation (accuracy floor {info['floor']:.2f}, {info['share']:.0%} of the budget): "
              f"{len(info['chosen'])} groups pruned, output error predicted {info['predicted_output_error']:.3f}, "
              f"accuracy {info['accuracy']:.2f} (ONNX Runtime). Each group pruned alone at each ratio: relative "
-             f"output error on held-out calibration samples / latency the table predicts it saves.", "",
+             f"output error on held-out calibration samples / latency the table predicts it saves; ratio 1: the "
+             f"residual branch the group's layer starts removed.", "",
              "| group | chosen ratio | curve (ratio: error / ms saved) |", "| --- | --- | --- |"]
     for curve in info["curves"]:
         points = ", ".join(f"{p['ratio']:g}: {p['output_error']:.3f} / {p['saving_ms']:+.3f}" for p in curve["points"])
         group = curve["group"]
         name = group[0] + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
-        lines.append(f"| {name} | {info['chosen'].get(group[0], 0):g} | {points or 'no step'} |")
+        chosen = info["chosen"].get(group[0], 0)
+        lines.append(f"| {name} | {'1 (branch removed)' if chosen == 1 else f'{chosen:g}'} | {points or 'no step'} |")
     lines.append("")
     lines.append("Bisection probes (steps taken in order of latency saved per error: accuracy): "
                  + ", ".join(f"{p['steps']}: {p['accuracy']:.2f}" for p in info["probes"]) + ".")

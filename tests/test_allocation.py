@@ -22,6 +22,29 @@ def test_steps_are_taken_by_latency_saved_per_error_along_each_curves_hull():
     assert [error for _, _, error, _ in order] == pytest.approx([0.01, 0.01, 0.05])
 
 
+def test_steps_after_the_longest_good_prefix_are_tried_one_at_a_time():
+    """A step that breaks the floor is passed over and the ones after it still tried, except the
+    later steps of its own group (each builds on the one that failed); at most WALK_PROBES builds."""
+    from hwcompress.search.allocation import WALK_PROBES, _choice, _walk
+
+    curves = {g: Curve([g]) for g in "abcd"}
+    order = [(Point(ratio, 0.0, 0.0), curves[g], 0.0, 0.0)
+             for g, ratio in [("a", 0.25), ("b", 0.25), ("c", 0.25), ("b", 0.5), ("d", 0.25), ("a", 0.5)]]
+    tried = []
+
+    def probe(steps):
+        tried.append(steps)
+        return 1 not in steps  # b at 0.25 breaks the floor
+
+    _walk(order, 1, probe, lambda: True)
+    assert tried == [[0, 1], [0, 2], [0, 2, 4], [0, 2, 4, 5]]
+    assert _choice([order[i] for i in tried[-1]]) == {"a": 0.5, "c": 0.25, "d": 0.25}
+    long = order * (WALK_PROBES // len(order) + 2)
+    tried.clear()
+    _walk(long, 0, lambda steps: tried.append(steps) or True, lambda: True)
+    assert len(tried) == WALK_PROBES
+
+
 def test_an_allocation_keeps_the_floor_and_its_error_is_the_sum_of_the_groups(tmp_path):
     """ResNet-18 (generated, width 0.5) on npu16 (its cycle model prices the shapes: no build),
     scored by output cosine similarity with ONNX Runtime: the allocation found stays at or above
@@ -114,6 +137,6 @@ def test_the_search_allocates_in_its_first_round_and_reports_the_curves(tmp_path
     assert ends.count(1) == 5 and list(allocation["chosen"].values()).count(1) == 5
     assert sum(after == 0 for _, after in trial["layers"].values()) == 10
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "Sensitivity allocation" in markdown and "Bisection probes" in markdown
+    assert "Sensitivity allocation" in markdown and "Probes (bisection" in markdown
     assert "1 (branch removed)" in markdown
     assert "allocation: sensitivity of" in result.stderr

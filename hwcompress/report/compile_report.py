@@ -92,7 +92,8 @@ def allocation_summary(search: dict[str, Any]) -> list[str]:
         chosen = info["chosen"].get(group[0], 0)
         lines.append(f"| {name} | {'1 (branch removed)' if chosen == 1 else f'{chosen:g}'} | {points or 'no step'} |")
     lines.append("")
-    lines.append("Bisection probes (steps taken in order of latency saved per error: accuracy): "
+    lines.append("Probes (bisection over the steps in order of latency saved per error, then the steps after "
+                 "the longest good prefix one at a time; steps: accuracy): "
                  + ", ".join(f"{p['steps']}: {p['accuracy']:.2f}" for p in info["probes"]) + ".")
     return lines + [""]
 

@@ -57,12 +57,10 @@ def test_output_directory_holding_the_input_or_foreign_files_is_refused(tmp_path
     _one_line(result, "holds files hwc did not write (todo.txt)")
     assert "loading" not in result.stderr, "refused before any work"
     assert (notes / "todo.txt").read_text() == "mine"
-    # hwc's own output is replaced by the next run; --force replaces a foreign one.
-    out = tmp_path / "out"
-    assert hwc("compile", str(small), "-o", str(out), "--tune-trials", "0", "--repeat", "3", "-q").returncode == 0
-    assert hwc("compile", str(small), "-o", str(out), "--tune-trials", "0", "--repeat", "3", "-q").returncode == 0
+    # --force replaces a foreign one; hwc's own output is replaced by the next run.
     assert hwc("compile", str(small), "-o", str(notes), "--tune-trials", "0", "--repeat", "3", "-q", "--force").returncode == 0
     assert not (notes / "todo.txt").exists() and (notes / "model.so").exists()
+    assert hwc("compile", str(small), "-o", str(notes), "--tune-trials", "0", "--repeat", "3", "-q").returncode == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary siblings left"
 
 

@@ -39,13 +39,16 @@ def test_steps_after_the_longest_good_prefix_are_tried_one_at_a_time():
     _walk(order, 1, probe, lambda: True)
     assert tried == [[0, 1], [0, 2], [0, 2, 4], [0, 2, 4, 5]]
     assert _choice([order[i] for i in tried[-1]]) == {"a": 0.5, "c": 0.25, "d": 0.25}
+    tried.clear()  # the bisection had built [0, 1] and seen it fail: not built again
+    _walk(order, 1, probe, lambda: True, known_bad=True)
+    assert tried == [[0, 2], [0, 2, 4], [0, 2, 4, 5]]
     long = order * (WALK_PROBES // len(order) + 2)
     tried.clear()
     _walk(long, 0, lambda steps: tried.append(steps) or True, lambda: True)
     assert len(tried) == WALK_PROBES
 
 
-def test_an_allocation_keeps_the_floor_and_its_error_is_the_sum_of_the_groups(tmp_path):
+def test_an_allocation_keeps_the_floor_and_its_error_is_the_sum_of_the_groups(tmp_path, monkeypatch):
     """ResNet-18 (generated, width 0.5) on npu16 (its cycle model prices the shapes: no build),
     scored by output cosine similarity with ONNX Runtime: the allocation found stays at or above
     the floor, the bisection's probes past it fell below, every group chosen saves latency, and the
@@ -77,6 +80,7 @@ def test_an_allocation_keeps_the_floor_and_its_error_is_the_sum_of_the_groups(tm
     recipe = replace(get_profile("npu16").prune, per_layer=True, ratios=(0.5,), allocate=True, importance="l1")
     table = LatencyTable(target, tmp_path)
     floor = 99.0
+    monkeypatch.setattr("hwcompress.search.allocation.WALK_PROBES", 2)  # the walk is tested on its own
     found = allocate(model, recipe, target, calibration, table, cosine_percent, floor, SILENT, lambda: True)
     assert found is not None and found.accuracy >= floor
     assert found.accuracy == pytest.approx(cosine_percent(found.model))

@@ -178,19 +178,21 @@ def _bisect(model, recipe, multiple, calibration, scores, order, curves, unprice
             hi = k - 1
     if good is None:
         return None
-    _walk(order, lo, probe, time_left)
+    _walk(order, lo, probe, time_left, known_bad=lo == hi and lo < len(order))
     return Allocation(*good, probes=probes, curves=curves, unpriced=unpriced)
 
 
-def _walk(order, taken: int, probe: Callable[[list[int]], bool], time_left) -> None:
+def _walk(order, taken: int, probe: Callable[[list[int]], bool], time_left, known_bad: bool = False) -> None:
     """After the longest good prefix of ``taken`` steps, each later step is tried on top of the
     steps kept so far and kept where the build still scores at or above the floor; a group whose
     step failed is passed over after it (its later steps build on that one). The score is a count
     of samples: one step that costs two images of 186 (MobileNetV2: the stem's quarter) had ended
     the allocation at 3 groups, where walking past it kept 7 within the same budget (at most
-    ``WALK_PROBES`` builds)."""
+    ``WALK_PROBES`` builds). ``known_bad``: the bisection built the next step already, and it failed."""
     kept, failed_groups, tries = list(range(taken)), set(), 0
-    for index in range(taken, len(order)):
+    if known_bad:
+        failed_groups.add(order[taken][1].group[0])
+    for index in range(taken + known_bad, len(order)):
         if tries >= WALK_PROBES or not time_left():
             return
         group = order[index][1].group[0]

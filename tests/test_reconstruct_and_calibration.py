@@ -145,3 +145,5 @@ def test_prune_command_removes_a_real_residual_block_and_the_layers_after_make_u
     # Without calibration data there is no mean to put in the block's place: one line, no file.
     bad = hwc("prune", str(source), "--ratio", "0", "--layer-ratio", "546_preclip=1", "-o", str(tmp_path / "no.onnx"))
     assert bad.returncode == 2 and "needs calibration data" in bad.stderr and not (tmp_path / "no.onnx").exists()
+    bad = hwc("prune", str(source), "--ratio", "0", "--layer-ratio", "546_preclip=1.5", "-o", str(tmp_path / "no.onnx"))
+    assert bad.returncode == 2 and "at most 1" in bad.stderr and not (tmp_path / "no.onnx").exists()

@@ -158,14 +158,12 @@ def tune(kernels, target: Target, trials: int, db_dir: Path, progress: Progress 
             else:
                 result = TuningResult(**payload | {"model_ms": model_ms})
                 break
+        child.join()
     except BaseException:
         _stop(child)
         raise
-    finally:
-        if not child.is_alive():
-            shutil.rmtree(scratch, ignore_errors=True)
-    child.join()
-    shutil.rmtree(scratch, ignore_errors=True)
+    finally:  # the child has ended (or was stopped) on every way out
+        shutil.rmtree(scratch, ignore_errors=True)
     repair(db_dir, progress.warn)  # failed candidates of this run never become records
     return result
 

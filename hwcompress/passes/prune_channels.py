@@ -128,24 +128,25 @@ def _remove_branches(graph: Graph, log: PassLog, layer_ratios: dict[str, float],
     if not whole:
         return {}
     branches = residual_branches(graph)
-    adds = []
+    chosen = []
     for name in whole:
         branch = branch_of(branches, name)
         if branch is None:
             raise HwcError(f"{name} lies on no residual branch: a ratio of 1 removes the residual branch a layer "
                            "lies on (x + f(x) -> x + c)")
-        adds.append(branch.add)
+        if branch not in chosen:
+            chosen.append(branch)
     layers = {}
-    for branch in (b for b in branches if b.add in adds):
+    for branch in chosen:
         for name in branch.layers:
             node = graph.node(name)
             layers[name] = {"op": node.op_type, "before": int(layer_matrix(graph, node).shape[1]), "after": 0}
-    removed = remove_branches(graph, sorted(set(adds)), constants)
+    removed = remove_branches(graph, chosen, constants)
     log.applied.extend(f"{add}: residual branch removed ({len(names)} layers: {', '.join(names)}), its output "
                        f"replaced by {'its mean' if constants and add in constants else 'zero'}"
                        for add, names in removed.items())
     log.details["removed_branches"] = removed
-    return {name: info for name, info in layers.items() if any(name in names for names in removed.values())}
+    return layers
 
 
 # ------------------------------------------------------------------ importance

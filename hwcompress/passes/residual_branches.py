@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..errors import HwcError
 from ..model.graph import Graph
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -73,23 +72,19 @@ def leads_branches(layers: list[str], branches: list[Branch]) -> bool:
     return all(b is not None and b.layers[0] in layers for b in held)
 
 
-def remove_branches(graph: Graph, adds: list[str], constants: dict[str, np.ndarray] | None = None) -> dict[str, list[str]]:
-    """Replace each named Add's branch by ``constants[add]`` (broadcast to its output; zero where
-    not given) and remove the branch's nodes. Returns the layers removed per Add; an Add on a
-    branch removed before it goes with that branch."""
-    found = {b.add: b for b in residual_branches(graph)}
-    unknown = [a for a in adds if a not in found]
-    if unknown:
-        raise HwcError(f"{unknown[0]} closes no residual branch that could be removed")
+def remove_branches(graph: Graph, branches: list[Branch], constants: dict[str, np.ndarray] | None = None
+                    ) -> dict[str, list[str]]:
+    """Replace each branch (as ``residual_branches`` found it in this graph) by ``constants[add]``
+    (broadcast to its output; zero where not given) and remove its nodes. Returns the layers removed
+    per Add; a branch on a branch removed with it is not named."""
     gone: set[str] = set()
     removed = {}
-    for name in sorted(adds, key=lambda a: -len(found[a].nodes)):  # outer branches first
-        branch = found[name]
-        if name in gone:
+    for branch in sorted(branches, key=lambda b: -len(b.nodes)):  # outer branches first
+        if branch.add in gone:
             continue
-        add = graph.node(name)
+        add = graph.node(branch.add)
         dtype = graph.dtype(branch.tensor) or np.dtype(np.float32)
-        value = (constants or {}).get(name)
+        value = (constants or {}).get(branch.add)
         if value is None:
             shape = graph.shape(branch.tensor)
             value = np.zeros((1, *shape[1:]) if shape and all(isinstance(d, int) for d in shape) else (1,))
@@ -97,8 +92,7 @@ def remove_branches(graph: Graph, adds: list[str], constants: dict[str, np.ndarr
         for node_name in branch.nodes:
             graph.remove_node(graph.node(node_name))
         gone.update(branch.nodes)
-        removed[name] = list(branch.layers)
-    graph.forget_shapes([t for n in graph.nodes for t in n.output])
+        removed[branch.add] = list(branch.layers)
     return removed
 
 

@@ -143,9 +143,11 @@ def test_target_values_tvm_would_crash_on_are_refused(tmp_path, small, field, fr
 
 def test_interrupt_during_tuning_is_exit_130_and_the_database_stays_usable(tmp_path, small):
     cache = tmp_path / "cache"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     process = subprocess.Popen([sys.executable, "-m", "hwcompress.cli", "compile", str(small), "-o",
                                 str(tmp_path / "out"), "--tune-trials", "64", "--cache-dir", str(cache)],
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env=os.environ | {"TMPDIR": str(scratch)})
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -162,6 +164,7 @@ def test_interrupt_during_tuning_is_exit_130_and_the_database_stays_usable(tmp_p
     # The tuning child and its workers are gone with it.
     children = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout.split()
     assert not children
+    assert not list(scratch.glob("hwc-*"))  # nor the candidates' libraries
     result = hwc("compile", str(small), "-o", str(tmp_path / "out"), "--tune-trials", "0", "--cache-dir",
                  str(cache), "--json")
     assert result.returncode == 0, result.stderr

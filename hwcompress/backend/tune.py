@@ -202,15 +202,22 @@ class _Heartbeat:
 
 
 def _stop(child) -> None:
-    """End the child and its MetaSchedule workers (its whole process group)."""
+    """End the child and its MetaSchedule workers (its whole process group). The workers are
+    killed too when the child ended at the polite signal, and waited for (up to 2 s): one still
+    exporting a candidate had written into the scratch folder after it was removed."""
     for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(child.pid, sig)
         except (ProcessLookupError, PermissionError):
             child.kill() if child.is_alive() else None
         child.join(wait)
-        if not child.is_alive():
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(child.pid, 0)
+        except (ProcessLookupError, PermissionError):
             return
+        time.sleep(0.05)
 
 
 def _tune_in_child(kernels_json: str, target: Target, trials: int, db_dir: str, device: str | None, events,

@@ -75,8 +75,10 @@ def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
     # (this VM switches between two speeds about 1.8x apart: 0.20 vs 0.11 ms seen across a switch).
     assert f"anchor|{ANCHOR.key()}" in saved
     slowest = max(model_layers(small_resnet).values(), key=lambda spec: table.latencies([spec])[spec])
-    library = build_model(slowest.to_model(), target, BuildOptions(tune_trials=0, cache_dir=tmp_path), tmp_path).library
-    alone = table.measurer.measure(Job("alone", library, slowest.feeds(), slowest.input_names, None)).latency
+    library = build_model(slowest.to_model(channels_last=True), target, BuildOptions(tune_trials=0, cache_dir=tmp_path),
+                          tmp_path).library
+    alone = table.measurer.measure(Job("alone", library, slowest.feeds(channels_last=True), slowest.input_names,
+                                       None)).latency
     assert 0.4 < table.latencies([slowest])[slowest] / alone.median_ms < 2.5
 
     again = LatencyTable(target, tmp_path, trials=0)  # a second run: everything from the file
@@ -92,6 +94,34 @@ def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
     # Direct convs (--no-winograd) or float QDQ layers are other kernels: figures of their own.
     for other_build in ({"winograd": False}, {"int8_compute": False}):
         assert LatencyTable(target, tmp_path, **other_build).cache.path != table.cache.path
+
+
+def test_cpu_layers_are_timed_without_the_layout_transposes_of_a_model_alone(small_resnet):
+    """A CPU build computes convs in NHWC: a one-layer ONNX model (NCHW) would be built with a
+    transpose at each edge, which inside a model are not there and cost more than a large layer's conv.
+    The channels-last one-layer model computes the same layer, and builds to its conv kernel alone."""
+    target = get_target("host")
+    residual = next(s for s in model_layers(small_resnet).values() if s.epilogue == (("Add",), ("Relu",)))
+    plain, last = residual.feeds(), residual.feeds(channels_last=True)
+    assert list(last) == residual.input_names
+    assert all(last[name].shape == tuple(np.transpose(plain[name], (0, 2, 3, 1)).shape) for name in plain)
+    nchw = {name: np.ascontiguousarray(np.transpose(last[name], (0, 3, 1, 2))) for name in last}
+    (expected,) = ort.run(residual.to_model(), nchw)
+    (got,) = ort.run(residual.to_model(channels_last=True), last)
+    np.testing.assert_allclose(np.transpose(got, (0, 3, 1, 2)), expected, rtol=1e-5, atol=1e-5)
+
+    def kernels(model):
+        return [gv.name_hint for gv in tvm_build.lower(import_onnx(model), target).functions if gv.name_hint != "main"]
+
+    assert any("transpose" in k for k in kernels(residual.to_model()))
+    built = kernels(residual.to_model(channels_last=True))
+    assert built and not any("transpose" in k for k in built) and any("conv2d" in k for k in built)
+    # A matrix layer has no layout to change. An int8 layer keeps its input's quantization (a pass
+    # over the input in the model too), with no transpose kernel of its own beside it.
+    gemm = next(s for s in model_layers(small_resnet).values() if s.op != "Conv")
+    assert gemm.to_model(channels_last=True) == gemm.to_model()
+    int8 = kernels(residual.as_int8(False).to_model(channels_last=True))
+    assert len(int8) == 2 and not any(k.startswith("transpose") for k in int8)
 
 
 def test_tuning_the_table_tunes_the_models_own_kernels(tmp_path, rng):

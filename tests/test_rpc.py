@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(*args: str) -> subprocess.Popen:
+def _start(*args: str, scratch: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TMPDIR": scratch})
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -50,8 +52,11 @@ class Farm:
     def __init__(self, servers: int, key: str = "hwc-test"):
         self.port = _free_port()
         self.key = key
+        # A server killed mid-session leaves the session's upload folder behind (TVM removes it only
+        # when the session ends): the farm's processes write under a folder of their own, removed at close.
+        self.scratch = tempfile.mkdtemp(prefix="hwc-farm-")
         self.tracker = _start("tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(self.port),
-                              "--port-end", str(self.port + 1))
+                              "--port-end", str(self.port + 1), scratch=self.scratch)
         time.sleep(1.0)
         self.servers = [self.add_server() for _ in range(servers)]
         try:
@@ -75,11 +80,12 @@ class Farm:
     def add_server(self) -> subprocess.Popen:
         port = _free_port()
         return _start("hwcompress.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end",
-                      str(port + 1), "--tracker", f"127.0.0.1:{self.port}", "--key", self.key)
+                      str(port + 1), "--tracker", f"127.0.0.1:{self.port}", "--key", self.key, scratch=self.scratch)
 
     def close(self) -> None:
         for proc in self.servers + [self.tracker]:
             _stop(proc)
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @pytest.fixture

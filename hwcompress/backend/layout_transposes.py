@@ -17,7 +17,9 @@ convert stays in NCHW, wrapped in a transpose to NCHW before it and one back aft
   concatenates before it.
 
 A transpose of a transpose is one transpose, or none where the second undoes the first, so the
-transposes moved this way meet and cancel.
+transposes moved this way meet and cancel; a transpose that keeps every axis in place (what the
+conversion leaves where a model's own transpose to NHWC follows its transpose to NCHW, as at the
+output of a model written channels-last) is none.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ class _Mover(relax.PyExprMutator):
             rewritten = self._concat(call)
         elif call.op == _PERMUTE and call.attrs.axes is not None:
             axes = [int(a) for a in call.attrs.axes]
+            if axes == list(range(len(axes))):  # what ConvertLayout leaves of an NHWC model's own transposes
+                return call.args[0]
             rewritten = self._permuted(call.args[0], axes)
             if rewritten is None:
                 rewritten = self._pad_permuted(call.args[0], axes)

@@ -62,8 +62,8 @@ def table_summary(search: dict[str, Any]) -> list[str]:
     lines = [f"Per-layer latency table: `{info['file']}` ({info['method']}, layers tuned with "
              f"{info['layer_trials']} trials each; {info['figures_made_in_this_run']} new figures in this run). "
              f"Sum of the layers: baseline {_ms(info['baseline_predicted_ms'])} ms, chosen "
-             f"{_ms(info['chosen_predicted_ms'])} ms (each layer timed alone, its input read from memory: more than "
-             f"the end-to-end time; a candidate's prediction is the measured latency scaled by the sum's change).", ""]
+             f"{_ms(info['chosen_predicted_ms'])} ms (each layer timed alone, as it runs in the model: "
+             f"not the end-to-end time; a candidate's prediction is the measured latency scaled by the sum's change).", ""]
     if checked:
         lines += ["| candidate | table predicts ms | measured end to end ms | error |", "| --- | --- | --- | --- |"]
         lines += [f"| {t['candidate']} | {_ms(t['predicted_ms'])} | {_ms(t['latency_ms'])} | "

@@ -29,9 +29,9 @@ class LayerStep:
     apply: Callable[[onnx.ModelProto], onnx.ModelProto]  # the full rewrite (reconstruction, data-aware)
     shapes: dict[str, list[int]]  # pruning: layer -> [channels before, after]; low-rank: layer -> ranks
     # The part of the model's time it saves: the table's saving over the sum of the model's layers
-    # (None: not priced, the table's budget ran out before its shapes). The sum is about twice the
-    # end-to-end time (each layer timed alone reads its input from memory), so a prediction is this
-    # share of the measured latency, not the measured latency less the table's milliseconds.
+    # (None: not priced, the table's budget ran out before its shapes). The sum is on the table's
+    # anchor scale and its layers run alone, so a prediction is this share of the measured latency,
+    # not the measured latency less the table's milliseconds.
     saving_share: float | None = None
 
     def predicted_ms(self, latency_ms: float) -> float:

@@ -368,7 +368,7 @@ def _allocation_trial(steps: LayerSteps, round_index: int, result: SearchResult,
         result.trials.append(Trial(round_index, name, None, "table", float("nan"), reason=why))
         progress(f"search round {round_index}: {name}: none within {floor:.2f} [{time.monotonic() - start:.0f} s]")
         return []
-    # The table's relative change applied to the measured latency (its sums are about twice it).
+    # The table's relative change applied to the measured latency (its sums are on the anchor's scale).
     predicted = result.latency_ms * steps.table.predict_ms(found.model)[0] / steps.table.predict_ms(result.model)[0]
     name = f"prune (allocated by sensitivity: {len(found.ratios)} groups)"
     trial = Trial(round_index, name, None, "table", found.accuracy, predicted_ms=predicted, layers=found.shapes,

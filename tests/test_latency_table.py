@@ -124,6 +124,36 @@ def test_cpu_layers_are_timed_without_the_layout_transposes_of_a_model_alone(sma
     assert len(int8) == 2 and not any(k.startswith("transpose") for k in int8)
 
 
+def test_a_depthwise_layer_is_priced_with_the_1x1_conv_built_into_its_kernel(tmp_path):
+    """CPU builds compute a depthwise conv and the 1x1 conv reading it as one kernel: the depthwise
+    layer's figure is that pair's less the 1x1 conv's alone, so the model's sum holds the pair once."""
+    model = run_canonical(mobilenetv2(input_size=32, classes=10))[0]
+    layers = model_layers(model)
+    graph = Graph(model)
+    depthwise = [n.name for n in graph.nodes if n.op_type == "Conv" and n.name in layers
+                 and graph.initializer(n.input[1]).shape[1] == 1]
+    pairs = {name: spec for name, spec in layers.items() if spec.reader is not None}
+    assert depthwise and sorted(pairs) == sorted(depthwise)  # each read by its block's project conv alone
+    spec = next(s for s in pairs.values() if "R" in s.reader.input_names)  # a residual block's
+    assert spec.reader in layers.values() and spec.reader.reader is None
+    assert spec.input_names == ["X", "r_R"] and "> Conv" in spec.describe()
+    # The pair's model is the depthwise layer, then its reader, on the layer's own feeds.
+    feeds = spec.feeds(channels_last=True)
+    (pair,) = ort.run(spec.to_model(channels_last=True), feeds)
+    (first,) = ort.run(replace(spec, reader=None).to_model(channels_last=True), {"X": feeds["X"]})
+    (second,) = ort.run(spec.reader.to_model(channels_last=True), {"X": first, "R": feeds["r_R"]})
+    np.testing.assert_allclose(pair, second, rtol=1e-5, atol=1e-5)
+    assert spec.as_int8(False).reader == spec.reader.as_int8(False)  # int8 pairs merge too
+    table = LatencyTable(get_target("host"), tmp_path, trials=0)
+    figures = table.latencies([spec, spec.reader])
+    saved = json.loads(table.cache.path.read_text())
+    assert len(saved) == 3  # the anchor, the pair, the reader alone
+    assert figures[spec] == pytest.approx(saved[table._entry_key(spec)]["median_ms"] - figures[spec.reader])
+    # A cycle model merges nothing: the depthwise layer is priced alone there.
+    cycles = LatencyTable(get_target("npu16"), tmp_path)
+    assert cycles.latencies([spec])[spec] == cycles.latencies([replace(spec, reader=None)])[replace(spec, reader=None)]
+
+
 def test_tuning_the_table_tunes_the_models_own_kernels(tmp_path, rng):
     """Each layer is built with its fused epilogue, so its tuned kernel is the whole model's. (The
     grouped conv with 3 channels per group is one the project's schedules leave to MetaSchedule.)"""

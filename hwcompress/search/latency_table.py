@@ -21,8 +21,10 @@ transposes a one-layer NCHW model would be built with (``LayerSpec.to_model(chan
 Those transposes had cost up to three times the conv of a large activation, so the table priced
 MobileNetV2's early channels several times what they save (a quarter of the 112x112 expansion: 9.5 %
 of the sum, 5.6-6.8 % measured) and its late ones a fraction (half the last 1x1 conv: 1.0 %, 6.4-8.2 %
-measured); its sum ran five times the end-to-end time, now about it (3.59 vs 3.50 ms). Each layer
-still runs with its weights warm and alone, so the table predicts a model's latency change as the
+measured); its sum ran five times the end-to-end time, now about it (3.59 vs 3.50 ms). A depthwise
+conv is timed with the 1x1 conv the build merges into its kernel (``LayerSpec.reader``), its
+figure the pair's less the 1x1 conv's alone. Each layer still runs with its weights warm and alone,
+so the table predicts a model's latency change as the
 relative change of the sum of its layers, and the search checks every prediction it acts on against
 an end-to-end measurement of the whole compiled model.
 """
@@ -101,12 +103,23 @@ class LatencyTable:
 
         ``within_budget``: stop timing new shapes once the table's budget is spent; the result then
         holds only the specs that have a figure."""
-        specs = list(dict.fromkeys(specs))
-        missing = [s for s in specs if self.cache.get(self._entry_key(s)) is None]
+        timed = {spec: self._as_timed(spec) for spec in dict.fromkeys(specs)}
+        needed = dict.fromkeys([t for t in timed.values()] + [t.reader for t in timed.values() if t.reader])
+        missing = [s for s in needed if self.cache.get(self._entry_key(s)) is None]
         if missing and (self.budget_left() or not within_budget):
             self._fill(missing, within_budget)
-        figures = {s: self.cache.get(self._entry_key(s)) for s in specs}
-        return {s: latency.median_ms for s, latency in figures.items() if latency is not None}
+        figures = {s: self.cache.get(self._entry_key(s)) for s in needed}
+        result = {}
+        for spec, t in timed.items():  # a depthwise layer: the pair's figure less its reader's alone
+            whole, reader = figures[t], figures[t.reader] if t.reader else None
+            if whole is not None and (reader is not None or not t.reader):
+                result[spec] = whole.median_ms - (reader.median_ms if reader else 0.0)
+        return result
+
+    def _as_timed(self, spec: LayerSpec) -> LayerSpec:
+        """Where builds merge a depthwise conv with its 1x1 reader (CPUs), the pair is timed; elsewhere
+        (a GPU, a cycle model) each layer alone."""
+        return spec if self.channels_last or spec.reader is None else replace(spec, reader=None)
 
     def predict_ms(self, model: onnx.ModelProto) -> tuple[float, dict[str, float]]:
         """The sum of the model's layer latencies, and each layer's figure by node name."""

@@ -39,30 +39,48 @@ class LayerSpec:
     clip_bounds: tuple[tuple[float, float], ...] = field(default=(), compare=False)
     # Multiply-accumulates: only the order in which a budgeted table times shapes, never a price.
     macs: int = field(default=0, compare=False)
+    # A depthwise conv's 1x1 reader (``depthwise_reader``): a CPU build computes the two as one
+    # kernel, so the one-layer model holds both, and the table's figure for this layer is the
+    # pair's less the reader's alone (the reader is priced as itself).
+    reader: "LayerSpec | None" = None
 
     def as_int8(self, symmetric_activations: bool) -> "LayerSpec":
         """The same layer quantized as the int8 pass would (per-channel weights, per-tensor input)."""
-        return replace(self, dtype="int8/int8" if symmetric_activations else "int8/uint8")
+        return replace(self, dtype="int8/int8" if symmetric_activations else "int8/uint8",
+                       reader=self.reader and self.reader.as_int8(symmetric_activations))
 
     def as_pow2(self) -> "LayerSpec":
-        return replace(self, dtype="pow2")
+        return replace(self, dtype="pow2", reader=None)
 
     def key(self) -> str:
         return json.dumps([self.op, self.input_shape, self.weight_shape, self.attributes, self.bias,
-                           self.epilogue, self.dtype], separators=(",", ":"))
+                           self.epilogue, self.dtype] + ([self.reader.key()] if self.reader else []),
+                          separators=(",", ":"))
 
     def describe(self) -> str:
         tail = "".join(f"+{op[0]}" for op in self.epilogue)
         kind = "" if self.dtype == "float32" else f" [{self.dtype}]"
-        return f"{self.op}{kind}{tail} {'x'.join(map(str, self.input_shape))} * {'x'.join(map(str, self.weight_shape))}"
+        pair = f" > {self.reader.describe()}" if self.reader else ""
+        return (f"{self.op}{kind}{tail} {'x'.join(map(str, self.input_shape))} * "
+                f"{'x'.join(map(str, self.weight_shape))}{pair}")
 
     @property
     def input_names(self) -> list[str]:
-        return ["X"] + (["R"] if any(op[0] == "Add" for op in self.epilogue) else [])
+        own = ["X"] + (["R"] if any(op[0] == "Add" for op in self.epilogue) else [])
+        return own + ([f"{_READER}R"] if self.reader and "R" in self.reader.input_names else [])
 
     def to_model(self, channels_last: bool = False) -> onnx.ModelProto:
-        """The layer alone, with random weights of its shapes. ``channels_last``: a 2-D conv takes and
-        returns NHWC tensors (``_channels_last``), for targets that compute convs in NHWC."""
+        """The layer alone (with its reader, where it has one), with random weights of its shapes.
+        ``channels_last``: a 2-D conv takes and returns NHWC tensors (``_channels_last``), for
+        targets that compute convs in NHWC."""
+        model = self._alone()
+        if self.reader is not None:
+            model = _chained(model, onnx.compose.add_prefix(self.reader._alone(), _READER))
+        if channels_last and self.op == "Conv" and len(self.input_shape) == 4:
+            model = _channels_last(model)
+        return model
+
+    def _alone(self) -> onnx.ModelProto:
         rng = np.random.default_rng(0)
         weight = onnx.numpy_helper.from_array(rng.standard_normal(self.weight_shape).astype(np.float32), "W")
         inits = [weight]
@@ -103,8 +121,6 @@ class LayerSpec:
             model = self._quantized(model)
         if self.dtype == "pow2":  # a cycle model prices its weights as 4-bit codes
             model.metadata_props.add(key=POW2_METADATA, value=json.dumps(["layer"]))
-        if channels_last and self.op == "Conv" and len(self.input_shape) == 4:
-            model = _channels_last(model)
         return model
 
     def _quantized(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -118,6 +134,24 @@ class LayerSpec:
         rng = np.random.default_rng(1)
         return {v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim]).astype(np.float32)
                 for v in model.graph.input}
+
+
+_READER = "r_"  # the names of a depthwise layer's reader in their one-layer model
+
+
+def _chained(first: onnx.ModelProto, second: onnx.ModelProto) -> onnx.ModelProto:
+    """``second`` (its names prefixed) reading ``first``'s output Y, and giving Y."""
+    middle, graph = f"{_READER}X", first.graph
+    for node in graph.node:
+        node.output[:] = [middle if name == "Y" else name for name in node.output]
+    for node in second.graph.node:
+        node.output[:] = ["Y" if name == f"{_READER}Y" else name for name in node.output]
+    graph.node.extend(second.graph.node)
+    graph.initializer.extend(second.graph.initializer)
+    graph.input.extend(v for v in second.graph.input if v.name != middle)
+    del graph.value_info[:]
+    graph.output[0].type.tensor_type.ClearField("shape")
+    return onnx.shape_inference.infer_shapes(first)
 
 
 def _channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -158,9 +192,31 @@ def layer_spec(graph: Graph, node: onnx.NodeProto) -> LayerSpec | None:
     weight_shape = tuple(graph.initializer(node.input[1]).shape)
     attributes = _canonical_attributes(node, weight_shape)
     bias = len(node.input) > 2 and bool(node.input[2])
-    epilogue, clip_bounds = _epilogue(graph, node)
+    epilogue, clip_bounds, tensor = _epilogue(graph, node)
+    reader = depthwise_reader(graph, node, weight_shape, epilogue, tensor)
     return LayerSpec(node.op_type, tuple(shape), weight_shape, attributes, bias, epilogue, clip_bounds=clip_bounds,
-                     macs=layer_macs(graph, node) or 0)
+                     macs=layer_macs(graph, node) or 0, reader=reader and layer_spec(graph, reader))
+
+
+def depthwise_reader(graph: Graph, node: onnx.NodeProto, weight_shape: tuple[int, ...], epilogue,
+                     tensor: str) -> onnx.NodeProto | None:
+    """The 1x1 conv that alone reads a depthwise conv's output (after its activation), which a CPU
+    build computes in the same kernel (``backend/depthwise_pointwise.py``): timed apart, the
+    depthwise layer wrote and the 1x1 read an activation that the merged kernel keeps in a tile,
+    and MobileNetV2's expansion channels were priced at a quarter to four times what they save."""
+    group = dict(_canonical_attributes(node, weight_shape)).get("group", 1)
+    if (node.op_type != "Conv" or len(weight_shape) != 4 or weight_shape[1] != 1 or group != weight_shape[0]
+            or group == 1 or any(op[0] == "Add" for op in epilogue) or tensor in graph.output_names):
+        return None
+    user = graph.sole_consumer(tensor)
+    if user is None or user.op_type != "Conv" or user.input[0] != tensor or len(user.input) < 2 \
+            or not graph.is_constant(user.input[1]):
+        return None
+    shape = tuple(graph.initializer(user.input[1]).shape)
+    attributes = dict(_canonical_attributes(user, shape))
+    if len(shape) != 4 or shape[2:] != (1, 1) or attributes["group"] != 1 or set(attributes["strides"]) != {1}:
+        return None
+    return user
 
 
 def _canonical_attributes(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> tuple[tuple[str, Any], ...]:
@@ -179,8 +235,9 @@ def _canonical_attributes(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -
     return tuple(sorted((defaults | given).items()))
 
 
-def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple[tuple, ...], tuple[tuple[float, float], ...]]:
-    """The elementwise ops after the layer that TVM fuses into its kernel, and the Clips' bounds."""
+def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple[tuple, ...], tuple[tuple[float, float], ...], str]:
+    """The elementwise ops after the layer that TVM fuses into its kernel, the Clips' bounds, and the
+    tensor the last of them writes."""
     ops: list[tuple] = []
     bounds: list[tuple[float, float]] = []
     tensor = node.output[0]
@@ -203,7 +260,7 @@ def _epilogue(graph: Graph, node: onnx.NodeProto) -> tuple[tuple[tuple, ...], tu
         else:
             break
         tensor = user.output[0]
-    return tuple(ops), tuple(bounds)
+    return tuple(ops), tuple(bounds), tensor
 
 
 def model_layers(model: onnx.ModelProto) -> dict[str, LayerSpec]:

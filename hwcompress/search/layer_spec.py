@@ -203,7 +203,7 @@ def depthwise_reader(graph: Graph, node: onnx.NodeProto, weight_shape: tuple[int
     """The 1x1 conv that alone reads a depthwise conv's output (after its activation), which a CPU
     build computes in the same kernel (``backend/depthwise_pointwise.py``): timed apart, the
     depthwise layer wrote and the 1x1 read an activation that the merged kernel keeps in a tile,
-    and MobileNetV2's expansion channels were priced at a quarter to four times what they save."""
+    and MobileNetV2's expansion channels were priced at half to three times what they save."""
     group = dict(_canonical_attributes(node, weight_shape)).get("group", 1)
     if (node.op_type != "Conv" or len(weight_shape) != 4 or weight_shape[1] != 1 or group != weight_shape[0]
             or group == 1 or any(op[0] == "Add" for op in epilogue) or tensor in graph.output_names):

@@ -24,9 +24,9 @@ of the sum, 5.6-6.8 % measured) and its late ones a fraction (half the last 1x1 
 measured); its sum ran five times the end-to-end time, now about it (3.59 vs 3.50 ms). A depthwise
 conv is timed with the 1x1 conv the build merges into its kernel (``LayerSpec.reader``), its
 figure the pair's less the 1x1 conv's alone. Each layer still runs with its weights warm and alone,
-so the table predicts a model's latency change as the
-relative change of the sum of its layers, and the search checks every prediction it acts on against
-an end-to-end measurement of the whole compiled model.
+so the table predicts a model's latency change as the relative change of the sum of its layers, and
+the search checks every prediction it acts on against an end-to-end measurement of the whole
+compiled model.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from ..measure.factory import measurer_for
 from ..measure.latency import Job, MeasurementCache
 from ..measure.local import LocalMeasurer
 from ..progress import SILENT, Progress
-from .layer_spec import LayerSpec, model_layers
+from .layer_spec import LayerSpec, layer_feeds, model_layers
 
 # The kernel every figure made here is timed beside (``_time``): a mid-sized 3x3 conv.
 ANCHOR = LayerSpec("Conv", (1, 32, 28, 28), (32, 32, 3, 3), (("pads", (1, 1, 1, 1)),), True, (("Relu",),))
@@ -165,8 +165,7 @@ class LatencyTable:
             model = ANCHOR.to_model(self.channels_last)
             library = build_model(model, self.target, replace(self.build, tune_trials=0),
                                   Path(self._anchor_dir.name), "anchor.so").library
-            self._anchor_job = Job("anchor|" + ANCHOR.key(), library, ANCHOR.feeds(self.channels_last),
-                                   ANCHOR.input_names, model)
+            self._anchor_job = Job("anchor|" + ANCHOR.key(), library, layer_feeds(model), ANCHOR.input_names, model)
         figure = self.cache.get(self._anchor_job.key)
         if figure is None:
             figure = self.measurer.measure(self._anchor_job).latency
@@ -193,7 +192,7 @@ class LatencyTable:
                 library = None
                 if measurer.needs_library:
                     library = build_model(model, self.target, self.build, Path(scratch), f"layer{index}.so").library
-                job = Job(self._entry_key(spec), library, spec.feeds(self.channels_last), spec.input_names, model)
+                job = Job(self._entry_key(spec), library, layer_feeds(model), spec.input_names, model)
                 if measurer.batches:
                     batch.append(job)
                     self.progress(f"layer {spec.describe()} built", index, len(specs))

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..model import reference as ort
 from ..model.graph import Graph
 from ..model.summary import layer_macs
 from ..passes.quantize import POW2_METADATA, ActivationStats, quantize
@@ -130,10 +131,12 @@ class LayerSpec:
                               bias_correction=False).model
 
     def feeds(self, channels_last: bool = False) -> dict[str, np.ndarray]:
-        model = self.to_model(channels_last)
-        rng = np.random.default_rng(1)
-        return {v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim]).astype(np.float32)
-                for v in model.graph.input}
+        return layer_feeds(self.to_model(channels_last))
+
+
+def layer_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Inputs to time a one-layer model (``LayerSpec.to_model``) on: random, fixed."""
+    return ort.random_inputs(model, seed=1)
 
 
 _READER = "r_"  # the names of a depthwise layer's reader in their one-layer model
@@ -160,26 +163,16 @@ def _channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     kernel alone, as inside a whole model. With the edge transposes MobileNetV2's 112x112 expansion
     layer read 0.99 ms, 0.24 without: a table summing such figures priced channels of large
     activations four times what they cost in the model."""
-    graph = model.graph
-    nodes = []
-    for value in graph.input:
-        dims = value.type.tensor_type.shape.dim
-        nchw = f"{value.name}_nchw"
-        for node in graph.node:
-            node.input[:] = [nchw if name == value.name else name for name in node.input]
-        nodes.append(helper.make_node("Transpose", [value.name], [nchw], perm=[0, 3, 1, 2]))
-        order = [dims[0], dims[2], dims[3], dims[1]]
-        shape = [d.dim_value for d in order]
-        value.type.tensor_type.shape.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, shape).tensor_type.shape)
-    output = graph.output[0].name
-    for node in graph.node:
-        node.output[:] = [f"{output}_nchw" if name == output else name for name in node.output]
-    body = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + body + [helper.make_node("Transpose", [f"{output}_nchw"], [output], perm=[0, 2, 3, 1])])
-    del graph.value_info[:]
-    graph.output[0].type.tensor_type.ClearField("shape")
-    return onnx.shape_inference.infer_shapes(model)
+    graph = Graph(model)
+    first = graph.nodes[0]
+    for value in graph.inputs:
+        nchw = graph.unique_name(f"{value.name}_nchw")
+        graph.replace_uses(value.name, nchw)
+        graph.insert_before(first, [graph.make_node("Transpose", [value.name], [nchw], perm=[0, 3, 1, 2])])
+        n, c, h, w = (d.dim_value for d in value.type.tensor_type.shape.dim)
+        value.CopyFrom(helper.make_tensor_value_info(value.name, TensorProto.FLOAT, [n, h, w, c]))
+    graph.append_after(graph.producer(graph.output_names[0]), "Transpose", [], "to_nhwc", perm=[0, 2, 3, 1])
+    return graph.to_model()
 
 
 def layer_spec(graph: Graph, node: onnx.NodeProto) -> LayerSpec | None:

@@ -186,18 +186,18 @@ def layer_spec(graph: Graph, node: onnx.NodeProto) -> LayerSpec | None:
     attributes = _canonical_attributes(node, weight_shape)
     bias = len(node.input) > 2 and bool(node.input[2])
     epilogue, clip_bounds, tensor = _epilogue(graph, node)
-    reader = depthwise_reader(graph, node, weight_shape, epilogue, tensor)
+    reader = depthwise_reader(graph, node, weight_shape, dict(attributes), epilogue, tensor)
     return LayerSpec(node.op_type, tuple(shape), weight_shape, attributes, bias, epilogue, clip_bounds=clip_bounds,
                      macs=layer_macs(graph, node) or 0, reader=reader and layer_spec(graph, reader))
 
 
-def depthwise_reader(graph: Graph, node: onnx.NodeProto, weight_shape: tuple[int, ...], epilogue,
-                     tensor: str) -> onnx.NodeProto | None:
+def depthwise_reader(graph: Graph, node: onnx.NodeProto, weight_shape: tuple[int, ...], attributes: dict,
+                     epilogue, tensor: str) -> onnx.NodeProto | None:
     """The 1x1 conv that alone reads a depthwise conv's output (after its activation), which a CPU
     build computes in the same kernel (``backend/depthwise_pointwise.py``): timed apart, the
     depthwise layer wrote and the 1x1 read an activation that the merged kernel keeps in a tile,
     and MobileNetV2's expansion channels were priced at half to three times what they save."""
-    group = dict(_canonical_attributes(node, weight_shape)).get("group", 1)
+    group = attributes.get("group", 1)
     if (node.op_type != "Conv" or len(weight_shape) != 4 or weight_shape[1] != 1 or group != weight_shape[0]
             or group == 1 or any(op[0] == "Add" for op in epilogue) or tensor in graph.output_names):
         return None

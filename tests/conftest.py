@@ -18,6 +18,28 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("HWC_SHARED_DIR", ROOT.parent / "shared"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory) -> Path:
+    """A cache folder for the test session (``HWC_CACHE_DIR``, seen by the ``hwc`` processes the
+    tests start too): tests neither read nor add to the user's tuning records, latency tables and
+    measurements (a user's tuned records would change what an untuned build is, and MetaSchedule's
+    database is parsed by every build: 1.1 s at 581 records). The aarch64 runtime downloaded once
+    stays shared: its folder is the user's."""
+    from hwcompress.config.cache import default_cache_dir
+
+    folder = tmp_path_factory.mktemp("hwc-cache")
+    emulation = default_cache_dir() / "emulation"
+    emulation.mkdir(parents=True, exist_ok=True)
+    (folder / "emulation").symlink_to(emulation, target_is_directory=True)
+    saved = os.environ.get("HWC_CACHE_DIR")
+    os.environ["HWC_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("HWC_CACHE_DIR", None)
+    else:
+        os.environ["HWC_CACHE_DIR"] = saved
+
+
 def shared_model(name: str) -> Path:
     path = SHARED / "models" / name / "model.onnx"
     if not path.exists():

@@ -165,8 +165,8 @@ def test_interrupt_during_tuning_is_exit_130_and_the_database_stays_usable(tmp_p
     children = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout.split()
     assert not children
     assert not list(scratch.glob("hwc-*"))  # nor the candidates' libraries
-    result = hwc("compile", str(small), "-o", str(tmp_path / "out"), "--tune-trials", "0", "--cache-dir",
-                 str(cache), "--json")
+    result = hwc("compile", str(small), "-o", str(tmp_path / "out"), "--tune-trials", "0", "--repeat", "2",
+                 "--cache-dir", str(cache), "--json")
     assert result.returncode == 0, result.stderr
 
 
@@ -205,8 +205,8 @@ def test_a_torn_record_warns_once_and_the_compile_goes_on(tmp_path, small):
     (database / WORKLOADS).write_text("")
     records = database / RECORDS
     records.write_text('[0,[[["GetSBlock",[],["conv')  # what a power cut leaves
-    result = hwc("compile", str(small), "-o", str(tmp_path / "b"), "--tune-trials", "0", "--cache-dir", str(cache),
-                 "-q")
+    result = hwc("compile", str(small), "-o", str(tmp_path / "b"), "--tune-trials", "0", "--repeat", "2",
+                 "--cache-dir", str(cache), "-q")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("hwc: warning:") == 1 and str(records) in result.stderr
 

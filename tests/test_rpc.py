@@ -38,6 +38,16 @@ def _start(*args: str, scratch: str) -> subprocess.Popen:
                             start_new_session=True, env={**os.environ, "TMPDIR": scratch})
 
 
+def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Until something accepts connections on the port (the tracker has started listening)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -57,7 +67,7 @@ class Farm:
         self.scratch = tempfile.mkdtemp(prefix="hwc-farm-")
         self.tracker = _start("tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(self.port),
                               "--port-end", str(self.port + 1), scratch=self.scratch)
-        time.sleep(1.0)
+        _wait_for_port(self.port)
         self.servers = [self.add_server() for _ in range(servers)]
         try:
             wait_for_key(self.device, servers, timeout=60)
@@ -89,10 +99,26 @@ class Farm:
 
 
 @pytest.fixture
-def farm():
+def own_farm():
+    """A farm of its own, for a test that stops its servers."""
     farm = Farm(servers=2)
     yield farm
     farm.close()
+
+
+@pytest.fixture(scope="module")
+def module_farm():
+    farm = Farm(servers=2)
+    yield farm
+    farm.close()
+
+
+@pytest.fixture
+def farm(module_farm):
+    """The module's farm, both servers free again, for a test that leaves them running (a farm
+    takes seconds to start)."""
+    wait_for_key(module_farm.device, 2, timeout=60)
+    return module_farm
 
 
 def test_device_check_reports_key_version_and_kernel(farm):
@@ -121,7 +147,8 @@ def _jobs(tmp_path: Path, count: int) -> list[Job]:
     return [Job(f"mnist-{i}", tmp_path / "lib" / "model.so", feeds, ["Input3"]) for i in range(count)]
 
 
-def test_parallel_measurements_survive_a_server_killed_mid_run(farm, tmp_path):
+def test_parallel_measurements_survive_a_server_killed_mid_run(own_farm, tmp_path):
+    farm = own_farm
     jobs = _jobs(tmp_path, 8)
     cache = MeasurementCache(tmp_path / "measurements.json")
     events: list[str] = []

@@ -94,7 +94,7 @@ def test_a_spent_search_budget_stops_the_search_and_lists_what_it_left(tmp_path,
 def test_per_layer_search_follows_the_latency_table_and_checks_it_end_to_end(tmp_path, mnist_files):
     args = [str(shared_model("mnist-8")), "--target", "host", "--tune-trials", "0", "--profile", "layers",
             "--profiles-dir", str(mnist_files / "profiles"), "--calib", str(mnist_files / "calib.npz"),
-            "--val", str(mnist_files / "val.npz"), "--labels", str(mnist_files / "labels.npy"), "--repeat", "10",
+            "--val", str(mnist_files / "val.npz"), "--labels", str(mnist_files / "labels.npy"), "--repeat", "3",
             "--cache-dir", str(tmp_path / "cache"), "--json"]
     result = hwc("compile", *args, "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
@@ -163,7 +163,7 @@ def test_search_keeps_only_measured_gains_within_budget(tmp_path, mnist_files):
     result = hwc("compile", str(shared_model("mnist-8")), "--target", "host", "-o", str(out), "--tune-trials", "0",
                  "--profile", "quick", "--profiles-dir", str(mnist_files / "profiles"),
                  "--calib", str(mnist_files / "calib.npz"), "--val", str(mnist_files / "val.npz"),
-                 "--labels", str(mnist_files / "labels.npy"), "--repeat", "10", "--json")
+                 "--labels", str(mnist_files / "labels.npy"), "--repeat", "3", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert_matches_report_schema(report)

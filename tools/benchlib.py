@@ -35,6 +35,7 @@ class Task:
     calib: np.ndarray
     images: np.ndarray
     labels: np.ndarray
+    path: Path | None = None  # the model file as given (before the loading rewrites in ``model``)
 
     def calibration(self) -> Calibration:
         name = self.model.graph.input[0].name
@@ -51,8 +52,9 @@ def load_task(name: str, calib_count: int) -> Task:
         x, y = datasets.imagenet_samples(SHARED / "data" / "imagenet_samples_224" /
                                          "imagenet_samples_224_every4th_class.npz",
                                          "caffe" if name == "squeezenet" else "torch")
-    model = canonicalize_reshape(eliminate_identity(load_model(SHARED / "models" / model_dir / "model.onnx")))
-    return Task(name, model, x[:calib_count], x[calib_count:], y[calib_count:])
+    path = SHARED / "models" / model_dir / "model.onnx"
+    model = canonicalize_reshape(eliminate_identity(load_model(path)))
+    return Task(name, model, x[:calib_count], x[calib_count:], y[calib_count:], path)
 
 
 def bench_parser(doc: str):

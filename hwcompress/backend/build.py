@@ -30,7 +30,7 @@ from .importer import import_onnx
 from .lowering_rules import install_lowering_rules
 from ..config.cache import default_cache_dir
 from .tune import TuningResult, UntunedProfile, tune, tuning_db_dir
-from .tuning_db import repair
+from .tuning_db import RECORDS, records, repair
 
 if TYPE_CHECKING:  # the lowering imports TVM, which a build loads only when it runs
     from .int8_lowering import Int8Lowering
@@ -237,8 +237,9 @@ def build(kernels, target: Target, db_dir: Path | None):
             with kernels_compiled_by_nvcc(tvm_target):
                 return tvm.compile(kernels, target=tvm_target)
         if not target.is_gpu:
-            if db_dir is not None and (db_dir / "database_tuning_record.json").exists():
-                kernels = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(kernels)
+            if db_dir is not None and (db_dir / RECORDS).exists():
+                with records(db_dir):  # the pass reads the database in scope
+                    kernels = relax.transform.MetaScheduleApplyDatabase()(kernels)
             kernels = schedule_untuned(kernels, VectorUnit.of(tvm_target).lanes)
             return tvm.compile(kernels, target=tvm_target, tir_pipeline=CPU_PIPELINE)
         return tvm.compile(kernels, target=tvm_target)

@@ -28,7 +28,7 @@ from ..config.targets import Target
 from ..errors import HwcError, first_line
 from ..progress import SILENT, Progress
 from .export import export_library
-from .tuning_db import mark_tuned, repair, tuned_tasks
+from .tuning_db import mark_tuned, records, repair, tuned_tasks
 
 # Bumped when the kernels handed to MetaSchedule change form (layout, hand schedules, thread
 # count of the runner), so that records tuned for the old form are not mixed with new ones.
@@ -42,6 +42,12 @@ def tuning_db_dir(cache_dir: Path, target: Target) -> Path:
     key = json.dumps({"tvm": tvm.__version__, "target": target.tvm_target_dict(), "kernels": KERNEL_FORM,
                       "threads": os.environ.get("TVM_NUM_THREADS")}, sort_keys=True)
     return Path(cache_dir) / "tuning" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+# One candidate's build: a kernel builds in 1-3 s; a sampled schedule that makes LLVM run for minutes
+# (one of SqueezeNet's int8 max-pool kernels, 16 candidates: 5 minutes at the 300 s this was, the
+# whole tuning run waiting on it) would be no faster to run. It counts as a failed candidate.
+BUILD_TIMEOUT_S = 30
 
 
 def ms_build(mod, target, _params):
@@ -278,7 +284,7 @@ def _tune_here(kernels, target: Target, trials: int, db_dir: Path, progress: Pro
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         builder = ms.builder.LocalBuilder(
             f_build=ms_build, f_export=functools.partial(ms_export, target.cross_compiler, scratch),
-            timeout_sec=300, max_workers=min(os.cpu_count() or 1, 4))
+            timeout_sec=BUILD_TIMEOUT_S, max_workers=min(os.cpu_count() or 1, 4))
         evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
         if device:
             remote = parse_device(device)
@@ -365,7 +371,7 @@ def _tasks(kernels, target: Target, db_dir: Path) -> tuple[list, list, list]:
     tasks = [task for task in ms.relax_integration.extract_tasks(kernels, tvm_target)
              if not is_scheduled(task.dispatched[0]["main"])
              and len(task.dispatched[0]["main"].params) <= MAX_TUNED_TENSORS]
-    database = open_database(db_dir)
+    database = records(db_dir)
     finished = tuned_tasks(db_dir)
     known = [t for t in tasks if has_record(database, t, tvm_target) and task_key(t) in finished]
     return tasks, known, [t for t in tasks if t not in known]

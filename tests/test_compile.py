@@ -176,7 +176,7 @@ def test_tuning_database_is_reused_by_a_second_compile(tmp_path, rng, monkeypatc
              helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
     path = tmp_path / "small.onnx"
     onnx.save_model(make_model(nodes, [("x", [1, 8, 16, 16])], [("y", [1, 10])], inits), str(path))
-    options = CompileOptions(tune_trials=16, cache_dir=tmp_path / "cache", repeat=5)
+    options = CompileOptions(tune_trials=8, cache_dir=tmp_path / "cache", repeat=3)
     events = []
     from hwcompress.backend import tune
 

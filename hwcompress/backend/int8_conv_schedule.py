@@ -34,14 +34,23 @@ from .int8_lowering import DOT_GROUP as GROUP  # input channels one vpdpbusd lan
 def dot_product_intrinsics(target) -> dict[int, str]:
     """The tensor intrinsics for the target's 4-byte integer dot product by accumulator lanes
     (x86: u8 x s8, 16 lanes zmm and 8 lanes ymm for output channel counts like 24; Arm: s8 x s8,
-    4 lanes), empty without one."""
+    4 lanes), empty without one. Each is registered with TVM when first looked up."""
     if has_feature("avx512vnni", target):
-        return {lanes: _register_vnni(lanes) for lanes in (16, 8)}
+        return _Registered({lanes: functools.partial(_register_vnni, lanes) for lanes in (16, 8)})
     if has_feature("avxvnni", target):  # VEX-encoded, 256-bit only (Intel client cores, Sierra Forest)
-        return {8: _register_vnni(8)}
+        return _Registered({8: functools.partial(_register_vnni, 8)})
     if has_feature("neon", target):
-        return {4: _register_neon(has_feature("dotprod", target))}
+        return _Registered({4: functools.partial(_register_neon, has_feature("dotprod", target))})
     return {}
+
+
+class _Registered(dict):
+    """Lanes -> intrinsic name, the intrinsic registered on the first lookup of its name: parsing
+    its TVMScript takes 0.7 s a process, which a model without int8 convs (every float compile)
+    never needs. Which lanes exist is known without it."""
+
+    def __getitem__(self, lanes: int) -> str:
+        return super().__getitem__(lanes)()
 
 
 def dot_product_instructions(target) -> str:

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+@functools.lru_cache(maxsize=None)
+def _pyplot():
+    """matplotlib, imported when a plot is drawn: importing it takes 0.7 s, which every ``hwc``
+    command paid before reading its arguments."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _png(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    _pyplot().close(figure)
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def kernel_plot(before: dict[str, float], after: dict[str, float], title: str) -> str:
     names = sorted(set(before) | set(after), key=lambda n: -max(before.get(n, 0), after.get(n, 0)))[:25]
-    figure, axis = plt.subplots(figsize=(9, 0.3 * len(names) + 1.2))
+    figure, axis = _pyplot().subplots(figsize=(9, 0.3 * len(names) + 1.2))
     y = range(len(names))
     axis.barh([i + 0.2 for i in y], [before.get(n, 0) for n in names], height=0.4, label="before")
     axis.barh([i - 0.2 for i in y], [after.get(n, 0) for n in names], height=0.4, label="after")
@@ -36,7 +44,7 @@ def kernel_plot(before: dict[str, float], after: dict[str, float], title: str) -
 
 def bar_plot(values: dict[str, float], title: str, unit: str) -> str:
     names = sorted(values, key=lambda n: -values[n])[:25]
-    figure, axis = plt.subplots(figsize=(9, 0.3 * len(names) + 1.2))
+    figure, axis = _pyplot().subplots(figsize=(9, 0.3 * len(names) + 1.2))
     axis.barh(range(len(names)), [values[n] for n in names])
     axis.set_yticks(list(range(len(names))), names, fontsize=7)
     axis.invert_yaxis()
@@ -46,7 +54,7 @@ def bar_plot(values: dict[str, float], title: str, unit: str) -> str:
 
 
 def pareto_plot(trials: list[dict[str, Any]], pareto: list[dict[str, Any]], metric: str, method: str) -> str:
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
     points = [t for t in trials if t["latency_ms"] is not None]
     for kind, marker in (("rejected", "x"), ("accepted", "o")):
         chosen = [t for t in points if t["accepted"] == (kind == "accepted")]
@@ -66,7 +74,7 @@ def pareto_plot(trials: list[dict[str, Any]], pareto: list[dict[str, Any]], metr
 
 
 def comparison_plot(rows: list[dict[str, Any]]) -> str:
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, axis = _pyplot().subplots(figsize=(7, 3.5))
     labels = [r["target"] for r in rows]
     values = [r["latency_ms"] or 0 for r in rows]
     bars = axis.bar(labels, values)

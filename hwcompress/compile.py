@@ -185,7 +185,8 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
         if measured.outputs is not None and measurer.runs_here:
             progress.at("measure")("timing each kernel, and ONNX Runtime on the same machine")
             kernels = measurer.kernel_times(job)
-            baseline = measurer.baseline(replace(job, model=given), rounds=max(2, min(5, options.repeat // 6)))
+            # One round per 6 samples asked for, 1-5: --repeat says how long the user will wait.
+            baseline = measurer.baseline(replace(job, model=given), rounds=max(1, min(5, options.repeat // 6)))
         codes = attach_pow2_codes(model, tmp / ONNX_NAME)
         save_model(model, tmp / ONNX_NAME)
         files = {ONNX_NAME: "the optimized ONNX model", **artifact.files}

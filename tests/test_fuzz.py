@@ -17,7 +17,7 @@ from conftest import shared_model
 
 from hwcompress.model.reference import random_inputs, relative_error, run
 
-MUTATIONS = 14
+MUTATIONS = 10
 
 # One process per mutated model runs the three commands in turn (TVM imported once); a native
 # crash kills that process with a signal, which the test sees.

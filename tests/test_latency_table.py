@@ -14,7 +14,8 @@ from conftest import make_model
 from hwcompress.model import reference as ort
 from hwcompress.backend import build as tvm_build
 from hwcompress.backend.importer import import_onnx
-from hwcompress.backend.tune import has_record, open_database
+from hwcompress.backend.tune import has_record
+from hwcompress.backend.tuning_db import open_database
 from hwcompress.config.targets import get_target
 from hwcompress.backend.cpu_schedules import is_scheduled
 from hwcompress.model.examples import mobilenetv2, resnet18

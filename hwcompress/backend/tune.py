@@ -28,7 +28,7 @@ from ..config.targets import Target
 from ..errors import HwcError, first_line
 from ..progress import SILENT, Progress
 from .export import export_library
-from .tuning_db import mark_tuned, records, repair, tuned_tasks
+from .tuning_db import mark_tuned, open_database, records, repair, tuned_tasks
 
 # Bumped when the kernels handed to MetaSchedule change form (layout, hand schedules, thread
 # count of the runner), so that records tuned for the old form are not mixed with new ones.
@@ -345,13 +345,6 @@ def _negligible(tasks: list, names, progress: Progress) -> list:
         progress(f"tuning: {len(chosen)} kernel(s) keep their default schedule untuned: each takes under 1% of the "
                  f"model's time, less than tuning could save")
     return chosen
-
-
-def open_database(db_dir: Path):
-    import tvm.s_tir.meta_schedule as ms
-
-    return ms.database.JSONDatabase(path_workload=str(db_dir / "database_workload.json"),
-                                    path_tuning_record=str(db_dir / "database_tuning_record.json"))
 
 
 # Kernels reading or writing more tensors than this keep the default schedule: the concatenation

@@ -60,18 +60,23 @@ def records(db_dir: Path):
     """The database in ``db_dir`` for reading, parsed once per process while its files stay as they
     are: MetaSchedule's JSON database parses every record's trace on opening (1.1 s for 581
     records), and a search builds dozens of candidates against the same records. A file that
-    changed (tuning appended, ``repair`` rewrote) is read again. Tuning writes through its own
-    handle (``tune.open_database``), never this one."""
-    import tvm.s_tir.meta_schedule as ms
-
+    changed (tuning appended, ``repair`` rewrote) is read again. Tuning writes through a handle of
+    its own (``open_database``), never this one."""
     paths = (Path(db_dir) / WORKLOADS, Path(db_dir) / RECORDS)
     stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in paths)
     cached = _READERS.get(str(db_dir))
     if cached is None or cached[0] != stamp:
-        cached = (stamp, ms.database.JSONDatabase(path_workload=str(paths[0]), path_tuning_record=str(paths[1]),
-                                                  allow_missing=True))
+        cached = (stamp, open_database(db_dir))
         _READERS[str(db_dir)] = cached
     return cached[1]
+
+
+def open_database(db_dir: Path):
+    """MetaSchedule's JSON database in ``db_dir`` (its files made where missing)."""
+    import tvm.s_tir.meta_schedule as ms
+
+    return ms.database.JSONDatabase(path_workload=str(Path(db_dir) / WORKLOADS),
+                                    path_tuning_record=str(Path(db_dir) / RECORDS))
 
 
 _READERS: dict[str, tuple] = {}  # folder -> (its files' size and time, the parsed database)

@@ -31,13 +31,9 @@ def own_cache(tmp_path_factory) -> Path:
     emulation = default_cache_dir() / "emulation"
     emulation.mkdir(parents=True, exist_ok=True)
     (folder / "emulation").symlink_to(emulation, target_is_directory=True)
-    saved = os.environ.get("HWC_CACHE_DIR")
-    os.environ["HWC_CACHE_DIR"] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop("HWC_CACHE_DIR", None)
-    else:
-        os.environ["HWC_CACHE_DIR"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HWC_CACHE_DIR", str(folder))
+        yield folder
 
 
 def shared_model(name: str) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -16,6 +18,43 @@ from hwcompress.model import reference as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("HWC_SHARED_DIR", ROOT.parent / "shared"))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """Two test processes (``-n auto``): one compiles while the other waits on ONNX Runtime or a
+    subprocess; more would only share the same cores, since each TVM run uses all of them."""
+    return min(2, os.cpu_count() or 1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test marked ``timed`` asserts on measured latency (a search's kept steps, a table against a
+    kernel timed alone): it runs with the machine to itself, its setup and teardown included, while
+    the other worker waits; other tests share the machine. (Two TVM thread pools on two cores read a
+    0.18 ms kernel as 4 ms.)"""
+    with _machine_share(item.config, exclusive=item.get_closest_marker("timed") is not None):
+        yield
+
+
+@contextlib.contextmanager
+def _machine_share(config, exclusive: bool):
+    """A readers-writer lock between pytest-xdist's workers: flock on two files in the run's temp
+    folder (each worker's is a folder in it; pytest removes old runs'). The turnstile makes a waiting
+    ``timed`` test go next instead of waiting out every shared one."""
+    if not hasattr(config, "workerinput"):  # one process: nothing to share
+        yield
+        return
+    folder = Path(config.option.basetemp).parent
+    with open(folder / "machine.turnstile", "a") as turnstile, open(folder / "machine.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session", autouse=True)

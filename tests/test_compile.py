@@ -43,6 +43,7 @@ def host_mnist(tmp_path_factory):
     return out, json.loads(result.stdout), result.stderr
 
 
+@pytest.mark.timed  # sets up host_mnist, whose latency and ratio to ORT the tests read
 def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist):
     out, report, stderr = host_mnist
     assert sorted(p.name for p in out.iterdir()) == [".hwc-output.json", "model.onnx", "model.so", "report.html",
@@ -226,6 +227,7 @@ def test_tuning_stops_at_its_time_budget_and_the_build_goes_on(tmp_path, rng):
     assert "Stopped early: time budget" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.timed  # kernels' measured share of the model
 def test_kernels_too_fast_to_matter_are_not_tuned(tmp_path, rng):
     """A kernel that takes under 1% of the model's time keeps its default schedule: the model is
     profiled untuned first (MobileNetV2's final compile spent 4 of its 9 minutes tuning four

@@ -63,6 +63,7 @@ def test_layer_specs_carry_the_fused_epilogue_and_run(small_resnet):
     assert model_layers(spelled)[stem.name] == specs[stem.name]
 
 
+@pytest.mark.timed  # the table against a layer timed alone
 def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
     target = get_target("host")
     table = LatencyTable(target, tmp_path, trials=0)

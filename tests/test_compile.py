@@ -43,7 +43,7 @@ def host_mnist(tmp_path_factory):
     return out, json.loads(result.stdout), result.stderr
 
 
-@pytest.mark.timed  # sets up host_mnist, whose latency and ratio to ORT the tests read
+@pytest.mark.timed  # host_mnist's latency and its ratio to ORT (measured when the fixture is set up)
 def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist):
     out, report, stderr = host_mnist
     assert sorted(p.name for p in out.iterdir()) == [".hwc-output.json", "model.onnx", "model.so", "report.html",
@@ -76,6 +76,7 @@ def test_host_compile_writes_everything_and_reports_a_checked_latency(host_mnist
     assert (out / "report.html").read_text().count("<img") == 1
 
 
+@pytest.mark.timed  # sets up host_mnist where it runs first (-k)
 def test_compiled_mnist_keeps_its_accuracy_on_real_digits(host_mnist):
     """Accuracy on the compiled artifact itself, not only in ONNX Runtime."""
     from hwcompress.backend.runtime import load_local as run_local, outputs_to_numpy

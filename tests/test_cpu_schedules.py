@@ -4,6 +4,7 @@ Runtime, register tiles that fit the target, and TVM's thread pool using every c
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -353,6 +354,27 @@ def test_a_tensor_written_out_transposed_is_computed_row_by_row(rng):
     [script] = [f.script() for gv, f in scheduled.functions.items() if "resize" in gv.name_hint]
     assert "T.parallel" in script and script.index("T.parallel") < script.index('T.sblock("resize")'), script
     assert_built_like_onnxruntime(kernels, target, model)
+
+
+@pytest.mark.parametrize("perm,shape", [([0, 3, 1, 2], [1, 40, 40, 85]), ([0, 1, 3, 2], [1, 3, 197, 64])])
+def test_a_transpose_moving_the_innermost_axis_runs_by_tiles(rng, perm, shape):
+    """A detector head's output leaving NHWC as NCHW (85 channels: no vector divides them) and an
+    attention key transposed (ViT-Tiny, three heads): square tiles in parallel, each writing whole vectors along the
+    output's innermost axis (not one strided element per cache line), exactly."""
+    from hwcompress.backend.default_schedule import TRANSPOSE_TILE, schedule_untuned
+
+    out_shape = [shape[k] for k in perm]
+    model = make_model([helper.make_node("Transpose", ["x"], ["y"], perm=perm)], [("x", shape)], [("y", out_shape)], {})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    lanes = VectorUnit.of(target.tvm_target()).lanes
+    with target.tvm_target():
+        scheduled = schedule_untuned(kernels, lanes)
+    (script,) = [f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    tile = min(TRANSPOSE_TILE, lanes)
+    assert "T.parallel" in script and re.search(rf"T.unroll\((T.int64\()?{tile}\)", script) \
+        and re.search(rf"T.vectorized\((T.int64\()?{tile}\)", script), script
+    assert_built_like_onnxruntime(kernels, target, model, tol=1e-12)  # a copy: exact
 
 
 def test_a_concat_is_written_in_place_by_the_convs_making_its_inputs(rng):

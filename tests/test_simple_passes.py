@@ -1,5 +1,6 @@
 """Identity/Dropout removal, Reshape canonicalization, explicit pads, 1-D layers as 2-D ones,
-ConvTranspose as a conv + pixel shuffle: exact rewrites, checked with ONNX Runtime."""
+ConvTranspose as a conv + pixel shuffle, space-to-depth folded into the conv reading it: exact
+rewrites, checked with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from conftest import assert_same_outputs, make_model, op_count
 import pytest
 
 from hwcompress.passes import (canonicalize_reshape, channel_multiplier_as_depthwise, conv1d_as_conv2d,
-                               convtranspose_as_conv, eliminate_identity, explicit_pads)
+                               convtranspose_as_conv, eliminate_identity, explicit_pads, space_to_depth_as_conv)
 
 
 def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
@@ -174,3 +175,51 @@ def test_a_depthwise_transposed_conv_ends_as_a_plain_depthwise_conv(rng):
     (conv,) = [n for n in result.graph.node if n.op_type == "Conv"]
     assert [a.i for a in conv.attribute if a.name == "group"] == [24]  # 6 channels x 4 phases, one input each
     assert_same_outputs(model, result, tol=1e-5)
+
+
+def _focus_nodes(style: str) -> tuple[list, dict]:
+    """YOLOv5/YOLOX Focus as exporters write it: ``x[..., dy::2, dx::2]`` for the four offsets, one
+    two-axis Slice each ("joint") or torch's chain of one-axis Slices, rows then columns ("chained"),
+    concatenated in YOLOv5's order."""
+    nodes, inits = [], {"end": np.array([1 << 62]), "axis2": np.array([2]), "axis3": np.array([3]),
+                        "step": np.array([2]), "o0": np.array([0]), "o1": np.array([1]),
+                        "ends": np.array([1 << 62] * 2), "axes": np.array([2, 3]), "steps": np.array([2, 2])}
+    for k, (dy, dx) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        if style == "joint":
+            inits[f"s{k}"] = np.array([dy, dx])
+            nodes.append(helper.make_node("Slice", ["x", f"s{k}", "ends", "axes", "steps"], [f"q{k}"]))
+        else:
+            nodes += [helper.make_node("Slice", ["x", f"o{dy}", "end", "axis2", "step"], [f"r{k}"]),
+                      helper.make_node("Slice", [f"r{k}", f"o{dx}", "end", "axis3", "step"], [f"q{k}"])]
+    return nodes + [helper.make_node("Concat", [f"q{k}" for k in range(4)], ["focus"], axis=1)], inits
+
+
+@pytest.mark.parametrize("style", ["joint", "chained", "SpaceToDepth"])
+@pytest.mark.parametrize("kernel,stride,pads", [(3, 1, 1), (1, 1, 0), (3, 2, 1)])
+def test_a_space_to_depth_read_by_a_conv_becomes_one_larger_strided_conv(rng, style, kernel, stride, pads):
+    """YOLO's Focus (or a SpaceToDepth op) then a k x k conv is a 2k x 2k conv with twice the
+    stride and pads over the input itself: no rearranged copy is left, exactly the same outputs."""
+    if style == "SpaceToDepth":
+        nodes, inits = [helper.make_node("SpaceToDepth", ["x"], ["focus"], blocksize=2)], {}
+    else:
+        nodes, inits = _focus_nodes(style)
+    nodes.append(helper.make_node("Conv", ["focus", "w", "b"], ["y"], strides=[stride] * 2, pads=[pads] * 4))
+    size = (16 + 2 * pads - kernel) // stride + 1
+    model = make_model(nodes, [("x", [1, 3, 32, 32])], [("y", [1, 8, size, size])],
+                       inits | {"w": rng.normal(0, 1, (8, 12, kernel, kernel)), "b": rng.normal(0, 1, 8)})
+    result = space_to_depth_as_conv.apply(model)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"], result.log
+    (conv,) = result.model.graph.node
+    assert conv.input[0] == "x" and {a.name: list(a.ints) for a in conv.attribute if a.ints} == {
+        "kernel_shape": [2 * kernel] * 2, "strides": [2 * stride] * 2, "pads": [2 * pads] * 4}
+    assert_same_outputs(model, result.model, tol=1e-5)
+
+
+def test_a_focus_read_by_more_than_a_conv_is_left_alone(rng):
+    nodes, inits = _focus_nodes("joint")
+    nodes += [helper.make_node("Conv", ["focus", "w"], ["y"], pads=[1] * 4), helper.make_node("Relu", ["focus"], ["r"])]
+    model = make_model(nodes, [("x", [1, 3, 32, 32])], [("y", [1, 8, 16, 16]), ("r", [1, 12, 16, 16])],
+                       inits | {"w": rng.normal(0, 1, (8, 12, 3, 3))})
+    result = space_to_depth_as_conv.apply(model)
+    assert op_count(result.model, "Slice") == 4 and result.log.skipped and not result.log.applied
+    assert_same_outputs(model, result.model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
@@ -43,6 +44,9 @@ def default_schedule_of(func: tirx.PrimFunc | tvm.IRModule, lanes: int, cores: i
     tasks = TASKS_PER_CORE * (cores or target_cores(tvm.target.Target.current(allow_none=True)))
     sch = Schedule(func)
     if _softmax_by_rows(sch, lanes):
+        return sch
+    sch = Schedule(func)
+    if _transpose_by_tiles(sch, lanes):
         return sch
     sch = Schedule(func)
     try:
@@ -124,6 +128,53 @@ def _softmax_by_rows(sch: Schedule, lanes: int) -> bool:
             inner = sch.get_loops(block)[-1]
             if _vectorizable(_extent(sch, inner), lanes):
                 _vectorize(sch, inner, lanes)
+    except (ScheduleError, tvm.error.InternalError, ValueError):
+        return False
+    return True
+
+
+TRANSPOSE_TILE = 8  # elements a side of a transpose's tile (Zen 4: 8x8 beat 4x16, 8x16 and 16x8)
+MIN_TRANSPOSED = 32768  # elements: below, the untiled loop is as fast (14x14x96: 0.003 ms either way)
+
+
+def _transpose_by_tiles(sch: Schedule, lanes: int) -> bool:
+    """A transpose that moves the innermost axis (the layout transposes at a model's edges, NHWC
+    <-> NCHW; a key matrix transposed for attention), by square tiles: each tile reads a few
+    consecutive elements of each of ``TRANSPOSE_TILE`` input rows and writes whole vectors along the
+    output's innermost axis, so both sides use every cache line they touch. The untiled loop read
+    one element per cache line along the output row: YOLO's 80x80x255 head output as NCHW took
+    0.46 ms, 0.13 tiled; a 160x160x64 one 0.94 and 0.16, its NCHW input 1.85 and 0.32 (Zen 4, 2
+    threads). False (schedule untouched) where the kernel is not one block copying one buffer
+    with its axes permuted, or either moved axis is shorter than a tile."""
+    tile = min(TRANSPOSE_TILE, lanes)
+    try:
+        [block] = sch.get_child_blocks(sch.get_sblock("root"))
+        stmt = sch.get(block)
+        if len(stmt.reads) != 1 or len(stmt.writes) != 1 or any(iv.iter_type != 0 for iv in stmt.iter_vars):
+            return False
+        variables = [iv.var for iv in stmt.iter_vars]
+        read, written = ([r.min for r in region.region if not isinstance(r.min, tirx.IntImm)]  # unit axes are constants
+                         for region in (stmt.reads[0], stmt.writes[0]))
+        if not all(isinstance(v, tirx.Var) for v in read + written) or len(read) != len(variables) \
+                or len(written) != len(variables):
+            return False
+        position = {v: k for k, v in enumerate(variables)}
+        if sorted(position.get(v, -1) for v in read) != list(range(len(variables))):
+            return False
+        loops = sch.get_loops(block)
+        if len(loops) != len(variables):
+            return False
+        moved, last = position[read[-1]], position[written[-1]]
+        extents = [_extent(sch, loop) for loop in loops]
+        if moved == last or min(extents[moved], extents[last]) < tile or int(np.prod(extents)) < MIN_TRANSPOSED:
+            return False
+        moved_outer, moved_inner = sch.split(loops[moved], [None, tile])
+        last_outer, last_inner = sch.split(loops[last], [None, tile])
+        outer = [loop for k, loop in enumerate(loops) if k not in (moved, last)]
+        sch.reorder(*outer, moved_outer, last_outer, moved_inner, last_inner)
+        sch.parallel(sch.fuse(*outer, moved_outer) if outer else moved_outer)
+        sch.unroll(moved_inner)
+        sch.vectorize(last_inner)
     except (ScheduleError, tvm.error.InternalError, ValueError):
         return False
     return True

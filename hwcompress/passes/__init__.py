@@ -16,10 +16,12 @@ from .eliminate_identity import eliminate_identity
 from .explicit_pads import explicit_pads
 from .fold_batchnorm import fold_batchnorm
 from .prune_channels import prune_channels
+from .space_to_depth_as_conv import space_to_depth_as_conv
 from .unroll_recurrent import unroll_recurrent
 
 CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape, conv1d_as_conv2d,
-                                    explicit_pads, convtranspose_as_conv, channel_multiplier_as_depthwise)
+                                    explicit_pads, convtranspose_as_conv, channel_multiplier_as_depthwise,
+                                    space_to_depth_as_conv)
 
 
 def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog]]:
@@ -36,4 +38,4 @@ __all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_resh
            "conv1d_as_conv2d",
            "convtranspose_as_conv",
            "eliminate_identity", "explicit_pads", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical",
-           "unroll_recurrent"]
+           "space_to_depth_as_conv", "unroll_recurrent"]

@@ -437,6 +437,30 @@ def test_a_channel_shuffle_runs_in_nhwc_without_layout_transposes(rng):
     assert_built_like_onnxruntime(tvm_build.lower(import_onnx(model), target), target, model)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_a_pad_between_convs_runs_in_nhwc_without_layout_transposes(rng, mode):
+    """A reflect- (or edge-) padded conv, as super-resolution and style-transfer networks write it:
+    the Pad between two convs runs on the NHWC tensor (only the model's input and output are
+    transposed), and the model matches ONNX Runtime."""
+    from hwcompress.backend.cpu_schedules import nhwc_layout
+
+    nodes = [conv_node("x", "wa", "a", "ba"), helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Pad", ["ar", "pads", "value"], ["p"], mode=mode), conv_node("p", "wb", "y", "bb")]
+    model = make_model(nodes, [("x", [1, 16, 12, 12])], [("y", [1, 16, 12, 12])],
+                       {"wa": rng.normal(0, 0.3, (16, 16, 1, 1)), "ba": rng.normal(0, 0.1, 16),
+                        "wb": rng.normal(0, 0.1, (16, 16, 3, 3)), "bb": rng.normal(0, 0.1, 16),
+                        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "value": np.array(0.5, np.float32)})
+    converted = nhwc_layout(import_onnx(model))["main"]
+    layouts = []
+    relax.analysis.post_order_visit(converted.body, lambda e: layouts.append(e) if (
+        isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.permute_dims"
+        and not isinstance(e.args[0], tvm.ir.expr.GenericConst)  # a weight
+        and int(np.prod([int(d) for d in e.ty.shape])) >= 16 * 12 * 12) else None)  # not a bias
+    assert len(layouts) == 2, converted.script()  # the input to NHWC, the output back
+    target = get_target("host")
+    assert_built_like_onnxruntime(tvm_build.lower(import_onnx(model), target), target, model)
+
+
 def test_exp_is_vector_arithmetic_as_exact_as_expf():
     """exp (and sigmoid, SiLU) lowers to a polynomial in registers, not one expf call per lane (a
     YOLO-style detector's SiLU convs ran 21% slower so): relative error below 3e-7 where the

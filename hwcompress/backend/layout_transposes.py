@@ -69,9 +69,10 @@ class _Mover(relax.PyExprMutator):
         return call if rewritten is None else rewritten
 
     def _pad_permuted(self, expr, axes: list[int]):
-        """``permute_dims(pad(x), axes)`` as ``pad(permute_dims(x, axes))``, the widths permuted."""
+        """``permute_dims(pad(x), axes)`` as ``pad(permute_dims(x, axes))``, the widths permuted
+        (every mode pads each axis on its own: constant, reflect, replicate, circular)."""
         pad = self._bound(expr)
-        if not (isinstance(pad, relax.Call) and pad.op == _PAD and pad.attrs.pad_mode == "constant"):
+        if not (isinstance(pad, relax.Call) and pad.op == _PAD):
             return None
         widths = [int(w) for w in pad.attrs.pad_width]
         if len(widths) != 2 * len(axes):
@@ -80,7 +81,8 @@ class _Mover(relax.PyExprMutator):
         inner = self._permuted(pad.args[0], axes)
         if inner is None:
             inner = relax.op.permute_dims(pad.args[0], axes)
-        return relax.op.nn.pad(self.builder_.emit(inner), moved, pad_value=float(pad.attrs.pad_value))
+        return relax.op.nn.pad(self.builder_.emit(inner), moved, pad_mode=str(pad.attrs.pad_mode),
+                               pad_value=float(pad.attrs.pad_value))
 
     def _shuffle(self, call):
         """``reshape(permute(reshape(permute(x, to NCHW), [N, g, C/g, H, W]), [0, 2, 1, 3, 4]),

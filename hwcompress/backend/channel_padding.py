@@ -14,24 +14,42 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..config.vector_unit import widest_lanes
 from .relax_rewrite import bound_constant, rewrite_functions
 
 # Layers with this many vectors are padded to whole register tiles; smaller ones to one whole vector
-# where no vector of 4 or more lanes divides their channels, however much work the zero channels add:
-# the alternative is a generic loop. Measured untuned on AMD Zen 4 (AVX-512, 2 threads), padded /
+# where that pays (``narrow_padding_pays``), always where no vector of 4 or more lanes divides their
+# channels, however much work the zero channels add: the alternative is a generic loop. Measured untuned on AMD Zen 4 (AVX-512, 2 threads), padded /
 # unpadded: 32->3 3x3 at 224x224 0.18, 32->9 3x3 at 112x112 0.05, 16->2 1x1 at 224x224 0.71, a YOLO
 # head's 85 -> 96; a super-resolution net ending in 32->9 and DepthToSpace 71.8 -> 13.7 ms (ONNX
-# Runtime 15-17 ms). Counts that 4-lane vectors divide (12, 24, 40) gain nothing from padding (0.95-1.0).
+# Runtime 15-17 ms). Padded 12, 24 and 40 read 0.95-1.0 there.
 MIN_VECTORS = 8
 INT8_MIN_LANES = 8
+FULL_RATE_LANES = 8  # float32 lanes per operation every x86 CPU seen runs at full rate (Zen 4 splits 512-bit ones in two)
+
+
+def narrow_padding_pays(channels: int, lanes: int) -> bool:
+    """Whether a narrow layer runs faster on whole ``lanes``-wide vectors over channels padded to a
+    multiple of them than on the widest narrower vector dividing its channels (none: a generic
+    loop), counting vector operations at the rate the slower of the CPUs seen has: up to
+    ``FULL_RATE_LANES`` lanes per operation. ShuffleNetV2's 116 channels ran on 4-lane vectors:
+    128 on 16 lanes is 8 operations per pixel at that rate where 29 were; the ShuffleNet-style
+    example ran 1.47x faster (AMD Zen 5, 2 threads). 24 or 40 channels (8-lane vectors) stay:
+    4 operations against 3, 6 against 5, on Zen 4; padded 12, 24, 40 measured 0.95-1.0x there."""
+    narrower = widest_lanes(channels, lanes)
+    if not narrower:
+        return True  # a detector head's 85 channels, an RGB output's 3
+    rate = min(lanes, FULL_RATE_LANES)
+    padded = channels + -channels % lanes
+    return padded / rate < channels / min(narrower, rate)
 
 
 def pad_output_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     """Every dense float or int8 NHWC/HWIO conv with constant weights whose output channels are not a
     multiple of ``lanes`` computes zero-padded channels (up to a multiple of two vectors, the
-    register tile's best width, for wide layers; of one vector for narrow ones that no vector of 4
-    or more lanes divides) and slices them off. Multiples of ``lanes`` (144 on 16 lanes), and
-    narrow counts that 4-lane vectors divide, are tiled as they are."""
+    register tile's best width, for wide layers; of one vector for narrow ones where that pays,
+    ``narrow_padding_pays``) and slices them off. Multiples of ``lanes`` (144 on 16 lanes) are
+    tiled as they are."""
     return rewrite_functions(_PadOutChannels(mod, lanes), mod)
 
 
@@ -59,8 +77,7 @@ class _PadOutChannels(relax.PyExprMutator):
             extra = -channels % INT8_MIN_LANES
         elif channels >= MIN_VECTORS * self.lanes:
             extra = -channels % (2 * self.lanes)
-        elif channels % 4:
-            # No vector of 4 or more lanes divides it (a detector head's 85 channels, an RGB output's 3).
+        elif narrow_padding_pays(channels, self.lanes):
             extra = -channels % self.lanes
         else:
             return call

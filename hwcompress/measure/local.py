@@ -167,12 +167,24 @@ def alternating_latency_ms(runners: dict, rounds: int = 10, repeat: int = 10,
     return medians
 
 
+WARM_S = 0.03  # seconds of untimed calls before a round's timed ones, whatever the model's size
+ROUND_S = 0.03  # seconds of timed calls a round lasts at least
+
+
 def median_call_ms(run, repeat: int, warmup: int) -> float:
-    """Median milliseconds of ``run()`` over ``repeat`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
+    """Median milliseconds of ``run()`` over at least ``repeat`` calls and ``ROUND_S`` seconds,
+    after at least ``warmup`` untimed calls and ``WARM_S`` seconds. Counted in time as well as calls
+    because after a pause the cores of a virtual machine run slowly for some milliseconds: a 0.3 ms
+    model timed over 3 + 10 calls read 0.6-0.7 ms (TVM's workers, asleep after the pause) and 0.45-0.6
+    (ONNX Runtime's) where 100 calls read 0.30-0.33 and 0.37-0.39 (AMD EPYC Zen 5 VM, 2 threads)."""
+    started = time.perf_counter()
+    calls = 0
+    while calls < warmup or time.perf_counter() - started < WARM_S:
         run()
+        calls += 1
     samples = []
-    for _ in range(repeat):
+    started = time.perf_counter()
+    while len(samples) < repeat or time.perf_counter() - started < ROUND_S:
         start = time.perf_counter()
         run()
         samples.append(time.perf_counter() - start)

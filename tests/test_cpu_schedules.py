@@ -318,21 +318,28 @@ def test_untuned_kernels_get_a_parallel_vectorized_default_schedule(rng):
     assert_built_like_onnxruntime(kernels, target, model)
 
 
-@pytest.mark.parametrize("length", [197, 64])
-def test_a_softmax_runs_row_by_row_computing_each_exponential_once(length):
-    """Attention's softmax over the last axis: one parallel loop over rows, each row's maximum,
-    exponentials (once each; vectorized where the lanes divide the row), sum and quotients in
-    it, and the values ONNX Runtime computes."""
+def _one_untuned_kernel(model):
+    """A one-op model lowered for the host and given the default schedule: (kernels, target, lanes,
+    the one kernel's TIR script)."""
     from hwcompress.backend.default_schedule import schedule_untuned
 
-    shape = [1, 3, 13, length]
-    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", shape)], [("y", shape)], {})
     target = get_target("host")
     kernels = tvm_build.lower(import_onnx(model), target)
     lanes = VectorUnit.of(target.tvm_target()).lanes
     with target.tvm_target():
         scheduled = schedule_untuned(kernels, lanes)
     (script,) = [f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    return kernels, target, lanes, script
+
+
+@pytest.mark.parametrize("length", [197, 64])
+def test_a_softmax_runs_row_by_row_computing_each_exponential_once(length):
+    """Attention's softmax over the last axis: one parallel loop over rows, each row's maximum,
+    exponentials (once each; vectorized where the lanes divide the row), sum and quotients in
+    it, and the values ONNX Runtime computes."""
+    shape = [1, 3, 13, length]
+    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", shape)], [("y", shape)], {})
+    kernels, target, lanes, script = _one_untuned_kernel(model)
     assert script.count("T.parallel") == 1 and script.count("T.exp(") == 1
     assert ("T.vectorized" in script) == (length % lanes == 0)
     assert_built_like_onnxruntime(kernels, target, model)
@@ -363,16 +370,11 @@ def test_a_transpose_moving_the_innermost_axis_runs_by_tiles(rng, perm, shape):
     """A detector head's output leaving NHWC as NCHW (85 channels: no vector divides them) and an
     attention key transposed (ViT-Tiny, three heads): square tiles in parallel, each writing whole vectors along the
     output's innermost axis (not one strided element per cache line), exactly."""
-    from hwcompress.backend.default_schedule import TRANSPOSE_TILE, schedule_untuned
+    from hwcompress.backend.default_schedule import TRANSPOSE_TILE
 
     out_shape = [shape[k] for k in perm]
     model = make_model([helper.make_node("Transpose", ["x"], ["y"], perm=perm)], [("x", shape)], [("y", out_shape)], {})
-    target = get_target("host")
-    kernels = tvm_build.lower(import_onnx(model), target)
-    lanes = VectorUnit.of(target.tvm_target()).lanes
-    with target.tvm_target():
-        scheduled = schedule_untuned(kernels, lanes)
-    (script,) = [f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    kernels, target, lanes, script = _one_untuned_kernel(model)
     tile = min(TRANSPOSE_TILE, lanes)
     assert "T.parallel" in script and re.search(rf"T.unroll\((T.int64\()?{tile}\)", script) \
         and re.search(rf"T.vectorized\((T.int64\()?{tile}\)", script), script

@@ -465,6 +465,26 @@ def test_a_pad_between_convs_runs_in_nhwc_without_layout_transposes(rng, mode):
     assert_built_like_onnxruntime(tvm_build.lower(import_onnx(model), target), target, model)
 
 
+def test_an_input_repeated_for_a_channel_multiplier_is_transposed_once_then_repeated_in_nhwc(rng):
+    """A depthwise conv with a channel multiplier on the model's input: its input repeated along
+    channels (``channel_multiplier_as_depthwise``) is transposed to NHWC once and repeated there
+    (a concat along the innermost axis), not concatenated in NCHW and transposed by a kernel
+    gathering each output vector; the model matches ONNX Runtime."""
+    from hwcompress.backend.cpu_schedules import nhwc_layout
+    from hwcompress.passes import channel_multiplier_as_depthwise
+
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=8, pads=[1, 1, 1, 1])
+    model = channel_multiplier_as_depthwise(make_model([node], [("x", [1, 8, 10, 10])], [("y", [1, 24, 10, 10])],
+                                                       {"w": rng.normal(0, 1, (24, 1, 3, 3)), "b": rng.normal(0, 1, 24)}))
+    converted = nhwc_layout(import_onnx(model))["main"]
+    concats = []
+    relax.analysis.post_order_visit(converted.body, lambda e: concats.append(e) if (
+        isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.concat") else None)
+    assert [int(c.attrs.axis) for c in concats] == [3], converted.script()
+    target = get_target("host")
+    assert_built_like_onnxruntime(tvm_build.lower(import_onnx(model), target), target, model)
+
+
 def test_exp_is_vector_arithmetic_as_exact_as_expf():
     """exp (and sigmoid, SiLU) lowers to a polynomial in registers, not one expf call per lane (a
     YOLO-style detector's SiLU convs ran 21% slower so): relative error below 3e-7 where the

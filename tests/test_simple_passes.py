@@ -212,6 +212,7 @@ def test_a_space_to_depth_read_by_a_conv_becomes_one_larger_strided_conv(rng, st
     (conv,) = result.model.graph.node
     assert conv.input[0] == "x" and {a.name: list(a.ints) for a in conv.attribute if a.ints} == {
         "kernel_shape": [2 * kernel] * 2, "strides": [2 * stride] * 2, "pads": [2 * pads] * 4}
+    assert f"{2 * kernel}x{2 * kernel} conv over x" in result.log.applied[0]  # what the report says
     assert_same_outputs(model, result.model, tol=1e-5)
 
 

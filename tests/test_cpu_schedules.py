@@ -219,14 +219,14 @@ def test_register_tiles_fit_the_register_file_and_divide_the_output(unit, width,
 
 
 @pytest.mark.parametrize("channels,lanes,padded", [(1000, 16, 1024), (1000, 4, 1000), (1000, 8, 1000),
-                                                    (200, 16, 224), (144, 16, 144), (40, 16, 40), (85, 16, 96),
+                                                    (200, 16, 224), (144, 16, 144), (40, 16, 48), (85, 16, 96),
                                                     (3, 16, 16), (9, 16, 16), (18, 16, 32), (12, 16, 16),
-                                                    (116, 16, 128), (24, 16, 24), (12, 8, 16), (3, 4, 4)])
+                                                    (116, 16, 128), (24, 16, 32), (8, 16, 8), (12, 8, 16), (3, 4, 4)])
 def test_output_channels_are_padded_to_whole_vector_tiles_and_sliced_back(channels, lanes, padded):
     """1000 classes compute as 1024 zero-padded channels on AVX-512 (not 8-lane vectors); AVX2's 8
-    and NEON's 4 lanes divide 1000 already; a multiple of the lanes (144 = 9 x 16), or a narrow
-    layer that 8-lane vectors divide (24: padding would not pay where 16 lanes run at the rate of
-    8), is kept; one only 4-lane vectors divide (ShuffleNetV2's 116, 12) pads to whole vectors; a
+    and NEON's 4 lanes divide 1000 already; a multiple of the lanes (144 = 9 x 16), or a layer one
+    narrower vector holds (8 on 16 lanes), is kept; a narrow one that narrower vectors divide
+    (MobileNetV2's 24, MobileNetV3's 40, ShuffleNetV2's 116, 12) pads to whole vectors; a
     narrow layer that no vector divides (a detector head's 85 = 5 + 80 classes, an image's 3
     colours, a super-resolution net's 9 = 3 x 3 sub-pixels) pads to one more vector, however wide:
     the alternative is a generic loop."""

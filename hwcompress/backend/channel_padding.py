@@ -25,23 +25,23 @@ from .relax_rewrite import bound_constant, rewrite_functions
 # Runtime 15-17 ms). Padded 12, 24 and 40 read 0.95-1.0 there.
 MIN_VECTORS = 8
 INT8_MIN_LANES = 8
-FULL_RATE_LANES = 8  # float32 lanes per operation every x86 CPU seen runs at full rate (Zen 4 splits 512-bit ones in two)
 
 
 def narrow_padding_pays(channels: int, lanes: int) -> bool:
-    """Whether a narrow layer runs faster on whole ``lanes``-wide vectors over channels padded to a
-    multiple of them than on the widest narrower vector dividing its channels (none: a generic
-    loop), counting vector operations at the rate the slower of the CPUs seen has: up to
-    ``FULL_RATE_LANES`` lanes per operation. ShuffleNetV2's 116 channels ran on 4-lane vectors:
-    128 on 16 lanes is 8 operations per pixel at that rate where 29 were; the ShuffleNet-style
-    example ran 1.47x faster (AMD Zen 5, 2 threads). 24 or 40 channels (8-lane vectors) stay:
-    4 operations against 3, 6 against 5, on Zen 4; padded 12, 24, 40 measured 0.95-1.0x there."""
+    """Whether a narrow layer takes fewer vector operations on whole ``lanes``-wide vectors over
+    channels padded to a multiple of them than on the widest narrower vector dividing its channels
+    (none: a generic loop): every count but one narrower vector (4 or 8 channels on 16 lanes).
+    ShuffleNetV2's 116 channels ran on 4-lane vectors: 128 on 16 lanes is 8 operations per pixel
+    where 29 were; the ShuffleNet-style example ran 1.47x faster (AMD Zen 5, 2 threads). Padding 24
+    or 40 channels (8-lane vectors) to 32 or 48 takes 2 operations for 3, 3 for 5: on Zen 4, which
+    splits a 512-bit operation in two, that is 4 for 3 and 6 for 5, and yet padded 12, 24, 40
+    measured 0.95-1.0x there; on Zen 5 (full-rate 512-bit, as Intel's AVX-512 cores) the MobileNetV3-
+    and ShuffleNet-style examples ran 0.92 and 0.84-0.95x the time they took unpadded, MobileNetV2
+    0.97x (the two libraries alternating, 40 rounds)."""
     narrower = widest_lanes(channels, lanes)
     if not narrower:
         return True  # a detector head's 85 channels, an RGB output's 3
-    rate = min(lanes, FULL_RATE_LANES)
-    padded = channels + -channels % lanes
-    return padded / rate < channels / min(narrower, rate)
+    return -(-channels // lanes) < channels / narrower
 
 
 def pad_output_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:

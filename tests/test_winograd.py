@@ -94,7 +94,7 @@ def test_a_small_model_on_this_machine_gets_f4_where_its_maps_have_16_tiles(rng)
 
 @pytest.mark.parametrize("case, attrs, channels, out_size", [
     ("stride 2", {"pads": [1, 1, 1, 1], "strides": [2, 2]}, 16, 8),
-    ("dilation 2", {"pads": [2, 2, 2, 2], "dilations": [2, 2]}, 16, 16),
+    ("dilation 4: phases of 4x4 outputs", {"pads": [4, 4, 4, 4], "dilations": [4, 4]}, 16, 16),
     ("8 input channels: the input transform costs more than it saves", {"pads": [1, 1, 1, 1]}, 8, 16),
     ("5x5", {"pads": [2, 2, 2, 2]}, 16, 16),
 ])
@@ -105,6 +105,31 @@ def test_convs_where_winograd_does_not_apply_or_pay_stay_direct(rng, case, attrs
     kernels = tvm_build.lower(import_onnx(model), get_target("host"))
     assert not winograd_kernels(kernels)
     assert [k["schedule"] for k in describe_kernels(kernels).values() if k["op"] == "conv2d"] == ["hwc register-blocked"]
+
+
+@pytest.mark.parametrize("shape, attrs, out_shape", [
+    ([1, 16, 28, 28], {"pads": [2, 2, 2, 2], "dilations": [2, 2]}, [1, 32, 28, 28]),  # DeepLab's "same" conv
+    ([2, 16, 31, 33], {"pads": [2, 1, 3, 4], "dilations": [2, 3]}, [2, 32, 32, 32]),  # 32 = 3 x 11 - 1: sliced
+    ([1, 16, 30, 30], {"dilations": [3, 3]}, [1, 32, 24, 24]),  # unpadded
+])
+def test_dilated_convs_run_by_winograd_over_their_phases(rng, shape, attrs, out_shape):
+    """A dilated 3x3 conv as one Winograd conv over the input's d x d phases (a batch of maps), its
+    output interleaved back with the bias and Relu fused there: as exact as the direct conv."""
+    model = make_model([conv("x", "w", "c", "b", **attrs), helper.make_node("Relu", ["c"], ["y"])],
+                       [("x", shape)], [("y", out_shape)],
+                       {"w": rng.normal(0, 0.1, (32, 16, 3, 3)), "b": rng.normal(0, 0.1, 32)})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    dh, dw = attrs["dilations"]
+    [found] = winograd_kernels(kernels).values()
+    assert found["inputs"][0][0] == shape[0] * dh * dw, found  # the phases as a batch
+    assert not [k for k in describe_kernels(kernels).values() if k["op"] == "conv2d" and k not in [found]]
+    assert any(k["fused"][-2:] == ["add", "relu"] or {"add", "relu"} <= set(k["fused"])
+               for k in describe_kernels(kernels).values() if k is not found)
+    feeds = ort.random_inputs(model, seed=1)
+    vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
+    got = outputs_to_numpy(vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]))
+    assert ort.relative_error(ort.run(model, feeds), got) < TOLERANCE
 
 
 def test_winograd_can_be_turned_off(rng, tmp_path):

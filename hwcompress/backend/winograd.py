@@ -19,8 +19,10 @@ kernel has these stages:
 The products and the output transform run per block of tiles and channels on one core, so a
 block's products stay in that core's cache; the input transform is one parallel pass.
 ``rewrite_winograd_convs`` replaces eligible ``relax.nn.conv2d`` calls (NHWC, HWIO, 3x3, stride
-1, no dilation, one group, float32, constant weights, at least ``MIN_INPUT_CHANNELS``) before
-fusion, so the epilogue fuses as with the direct conv. Exact in real arithmetic; in float32 it
+1, one group, float32, constant weights, at least ``MIN_INPUT_CHANNELS``) before fusion, so the
+epilogue fuses as with the direct conv. A dilated one (DeepLab's and dilated ResNets' 3x3 convs)
+is d x d undilated convs, one per phase of the output grid (``_dilated_by_phases``), computed
+as one Winograd conv over a batch of the input's phases. Exact in real arithmetic; in float32 it
 differs from the direct sum by rounding (relative error ~1e-6 for F2, ~1e-5 for F4, checked
 against ONNX Runtime in the tests).
 """
@@ -220,7 +222,6 @@ class _WinogradConvs(relax.PyExprMutator):
         self.weights_cached = weights_cached
 
     def visit_call_(self, call):
-        from .cpu_schedules import choose_tiles
         from .dense_as_conv import static_shape
         from .relax_rewrite import bound_constant
 
@@ -229,24 +230,73 @@ class _WinogradConvs(relax.PyExprMutator):
             return call
         attrs = call.attrs
         if (int(attrs.groups) != 1 or attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO"
-                or attrs.out_layout != "NHWC" or [int(s) for s in attrs.strides] != [1, 1]
-                or [int(d) for d in attrs.dilation] != [1, 1]):
+                or attrs.out_layout != "NHWC" or [int(s) for s in attrs.strides] != [1, 1]):
             return call
         shape = static_shape(call.args[0])
         weight = bound_constant(self, call.args[1])
         if (shape is None or weight is None or weight.dtype != np.float32 or weight.shape[:2] != (3, 3)
                 or shape[3] < MIN_INPUT_CHANNELS or getattr(call.args[0].ty, "dtype", None) != "float32"):
             return call
-        top, left, bottom, right = (int(p) for p in attrs.padding)
+        pads = tuple(int(p) for p in attrs.padding)
+        dilation = tuple(int(d) for d in attrs.dilation)
+        if dilation != (1, 1):
+            rewritten = _dilated_by_phases(self, call.args[0], shape, weight, pads, dilation)
+        else:
+            rewritten = self.winograd(call.args[0], shape, weight, pads)
+        return call if rewritten is None else rewritten
+
+    def winograd(self, data, shape, weight, pads):
+        """The call of a Winograd kernel computing this conv, or None where no register tile fits."""
+        from .cpu_schedules import choose_tiles
+
+        top, left, bottom, right = pads
         out_shape = [shape[0], shape[1] + top + bottom - 2, shape[2] + left + right - 2, weight.shape[3]]
         m = choose_tile_size(out_shape, self.weights_cached)
         tiles = choose_tiles(-(-out_shape[2] // m), out_shape[3], self.unit)
         if tiles is None:
-            return call
-        func = winograd_prim_func(shape, out_shape[3], (top, left, bottom, right), tiles.channels, m)
+            return None
+        func = winograd_prim_func(shape, out_shape[3], pads, tiles.channels, m)
         kernel = self.builder_.add_func(func, KERNEL_NAME)
-        return relax.call_tir(kernel, [call.args[0], relax.const(transform_weights(weight, tiles.channels, m))],
+        return relax.call_tir(kernel, [data, relax.const(transform_weights(weight, tiles.channels, m))],
                               relax.TensorType(out_shape, "float32"))
+
+
+# A phase's output below this many points (8x8) stays direct: too few tiles for the transforms and
+# the two reorderings to pay. Between two 1x1 convs (AMD Zen 5, 2 threads), the block's time with
+# phases / direct: 256 channels 28x28 dilation 2 (14x14 phases) 0.75, 16x16 d2 (8x8) 0.76, 32x32
+# d4 (8x8) 0.80, 65x65 d2 0.63, 128 channels 64x64 d2 0.66; 33x33 d6 (6x6 phases) 1.15.
+MIN_PHASE_OUTPUTS = 64
+
+
+def _dilated_by_phases(rewriter: _WinogradConvs, data, shape, weight, pads, dilation):
+    """A 3x3 conv dilated by (dh, dw) reads, for output row y, input rows y, y + dh, y + 2 dh of
+    the padded input: rows of y's phase (y mod dh) only. So the padded input, cut into its dh x dw
+    phases (row r of phase p: padded row dh r + p), is a batch of maps that one undilated conv
+    turns into the output's phases, interleaved back afterwards; the two reorderings copy whole
+    channel vectors (NHWC), and the epilogue fuses into the second. The padding is extended so that
+    every phase has as many rows (columns); what that adds to the output is sliced off.
+    None where a phase's output is too small (``MIN_PHASE_OUTPUTS``) or no register tile fits."""
+    n, h, w, c = shape
+    (top, left, bottom, right), (dh, dw) = pads, dilation
+    out_h, out_w = h + top + bottom - 2 * dh, w + left + right - 2 * dw
+    rows, cols = -(-out_h // dh), -(-out_w // dw)  # each phase's output
+    if rows * cols < MIN_PHASE_OUTPUTS:
+        return None
+    emit = rewriter.builder_.emit
+    padded = emit(relax.op.nn.pad(data, [0, 0, top, dh * (rows + 2) - h - top, left, dw * (cols + 2) - w - left, 0, 0]))
+    split = emit(relax.op.reshape(padded, [n, rows + 2, dh, cols + 2, dw, c]))
+    phases = emit(relax.op.reshape(emit(relax.op.permute_dims(split, [0, 2, 4, 1, 3, 5])),
+                                   [n * dh * dw, rows + 2, cols + 2, c]))
+    conv = rewriter.winograd(phases, (n * dh * dw, rows + 2, cols + 2, c), weight, (0, 0, 0, 0))
+    if conv is None:
+        return None
+    out_channels = weight.shape[3]
+    split = emit(relax.op.reshape(emit(conv), [n, dh, dw, rows, cols, out_channels]))
+    joined = relax.op.reshape(emit(relax.op.permute_dims(split, [0, 3, 1, 4, 2, 5])),
+                              [n, rows * dh, cols * dw, out_channels])
+    if (rows * dh, cols * dw) != (out_h, out_w):
+        joined = relax.op.strided_slice(emit(joined), axes=[1, 2], begin=[0, 0], end=[out_h, out_w])
+    return joined
 
 
 def winograd_prim_func(shape, out_channels: int, pads, channel_tile: int, m: int = 2) -> tirx.PrimFunc:

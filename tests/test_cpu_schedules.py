@@ -21,7 +21,7 @@ from hwcompress.backend import build as tvm_build
 from hwcompress.backend.importer import import_onnx
 from hwcompress.backend.runtime import outputs_to_numpy
 from hwcompress.config import get_target, physical_cores
-from hwcompress.backend.channel_padding import pad_output_channels
+from hwcompress.backend.channel_padding import pad_output_channels, pad_output_width
 from hwcompress.backend.cpu_schedules import VectorUnit, choose_tiles, is_scheduled, nhwc_layout
 
 
@@ -237,6 +237,36 @@ def test_output_channels_are_padded_to_whole_vector_tiles_and_sliced_back(channe
                if isinstance(b.value, relax.Call) and b.value.op.name == "relax.nn.conv2d"]
     assert [int(d) for d in conv.ty.shape] == [1, 5, 5, padded]
     assert [int(d) for d in mod["main"].body.body.ty.shape] == [1, channels, 5, 5]
+
+
+@pytest.mark.parametrize("width,channels,padded", [(37, 64, 38), (17, 128, 18), (19, 128, 20), (17, 16, 17),
+                                                   (14, 128, 14), (101, 64, 102)])
+def test_output_widths_without_a_good_register_tile_compute_a_few_more_columns(width, channels, padded):
+    """37 columns (101 frames of a keyword spotter's spectrogram) have no register tile, a generic
+    loop took 4x the time; 17 or 19 (Inception, YOLO at 608) only a tile of one channel vector:
+    the conv computes 1-3 more columns and slices them off. 16 channels (one vector whatever the
+    width) and 14 columns (a 14 x 2-vector tile) stay."""
+    model = make_model([conv_node("x", "w", "y", "b", pads=[0, 1, 0, 1], kernel_shape=[1, 3])],
+                       [("x", [1, 32, 3, width])], [("y", [1, channels, 3, width])],
+                       {"w": np.ones((channels, 32, 1, 3)), "b": np.ones(channels)})
+    mod = pad_output_width(nhwc_layout(import_onnx(model)), VectorUnit(16, 32))
+    (conv,) = [b.var for b in mod["main"].body.blocks[0].bindings
+               if isinstance(b.value, relax.Call) and b.value.op.name == "relax.nn.conv2d"]
+    assert [int(d) for d in conv.ty.shape] == [1, 3, padded, channels]
+    assert [int(d) for d in mod["main"].body.body.ty.shape] == [1, channels, 3, width]
+
+
+def test_a_conv_computing_extra_columns_is_register_blocked_and_exact(rng):
+    model = make_model([conv_node("x", "w", "c", "b", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+                       [("x", [1, 8, 5, 37])], [("y", [1, 64, 5, 37])],
+                       {"w": rng.normal(0, 0.3, (64, 8, 3, 3)), "b": rng.normal(0, 0.1, 64)})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    from hwcompress.backend.kernel_info import describe_kernels
+
+    [conv] = [k for k in describe_kernels(kernels).values() if k["op"] == "conv2d"]
+    assert conv["schedule"] == "hwc register-blocked" and "strided_slice" in conv["fused"], conv
+    assert_built_like_onnxruntime(kernels, target, model)
 
 
 def test_channel_counts_that_no_vector_divides_are_left_to_metaschedule():

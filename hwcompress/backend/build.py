@@ -194,7 +194,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     import tvm
     from tvm import relax
 
-    from .channel_padding import pad_output_channels
+    from .channel_padding import pad_output_channels, pad_output_width
     from .concat_in_place import concat_in_place
     from .dense_as_conv import dense_as_conv
     from .conv_schedules import schedule_convolutions
@@ -206,7 +206,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     convs = nhwc_layout(dense_as_conv(mod, unit))
     if winograd:  # before the channel padding: its slice would be an epilogue wider than the tile
         convs = rewrite_winograd_convs(convs, unit, cache_bytes)
-    lowered = relax.get_pipeline("zero")(pad_output_channels(convs, unit.lanes))
+    lowered = relax.get_pipeline("zero")(pad_output_width(pad_output_channels(convs, unit.lanes), unit))
     with tvm_target:
         scheduled = schedule_convolutions(fuse_depthwise_pointwise(lowered, tvm_target), tvm_target)
     # The convs' weight repacking becomes functions of the constant weights, run at compile time,

@@ -95,27 +95,24 @@ MAX_WIDTH_PADDING = 3
 
 
 def width_padding(out_width: int, channels: int, unit: VectorUnit) -> int:
-    """Columns to add to a conv's output where its width leaves it a register tile of one channel
-    vector, or none, and a few more columns give a tile of several: per tile each input value is
-    broadcast once and multiplied into every vector of the tile, so with one vector half the
-    vector operations are broadcasts (with two, a third). Inception's 17 and YOLO's 19 (608x608
-    input) had one vector of 17 or 19 columns; 37 no tile at all (a generic loop). At most
-    ``MAX_WIDTH_PADDING`` columns (18 % more work at 17). The 1x7 + 7x1 block at 17x17x128 ran
-    0.397 ms, 0.356 at 18x18 (AMD Zen 5, 2 threads)."""
+    """Columns to add to a conv's output where no register tile divides its width (37, or a keyword
+    spotter's 101 frames: a generic loop) and a few more columns have one: at most
+    ``MAX_WIDTH_PADDING`` (8 % more work at 37). Two 1x1 convs at 37x37x128 ran 1.25 ms, 0.32
+    computing 38 columns (AMD Zen 5, 2 threads). Widths with a tile of one channel vector (17, 19)
+    stay: 18 or 20 columns on two vectors measured 0.90-1.03x (a 1x7 + 7x1 block at 17x17 and
+    19x19, 1x1 convs at 17x17 and 19x19, the YOLO-style example at 608x608: 1.00)."""
     from .cpu_schedules import choose_tiles
 
-    now = choose_tiles(out_width, channels, unit)
-    if now is not None and now.vectors > 1:
+    if choose_tiles(out_width, channels, unit) is not None:
         return 0
     for extra in range(1, MAX_WIDTH_PADDING + 1):
-        tiles = choose_tiles(out_width + extra, channels, unit)
-        if tiles is not None and (now is None or tiles.vectors > 1):
+        if choose_tiles(out_width + extra, channels, unit) is not None:
             return extra
     return 0
 
 
 def pad_output_width(mod: tvm.IRModule, unit: VectorUnit) -> tvm.IRModule:
-    """Every dense float NHWC/HWIO conv with constant weights whose output width has a poor register
+    """Every dense float NHWC/HWIO conv with constant weights whose output width has no register
     tile (``width_padding``) computes that many more columns (zero padding on the right of its
     input) and slices them off in its epilogue."""
     return rewrite_functions(_PadOutWidth(mod, unit), mod)

@@ -300,11 +300,13 @@ def test_npu16_latency_is_modelled_and_pads_channels_to_16(tmp_path, rng):
 
 
 @pytest.mark.parametrize("name, size", [("yolo", 64), ("mobilenetv3", 64), ("shufflenet", 64), ("unet", 32),
-                                        ("audio", 50), ("waveform", 1600), ("superres", 16), ("ocr", 48)])
+                                        ("audio", 50), ("waveform", 1600), ("superres", 16), ("ocr", 48),
+                                        ("vit", 32)])
 def test_deployed_structures_compile_and_match_onnx_runtime(tmp_path, name, size):
     """Detector, SE/HardSwish, channel shuffle, ConvTranspose/Resize, channels-last audio input,
     1-D convs over raw audio, pixel shuffle after 9 output channels, bidirectional LSTMs over a
-    text line's columns: each compiles untuned and computes what ONNX Runtime computes."""
+    text line's columns, a vision transformer (Gather of Q, K, V; LayerNorm; GELU with erf): each
+    compiles untuned and computes what ONNX Runtime computes."""
     from hwcompress.model.examples import EXAMPLES
     from hwcompress.model.fileio import save_model
 

@@ -9,7 +9,8 @@ and HardSwish; ShuffleNet-style with channel split and shuffle; a U-Net with Con
 Resize; an audio CNN with a channels-last input and LeakyRelu/Max clamps; M5, a 1-D CNN over raw
 audio samples; a sub-pixel
 super-resolution net ending in 9 output channels and a pixel shuffle; a CRNN text-line recognizer
-with two bidirectional LSTMs over 80 steps; ResNet-18) and the shared
+with two bidirectional LSTMs over 80 steps; ViT-Tiny, a vision transformer as timm exports it;
+ResNet-18) and the shared
 real models (MobileNetV2, SqueezeNet 1.1). Each is compiled by hwc for this machine (``--trials``:
 the tuning budget, 0 = the project's own schedules only) and checked against ONNX Runtime; then both
 are timed in alternating rounds in this process on the same thread count. Prints the CPU it ran on.
@@ -35,7 +36,7 @@ from hwcompress.model.fileio import save_model  # noqa: E402
 SHARED = ROOT.parent / "shared" / "models"
 # Input sizes at which these networks are usually deployed on small devices.
 CORPUS = {"yolo": 320, "mobilenetv3": 224, "shufflenet": 224, "unet": 128, "audio": 98, "waveform": 16000,
-          "superres": 224, "ocr": 320, "resnet18": 224}
+          "superres": 224, "ocr": 320, "vit": 224, "resnet18": 224}
 REAL = {"mobilenetv2": "mobilenetv2-fp32", "squeezenet": "squeezenet1.1-caffe2"}
 
 

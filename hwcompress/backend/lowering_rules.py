@@ -6,10 +6,12 @@ from __future__ import annotations
 
 def install_lowering_rules() -> None:
     """The project's fixes to how TVM lowers math on CPUs (process-wide, idempotent)."""
-    from .fast_exp import install
+    from .fast_erf import install as install_erf
+    from .fast_exp import install as install_exp
 
     allow_vectorized_rounding()
-    install()
+    install_exp()
+    install_erf()
 
 
 def allow_vectorized_rounding() -> None:

@@ -5,7 +5,8 @@ architectures with BatchNormalization still in place: classifiers (ResNet-18, Mo
 MobileNetV3-style with squeeze-and-excitation and HardSwish, ShuffleNet-style with channel split and
 shuffle), a YOLO-style detector (Focus slicing, SiLU, SPP, upsampling), a U-Net-style segmenter
 (ConvTranspose, Resize, skip concatenations), an audio CNN with a channels-last input, a 1-D CNN
-over raw audio samples and a sub-pixel super-resolution net (pixel shuffle as Reshape/Transpose). Weights are
+over raw audio samples, a sub-pixel super-resolution net (pixel shuffle as Reshape/Transpose), a CRNN text
+recognizer and a ViT-Tiny vision transformer. Weights are
 He-scaled and BN statistics non-trivial, so activations stay in a realistic range and folding is exercised.
 """
 
@@ -362,6 +363,53 @@ def ocr(input_size: int = 320, classes: int = 97, width: float = 1.0, seed: int 
                    output_shape=[steps, 1, classes])
 
 
+def vit(input_size: int = 224, classes: int = 1000, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """A ViT-Tiny / DeiT-Tiny image classifier (Dosovitskiy et al. 2021) as timm's models export:
+    16x16 patches embedded by a strided conv, a class token and position embeddings, 12 pre-norm
+    encoder blocks of 3-head self-attention (one QKV projection reshaped to [N, 3, heads, 64] and
+    permuted, the three taken by Gather; scores scaled after Q K^T; softmax; heads joined) and a
+    GELU MLP (its exact form: x * 0.5 * (1 + erf(x / sqrt 2))), a final LayerNorm, the class
+    token's logits. Width 192 (``width`` scales the heads: 3 at 1.0)."""
+    b = _Builder(seed)
+    heads, head_dim, depth, patch = max(1, round(3 * width)), 64, 12, 16
+    dim, tokens = heads * head_dim, (input_size // patch) ** 2 + 1
+
+    def linear(x, cin, cout):
+        w = b.rng.normal(0, np.sqrt(1.0 / cin), (cin, cout))
+        return b.node("Add", [b.node("MatMul", [x, b.const("w", w)], "matmul"), b.const("b", b.rng.normal(0, 0.02, cout))],
+                      "linear")
+
+    def layer_norm(x):
+        return b.node("LayerNormalization", [x, b.const("ln_g", b.rng.uniform(0.8, 1.2, dim)),
+                                             b.const("ln_b", b.rng.normal(0, 0.02, dim))], "ln", axis=-1, epsilon=1e-6)
+
+    y = b.node("Conv", ["input", b.const("w", b.rng.normal(0, np.sqrt(1.0 / (3 * patch * patch)), (dim, 3, patch, patch))),
+                        b.const("b", b.rng.normal(0, 0.02, dim))], "patch", kernel_shape=[patch, patch],
+               strides=[patch, patch])
+    y = b.node("Transpose", [b.node("Reshape", [y, b.const_int("shape", [1, dim, tokens - 1])], "flat")], "tokens",
+               perm=[0, 2, 1])
+    y = b.node("Concat", [b.const("cls", b.rng.normal(0, 0.02, (1, 1, dim))), y], "cat", axis=1)
+    y = b.node("Add", [y, b.const("pos", b.rng.normal(0, 0.02, (1, tokens, dim)))], "pos")
+    for _ in range(depth):
+        qkv = b.node("Reshape", [linear(layer_norm(y), dim, 3 * dim), b.const_int("shape", [1, tokens, 3, heads, head_dim])],
+                     "qkv")
+        qkv = b.node("Transpose", [qkv], "qkv_t", perm=[2, 0, 3, 1, 4])  # [3, 1, heads, N, 64]
+        q, k, v = (b.node("Gather", [qkv, b.const_int("i", i)], "take", axis=0) for i in range(3))
+        scores = b.node("Mul", [b.node("MatMul", [q, b.node("Transpose", [k], "k_t", perm=[0, 1, 3, 2])], "qk"),
+                                b.const("scale", np.float32(head_dim ** -0.5))], "scaled")
+        attended = b.node("MatMul", [b.node("Softmax", [scores], "softmax", axis=-1), v], "av")
+        attended = b.node("Reshape", [b.node("Transpose", [attended], "heads_t", perm=[0, 2, 1, 3]),
+                                      b.const_int("shape", [1, tokens, dim])], "joined")
+        y = b.node("Add", [y, linear(attended, dim, dim)], "residual")
+        hidden = linear(layer_norm(y), dim, 4 * dim)
+        erf = b.node("Erf", [b.node("Div", [hidden, b.const("sqrt2", np.float32(np.sqrt(2.0)))], "gelu_div")], "erf")
+        gelu = b.node("Mul", [b.node("Mul", [hidden, b.node("Add", [erf, b.const("one", np.float32(1.0))], "gelu_add")],
+                                     "gelu_mul"), b.const("half", np.float32(0.5))], "gelu")
+        y = b.node("Add", [y, linear(gelu, 4 * dim, dim)], "residual")
+    y = b.node("Gather", [layer_norm(y), b.const_int("i", 0)], "cls_token", axis=1)  # [1, dim]
+    return b.model("vit", "input", linear(y, dim, classes), input_size, classes)
+
+
 EXAMPLES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "mobilenetv3": mobilenetv3,
             "shufflenet": shufflenet, "yolo": yolo, "unet": unet, "audio": audio_cnn, "waveform": waveform,
-            "superres": superres, "ocr": ocr}
+            "superres": superres, "ocr": ocr, "vit": vit}

@@ -11,7 +11,8 @@ from conftest import assert_same_outputs, make_model, op_count
 import pytest
 
 from hwcompress.passes import (canonicalize_reshape, channel_multiplier_as_depthwise, conv1d_as_conv2d,
-                               convtranspose_as_conv, eliminate_identity, explicit_pads, space_to_depth_as_conv)
+                               convtranspose_as_conv, eliminate_identity, explicit_pads, gather_as_slice,
+                               space_to_depth_as_conv)
 
 
 def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
@@ -33,6 +34,22 @@ def test_dropout_with_used_mask_is_kept():
     nodes = [helper.make_node("Dropout", ["x"], ["y", "mask"]), helper.make_node("Cast", ["mask"], ["m"], to=1)]
     model = make_model(nodes, [("x", [2, 3])], [("y", [2, 3]), ("m", [2, 3])], {})
     assert op_count(eliminate_identity(model), "Dropout") == 1
+
+
+def test_a_gather_of_one_constant_index_becomes_a_slice():
+    """timm's ``qkv[0]`` (a scalar index: the axis dropped), ``x[:, -1:]`` written as a Gather of
+    [-1] (the axis kept), exactly; a Gather of two indices stays."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Gather", ["r", "zero"], ["q"], axis=0),
+             helper.make_node("Gather", ["r", "last"], ["k"], axis=-2),
+             helper.make_node("Gather", ["r", "two"], ["v"], axis=1)]
+    model = make_model(nodes, [("x", [3, 4, 5, 6])], [("q", [4, 5, 6]), ("k", [3, 4, 1, 6]), ("v", [3, 2, 5, 6])],
+                       {"zero": np.array(0, np.int64), "last": np.array([-1], np.int64),
+                        "two": np.array([1, 3], np.int64)})
+    result = gather_as_slice.apply(model)
+    assert op_count(result.model, "Gather") == 1 and op_count(result.model, "Slice") == 2
+    assert op_count(result.model, "Squeeze") == 1 and len(result.log.applied) == 2
+    assert_same_outputs(model, result.model, tol=1e-12)
 
 
 def test_flattening_reshape_becomes_flatten(rng):

@@ -15,11 +15,13 @@ from .convtranspose_as_conv import convtranspose_as_conv
 from .eliminate_identity import eliminate_identity
 from .explicit_pads import explicit_pads
 from .fold_batchnorm import fold_batchnorm
+from .gather_as_slice import gather_as_slice
 from .prune_channels import prune_channels
 from .space_to_depth_as_conv import space_to_depth_as_conv
 from .unroll_recurrent import unroll_recurrent
 
-CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, fold_batchnorm, canonicalize_reshape, conv1d_as_conv2d,
+CANONICAL: tuple[ModelPass, ...] = (eliminate_identity, gather_as_slice, fold_batchnorm, canonicalize_reshape,
+                                    conv1d_as_conv2d,
                                     explicit_pads, convtranspose_as_conv, channel_multiplier_as_depthwise,
                                     space_to_depth_as_conv)
 
@@ -37,5 +39,5 @@ def run_canonical(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassLog
 __all__ = ["CANONICAL", "ModelPass", "PassLog", "PassResult", "canonicalize_reshape", "channel_multiplier_as_depthwise",
            "conv1d_as_conv2d",
            "convtranspose_as_conv",
-           "eliminate_identity", "explicit_pads", "fold_batchnorm", "model_pass", "prune_channels", "run_canonical",
+           "eliminate_identity", "explicit_pads", "fold_batchnorm", "gather_as_slice", "model_pass", "prune_channels", "run_canonical",
            "space_to_depth_as_conv", "unroll_recurrent"]

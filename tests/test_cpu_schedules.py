@@ -369,13 +369,13 @@ def test_a_softmax_over_the_last_axis_is_one_kernel_reducing_in_vector_registers
     computed once, the last elements of a row as one short vector), the values ONNX Runtime computes,
     also for rows far from zero (the maximum subtracted)."""
     from hwcompress.backend.kernel_info import describe_kernels
-    from hwcompress.backend.softmax_rows import SCHEDULE
+    from hwcompress.backend.row_kernels import SCHEDULE
 
     shape = [1, 3, 13, length]
     model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", shape)], [("y", shape)], {})
     target = get_target("host")
     kernels = tvm_build.lower(import_onnx(model), target)
-    [row_kernel] = [f for gv, f in kernels.functions.items() if gv.name_hint.startswith("softmax_rows")]
+    [row_kernel] = [f for f in kernels.functions.values() if f.attrs and f.attrs.get("hwc.schedule") == SCHEDULE]
     script = row_kernel.script()
     lanes = VectorUnit.of(target.tvm_target()).lanes
     assert script.count("T.parallel") == 1 and script.count("T.exp(") == 1 + (length % lanes > 0), script
@@ -386,6 +386,30 @@ def test_a_softmax_over_the_last_axis_is_one_kernel_reducing_in_vector_registers
     vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
     got = outputs_to_numpy(vm["main"](tvm.runtime.tensor(far["x"])))
     assert ort.relative_error(ort.run(model, far), got) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [[1, 197, 192], [2, 5, 7, 40], [3, 17]])
+def test_a_layer_norm_over_the_last_axis_is_one_kernel_reducing_in_vector_registers(rng, shape):
+    """A transformer's LayerNorm (and ConvNeXt's over NHWC channels): the hand-written row kernel
+    (mean, then variance about it, each accumulated lane by lane; the normalization on whole
+    vectors and one short one), the values ONNX Runtime computes, also for rows far from zero
+    with a small spread (the mean subtracted before squaring)."""
+    from hwcompress.backend.kernel_info import describe_kernels
+    from hwcompress.backend.row_kernels import SCHEDULE
+
+    length = shape[-1]
+    model = make_model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)],
+                       [("x", shape)], [("y", shape)],
+                       {"g": rng.uniform(0.5, 1.5, length), "b": rng.normal(0, 0.1, length)})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    [norm] = [k for k in describe_kernels(kernels).values() if k["schedule"] == SCHEDULE]
+    assert norm["op"] == "layer" and norm["output"] == [int(np.prod(shape[:-1])), length], norm
+    assert_built_like_onnxruntime(kernels, target, model, tol=1e-5)
+    far = {"x": (rng.normal(0, 0.01, shape) + 1000).astype(np.float32)}
+    vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
+    got = outputs_to_numpy(vm["main"](tvm.runtime.tensor(far["x"])))
+    assert ort.relative_error(ort.run(model, far), got) < 1e-2
 
 
 def test_a_short_softmax_runs_row_by_row_computing_each_exponential_once():

@@ -200,11 +200,11 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     from .conv_schedules import schedule_convolutions
     from .cpu_schedules import VectorUnit, nhwc_layout
     from .depthwise_pointwise import fuse_depthwise_pointwise
-    from .softmax_rows import rewrite_softmax_rows
+    from .row_kernels import rewrite_row_kernels
     from .winograd import rewrite_winograd_convs
 
     unit = VectorUnit.of(tvm_target)
-    convs = rewrite_softmax_rows(nhwc_layout(dense_as_conv(mod, unit)), unit.lanes)
+    convs = rewrite_row_kernels(nhwc_layout(dense_as_conv(mod, unit)), unit.lanes)
     if winograd:  # before the channel padding: its slice would be an epilogue wider than the tile
         convs = rewrite_winograd_convs(convs, unit, cache_bytes)
     lowered = relax.get_pipeline("zero")(pad_output_width(pad_output_channels(convs, unit.lanes), unit))

@@ -55,6 +55,15 @@ def pad_output_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     return rewrite_functions(_PadOutChannels(mod, lanes), mod)
 
 
+def dense_conv_weight(mutator: relax.PyExprMutator, call) -> np.ndarray | None:
+    """The constant weights of ``call`` where it is a dense (one group) NHWC/HWIO conv, else None."""
+    if call.op != tvm.ir.Op.get("relax.nn.conv2d") or int(call.attrs.groups) != 1 \
+            or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO" \
+            or call.attrs.out_layout != "NHWC":
+        return None
+    return bound_constant(mutator, call.args[1])
+
+
 @relax.expr_functor.mutator
 class _PadOutChannels(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int):
@@ -63,11 +72,7 @@ class _PadOutChannels(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if call.op != tvm.ir.Op.get("relax.nn.conv2d") or int(call.attrs.groups) != 1 \
-                or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO" \
-                or call.attrs.out_layout != "NHWC":
-            return call
-        weight = bound_constant(self, call.args[1])
+        weight = dense_conv_weight(self, call)
         if weight is None or weight.dtype not in (np.float32, np.int8):
             return call
         channels = weight.shape[3]
@@ -126,11 +131,7 @@ class _PadOutWidth(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if call.op != tvm.ir.Op.get("relax.nn.conv2d") or int(call.attrs.groups) != 1 \
-                or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO" \
-                or call.attrs.out_layout != "NHWC":
-            return call
-        weight = bound_constant(self, call.args[1])
+        weight = dense_conv_weight(self, call)
         shape = type_shape(call.ty)
         if weight is None or weight.dtype != np.float32 or shape is None:
             return call

@@ -151,31 +151,27 @@ class _RowKernels(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if call.op == tvm.ir.Op.get("relax.nn.layer_norm"):
-            return self.layer_norm(call)
-        if call.op != tvm.ir.Op.get("relax.nn.softmax"):
+        if call.op not in (tvm.ir.Op.get("relax.nn.softmax"), tvm.ir.Op.get("relax.nn.layer_norm")):
             return call
         shape = static_shape(call.args[0])
-        if shape is None or getattr(call.args[0].ty, "dtype", None) != "float32" \
-                or int(call.attrs.axis) not in (-1, len(shape) - 1) or shape[-1] < self.lanes:
+        if shape is None or getattr(call.args[0].ty, "dtype", None) != "float32" or shape[-1] < self.lanes:
             return call
         rows, length = int(np.prod(shape[:-1])), shape[-1]
-        kernel = self.builder_.add_func(softmax_rows_kernel(rows, length, self.lanes), "softmax")
-        flat = self.builder_.emit(relax.op.reshape(call.args[0], [rows, length]))
-        out = self.builder_.emit(relax.call_tir(kernel, [flat], relax.TensorType([rows, length], "float32")))
-        return relax.op.reshape(out, shape)
-
-    def layer_norm(self, call):
-        shape = static_shape(call.args[0])
-        axes = [int(a) for a in call.attrs.axes]
-        if shape is None or getattr(call.args[0].ty, "dtype", None) != "float32" \
-                or [a % len(shape) for a in axes] != [len(shape) - 1] or shape[-1] < self.lanes \
+        if call.op == tvm.ir.Op.get("relax.nn.softmax"):
+            if int(call.attrs.axis) % len(shape) != len(shape) - 1:
+                return call
+            return self.by_rows(softmax_rows_kernel(rows, length, self.lanes), "softmax", call.args[0], [], shape)
+        if [int(a) % len(shape) for a in call.attrs.axes] != [len(shape) - 1] \
                 or not (bool(call.attrs.center) and bool(call.attrs.scale)):
             return call
-        rows, length = int(np.prod(shape[:-1])), shape[-1]
-        kernel = self.builder_.add_func(layer_norm_rows_kernel(rows, length, self.lanes, float(call.attrs.epsilon)),
-                                        "layer_norm")
-        flat = self.builder_.emit(relax.op.reshape(call.args[0], [rows, length]))
-        out = self.builder_.emit(relax.call_tir(kernel, [flat, call.args[1], call.args[2]],
-                                                relax.TensorType([rows, length], "float32")))
+        kernel = layer_norm_rows_kernel(rows, length, self.lanes, float(call.attrs.epsilon))
+        return self.by_rows(kernel, "layer_norm", call.args[0], list(call.args[1:3]), shape)
+
+    def by_rows(self, kernel, name: str, data, others: list, shape: list[int]):
+        """``kernel`` called on ``data`` seen as [rows, last axis] (and ``others`` as they are), its
+        result seen in ``shape`` again."""
+        rows = [int(np.prod(shape[:-1])), shape[-1]]
+        flat = self.builder_.emit(relax.op.reshape(data, rows))
+        out = self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, name), [flat, *others],
+                                                relax.TensorType(rows, "float32")))
         return relax.op.reshape(out, shape)

@@ -337,15 +337,22 @@ def _activation(x, op: str, alpha, beta):
 
 def column_block(spec: LoopSpec, unit: VectorUnit) -> int:
     """Gate columns accumulated in registers at once, and the width the recurrent weights are
-    packed by: as many vectors as the registers hold beside the operands, dividing a thread's units
-    (so that every gate's range of a thread's columns is whole blocks). Packed, a thread reads its
-    weights in one stream; transposed only ([D, H, G]), each of the H rows of a block was a jump of
-    G floats, a new page for the prefetchers every 128-512 bytes: a streaming LSTM of 256 units
-    (1 MB of weights a step, split between 2 cores) ran 10.6 us a step where ONNX Runtime took 7.7
-    (AMD Zen 5)."""
-    units = spec.hidden // spec.parts
-    lanes = widest_lanes(units, unit.lanes) or 1
-    return lanes * _largest_divisor(units // lanes, max(1, unit.registers - 6))
+    packed by: as many vectors as the registers hold beside the operands, dividing every range of
+    columns a product runs over (``gate_columns``: all gates' columns at once where one thread has
+    every unit and one product takes every gate; one gate's where a GRU's phases split them; a
+    thread's units of each gate where steps are split), so that each range is whole blocks. Packed, a
+    thread reads its weights in one stream; transposed only ([D, H, G]), each of the H rows of a
+    block was a jump of G floats, a new page for the prefetchers every 128-512 bytes: a streaming
+    LSTM of 256 units (1 MB of weights a step, split between 2 cores) ran 10.6 us a step where ONNX
+    Runtime took 7.7 (AMD Zen 5)."""
+    if spec.parts > 1:
+        span = spec.hidden // spec.parts
+    elif spec.kind == "GRU" and not spec.linear_before_reset:
+        span = spec.hidden
+    else:
+        span = spec.gates
+    lanes = widest_lanes(span, unit.lanes) or 1
+    return lanes * _largest_divisor(span // lanes, max(1, unit.registers - 6))
 
 
 def pack_recurrent(recurrent: np.ndarray, block: int) -> np.ndarray:

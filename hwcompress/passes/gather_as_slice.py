@@ -27,7 +27,11 @@ def gather_as_slice(graph: Graph, log: PassLog) -> None:
             log.skipped.append(f"{node.name}: not one constant index along a known axis")
             continue
         axis = axis % len(shape)
-        index = int(indices.reshape(-1)[0]) % shape[axis]
+        index = int(indices.reshape(-1)[0])
+        if not -shape[axis] <= index < shape[axis]:
+            log.skipped.append(f"{node.name}: index {index} outside the axis's {shape[axis]}")
+            continue
+        index %= shape[axis]
         sliced = graph.unique_name(f"{node.output[0]}_slice") if indices.ndim == 0 else node.output[0]
         nodes = [graph.make_node("Slice", [node.input[0], graph.add_initializer("starts", np.array([index], np.int64)),
                                            graph.add_initializer("ends", np.array([index + 1], np.int64)),

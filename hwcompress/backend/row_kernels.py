@@ -24,61 +24,75 @@ from .relax_rewrite import rewrite_functions
 SCHEDULE = "hwc row kernel"  # what kernel_info calls these kernels' schedule
 
 
-def softmax_rows_kernel(rows: int, length: int, lanes: int):
-    """Softmax of each row of a [rows, length] float32 buffer, ``lanes`` at a time."""
-    from tvm import tirx
+class _RowLoops:
+    """The loops of one row ``r`` of a [rows, length] kernel: whole vectors of ``lanes``, then the
+    rest (the row is at least one vector long)."""
+
+    def __init__(self, T, r, length: int, lanes: int):
+        self.T, self.r, self.length, self.lanes = T, r, length, lanes
+        self.vectors, self.whole = length // lanes, length - length % lanes
+        self.acc = T.alloc_buffer((lanes,), "float32")  # one partial result per lane
+
+    def each(self, body) -> None:
+        """``body(k)`` for every element: whole vectors, then the rest as one short vector."""
+        T, lanes = self.T, self.lanes
+        with T.serial(0, self.vectors) as v:
+            with T.vectorized(0, lanes) as lane:
+                body(v * lanes + lane)
+        if self.whole < self.length:
+            with (T.vectorized if self.length - self.whole > 1 else T.serial)(self.whole, self.length) as k:
+                body(k)
+
+    def reduce(self, into, combine, term) -> None:
+        """``into[0]`` = ``term(k)`` of every element combined: lane by lane over whole vectors, then
+        across the lanes and over the rest."""
+        T, lanes, acc = self.T, self.lanes, self.acc
+        with T.vectorized(0, lanes) as lane:
+            T.buffer_store(acc, term(lane), [lane])
+        with T.serial(1, self.vectors) as v:
+            with T.vectorized(0, lanes) as lane:
+                T.buffer_store(acc, combine(acc[lane], term(v * lanes + lane)), [lane])
+        T.buffer_store(into, acc[0], [0])
+        with T.serial(1, lanes) as lane:
+            T.buffer_store(into, combine(into[0], acc[lane]), [0])
+        if self.whole < self.length:
+            with T.serial(self.whole, self.length) as k:
+                T.buffer_store(into, combine(into[0], term(k)), [0])
+
+
+def _row_kernel(name: str, rows: int, length: int, lanes: int, params: dict, body):
+    """A scheduled PrimFunc over float32 buffers ``params`` (name -> shape; the last one written)
+    running ``body(buffers, r, loops)`` for every row ``r`` in parallel, ``loops`` its ``_RowLoops``."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    vectors, whole = length // lanes, length - length % lanes
-
-    def tail(body, reduction=False):  # body(element) for the elements after the whole vectors
-        if whole < length:  # as one short vector, unless it is a reduction or one element
-            with (T.vectorized if length - whole > 1 and not reduction else T.serial)(whole, length) as k:
-                body(k)
     with IRBuilder() as builder:
         with T.prim_func():
-            T.func_name("softmax")
+            T.func_name(name)
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "hwc.schedule": SCHEDULE})
-            x = T.arg("x", T.Buffer((rows, length), "float32"))
-            y = T.arg("y", T.Buffer((rows, length), "float32"))
+            buffers = {arg: T.arg(arg, T.Buffer(shape, "float32")) for arg, shape in params.items()}
             with T.sblock("root"):
-                with T.sblock("softmax_rows"):  # one opaque block under the root, as TVM's passes expect
+                with T.sblock(f"{name}_rows"):  # one opaque block under the root, as TVM's passes expect
                     with T.parallel(0, rows) as r:
-                        lane_acc = T.alloc_buffer((lanes,), "float32")
-                        total = T.alloc_buffer((1,), "float32")
-
-                        def lanewise(start, body):  # body(lane, element) for whole vectors from ``start``
-                            with T.serial(start, vectors) as v:
-                                with T.vectorized(0, lanes) as lane:
-                                    body(lane, v * lanes + lane)
-
-                        def across(combine, rest):  # total = combine of the lanes, then of ``rest``
-                            T.buffer_store(total, lane_acc[0], [0])
-                            with T.serial(1, lanes) as lane:
-                                T.buffer_store(total, combine(total[0], lane_acc[lane]), [0])
-                            tail(lambda k: T.buffer_store(total, combine(total[0], rest(k)), [0]), reduction=True)
-
-                        # the maximum
-                        with T.vectorized(0, lanes) as lane:
-                            T.buffer_store(lane_acc, x[r, lane], [lane])
-                        lanewise(1, lambda lane, k: T.buffer_store(lane_acc, tirx.max(lane_acc[lane], x[r, k]), [lane]))
-                        across(tirx.max, lambda k: x[r, k])
-                        # the exponentials, into the output, and their sum
-                        with T.vectorized(0, lanes) as lane:
-                            T.buffer_store(lane_acc, tirx.const(0.0, "float32"), [lane])
-
-                        def exponential(lane, k):
-                            T.buffer_store(y, tirx.exp(x[r, k] - total[0]), [r, k])
-                            T.buffer_store(lane_acc, lane_acc[lane] + y[r, k], [lane])
-                        lanewise(0, exponential)
-                        tail(lambda k: T.buffer_store(y, tirx.exp(x[r, k] - total[0]), [r, k]))
-                        across(lambda a, b: a + b, lambda k: y[r, k])
-                        # the quotients
-                        T.buffer_store(total, tirx.const(1.0, "float32") / total[0], [0])
-                        lanewise(0, lambda lane, k: T.buffer_store(y, y[r, k] * total[0], [r, k]))
-                        tail(lambda k: T.buffer_store(y, y[r, k] * total[0], [r, k]))
+                        body(T, buffers, r, _RowLoops(T, r, length, lanes))
     return builder.get()
+
+
+def softmax_rows_kernel(rows: int, length: int, lanes: int):
+    """Softmax of each row of a [rows, length] float32 buffer: the maximum, the exponentials into
+    the output, their sum, the output scaled by its reciprocal."""
+    from tvm import tirx
+
+    def body(T, b, r, loops):
+        x, y = b["x"], b["y"]
+        total = T.alloc_buffer((1,), "float32")
+        loops.reduce(total, tirx.max, lambda k: x[r, k])
+        loops.each(lambda k: T.buffer_store(y, tirx.exp(x[r, k] - total[0]), [r, k]))
+        loops.reduce(total, lambda a, c: a + c, lambda k: y[r, k])
+        T.buffer_store(total, tirx.const(1.0, "float32") / total[0], [0])
+        loops.each(lambda k: T.buffer_store(y, y[r, k] * total[0], [r, k]))
+
+    return _row_kernel("softmax", rows, length, lanes, {"x": (rows, length), "y": (rows, length)}, body)
 
 
 def layer_norm_rows_kernel(rows: int, length: int, lanes: int, epsilon: float):
@@ -86,55 +100,20 @@ def layer_norm_rows_kernel(rows: int, length: int, lanes: int, epsilon: float):
     [length]: the mean, then the mean square deviation from it (two passes, as exact as TVM's), each
     accumulated lane by lane, then ``(x - mean) / sqrt(variance + epsilon) * scale + shift``."""
     from tvm import tirx
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
 
-    vectors, whole = length // lanes, length - length % lanes
-    with IRBuilder() as builder:
-        with T.prim_func():
-            T.func_name("layer_norm")
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "hwc.schedule": SCHEDULE})
-            x = T.arg("x", T.Buffer((rows, length), "float32"))
-            scale = T.arg("scale", T.Buffer((length,), "float32"))
-            shift = T.arg("shift", T.Buffer((length,), "float32"))
-            y = T.arg("y", T.Buffer((rows, length), "float32"))
-            with T.sblock("root"):
-                with T.sblock("layer_norm_rows"):
-                    with T.parallel(0, rows) as r:
-                        lane_acc = T.alloc_buffer((lanes,), "float32")
-                        mean = T.alloc_buffer((1,), "float32")
-                        spread = T.alloc_buffer((1,), "float32")
+    def body(T, b, r, loops):
+        x, scale, shift, y = b["x"], b["scale"], b["shift"], b["y"]
+        mean, spread = T.alloc_buffer((1,), "float32"), T.alloc_buffer((1,), "float32")
+        inverse_length = tirx.const(1.0 / length, "float32")
+        loops.reduce(mean, lambda a, c: a + c, lambda k: x[r, k])
+        T.buffer_store(mean, mean[0] * inverse_length, [0])
+        loops.reduce(spread, lambda a, c: a + c, lambda k: (x[r, k] - mean[0]) * (x[r, k] - mean[0]))
+        T.buffer_store(spread, spread[0] * inverse_length, [0])
+        T.buffer_store(spread, tirx.rsqrt(spread[0] + tirx.const(epsilon, "float32")), [0])
+        loops.each(lambda k: T.buffer_store(y, (x[r, k] - mean[0]) * spread[0] * scale[k] + shift[k], [r, k]))
 
-                        def row_sum(term, into):  # into[0] = sum over the row of term(k)
-                            with T.vectorized(0, lanes) as lane:
-                                T.buffer_store(lane_acc, tirx.const(0.0, "float32"), [lane])
-                            with T.serial(0, vectors) as v:
-                                with T.vectorized(0, lanes) as lane:
-                                    T.buffer_store(lane_acc, lane_acc[lane] + term(v * lanes + lane), [lane])
-                            T.buffer_store(into, lane_acc[0], [0])
-                            with T.serial(1, lanes) as lane:
-                                T.buffer_store(into, into[0] + lane_acc[lane], [0])
-                            if whole < length:
-                                with T.serial(whole, length) as k:
-                                    T.buffer_store(into, into[0] + term(k), [0])
-                            T.buffer_store(into, into[0] * tirx.const(1.0 / length, "float32"), [0])
-
-                        def deviation2(k):
-                            return (x[r, k] - mean[0]) * (x[r, k] - mean[0])
-
-                        row_sum(lambda k: x[r, k], mean)
-                        row_sum(deviation2, spread)
-                        T.buffer_store(spread, tirx.rsqrt(spread[0] + tirx.const(epsilon, "float32")), [0])
-
-                        def normalized(k):
-                            T.buffer_store(y, (x[r, k] - mean[0]) * spread[0] * scale[k] + shift[k], [r, k])
-                        with T.serial(0, vectors) as v:
-                            with T.vectorized(0, lanes) as lane:
-                                normalized(v * lanes + lane)
-                        if whole < length:
-                            with (T.vectorized if length - whole > 1 else T.serial)(whole, length) as k:
-                                normalized(k)
-    return builder.get()
+    return _row_kernel("layer_norm", rows, length, lanes,
+                       {"x": (rows, length), "scale": (length,), "shift": (length,), "y": (rows, length)}, body)
 
 
 def rewrite_row_kernels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:

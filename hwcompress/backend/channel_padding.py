@@ -17,7 +17,7 @@ from tvm import relax
 
 from ..config.vector_unit import VectorUnit, widest_lanes
 from .dense_as_conv import type_shape
-from .relax_rewrite import bound_constant, rewrite_functions
+from .relax_rewrite import dense_conv_weight, rewrite_functions
 
 # Layers with this many vectors are padded to whole register tiles; smaller ones to one whole vector
 # where that pays (``narrow_padding_pays``), always where no vector of 4 or more lanes divides their
@@ -53,15 +53,6 @@ def pad_output_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     ``narrow_padding_pays``) and slices them off. Multiples of ``lanes`` (144 on 16 lanes) are
     tiled as they are."""
     return rewrite_functions(_PadOutChannels(mod, lanes), mod)
-
-
-def dense_conv_weight(mutator: relax.PyExprMutator, call) -> np.ndarray | None:
-    """The constant weights of ``call`` where it is a dense (one group) NHWC/HWIO conv, else None."""
-    if call.op != tvm.ir.Op.get("relax.nn.conv2d") or int(call.attrs.groups) != 1 \
-            or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO" \
-            or call.attrs.out_layout != "NHWC":
-        return None
-    return bound_constant(mutator, call.args[1])
 
 
 @relax.expr_functor.mutator

@@ -74,3 +74,13 @@ def bound_constant(mutator: relax.PyExprMutator, expr) -> np.ndarray | None:
         axes = [int(a) for a in expr.attrs.axes] if expr.attrs.axes is not None else None
         return np.transpose(expr.args[0].value.numpy(), axes)
     return None
+
+
+def dense_conv_weight(mutator: relax.PyExprMutator, call) -> np.ndarray | None:
+    """The constant weights of ``call`` where it is a dense (one group) NHWC/HWIO conv, else None:
+    the convs the output padding and Winograd rewrite."""
+    if call.op != tvm.ir.Op.get("relax.nn.conv2d") or int(call.attrs.groups) != 1 \
+            or call.attrs.data_layout != "NHWC" or call.attrs.kernel_layout != "HWIO" \
+            or call.attrs.out_layout != "NHWC":
+        return None
+    return bound_constant(mutator, call.args[1])

@@ -223,18 +223,15 @@ class _WinogradConvs(relax.PyExprMutator):
 
     def visit_call_(self, call):
         from .dense_as_conv import static_shape
-        from .relax_rewrite import bound_constant
+        from .relax_rewrite import dense_conv_weight
 
         call = self.visit_expr_post_order(call)
-        if call.op != tvm.ir.Op.get("relax.nn.conv2d"):
+        weight = dense_conv_weight(self, call)
+        if weight is None or [int(s) for s in call.attrs.strides] != [1, 1]:
             return call
         attrs = call.attrs
-        if (int(attrs.groups) != 1 or attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO"
-                or attrs.out_layout != "NHWC" or [int(s) for s in attrs.strides] != [1, 1]):
-            return call
         shape = static_shape(call.args[0])
-        weight = bound_constant(self, call.args[1])
-        if (shape is None or weight is None or weight.dtype != np.float32 or weight.shape[:2] != (3, 3)
+        if (shape is None or weight.dtype != np.float32 or weight.shape[:2] != (3, 3)
                 or shape[3] < MIN_INPUT_CHANNELS or getattr(call.args[0].ty, "dtype", None) != "float32"):
             return call
         pads = tuple(int(p) for p in attrs.padding)

@@ -123,6 +123,21 @@ def test_attribute_out_of_range_is_refused_before_native_code(tmp_path):
         _one_line(hwc(command[0], str(tmp_path / "stride0.onnx"), *command[1:]), "strides must only contain positive")
 
 
+def test_a_gather_index_past_its_axis_is_refused_and_nothing_is_written(tmp_path):
+    """The canonical Gather-as-Slice rewrite must not wrap a bad index into a valid model: ONNX
+    Runtime's check names the index, and no output directory is left."""
+    graph = helper.make_graph([helper.make_node("Gather", ["x", "i"], ["y"], axis=0)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              [numpy_helper.from_array(np.array(3, np.int64), "i")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "gather.onnx"))
+    _one_line(hwc("compile", str(tmp_path / "gather.onnx"), "--tune-trials", "0", "-o", str(tmp_path / "out")),
+              "indices element out of data bounds")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("field, fragment", [
     ("{kind: llvm, mtriple: bogus-triple-xyz}", "cannot generate code for"),
     ("{kind: nosuchkind}", "unknown TVM target kind"),

@@ -124,8 +124,9 @@ def test_attribute_out_of_range_is_refused_before_native_code(tmp_path):
 
 
 def test_a_gather_index_past_its_axis_is_refused_and_nothing_is_written(tmp_path):
-    """The canonical Gather-as-Slice rewrite must not wrap a bad index into a valid model: ONNX
-    Runtime's check names the index, and no output directory is left."""
+    """A broken export's Gather index (3 on an axis of 3): one line with ONNX Runtime's reason, exit 2,
+    no output directory. (That the Gather-as-Slice rewrite leaves such a Gather, not wrapping the
+    index, is tested with the pass.)"""
     graph = helper.make_graph([helper.make_node("Gather", ["x", "i"], ["y"], axis=0)], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],

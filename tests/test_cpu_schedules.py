@@ -641,11 +641,16 @@ def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, r
     assert_built_like_onnxruntime(kernels, target, model)
 
 
-@pytest.mark.parametrize("heads", [1, 3])
-def test_matmuls_of_two_activations_are_register_blocked_convs_packing_their_weights_at_run_time(rng, heads):
-    """Self-attention's Q K^T and softmax(.) V (one head, or three: one conv per head) as 1x1 convs
-    whose kernels pack the run-time weights, 13 tokens (prime) and 13 key columns padded to whole
-    vectors: no matmul kernel is left to the generic schedule, and the result is ONNX Runtime's."""
+@pytest.mark.parametrize("windows, heads", [(1, 1), (1, 3), (3, 7)])
+def test_matmuls_of_two_activations_are_one_batched_kernel_reading_the_transpose_and_scale(rng, windows, heads):
+    """Self-attention's scaled Q K^T and softmax(.) V (one head; three; 3 windows x 7 heads, more
+    products than the old one-conv-per-head route took) over 13 tokens (no register tile divides
+    them) with 16-wide heads: each product is one hand-written batched kernel, K's transpose read
+    through (not written out), the scale applied as the scores are stored (no kernel of its own),
+    and the result is ONNX Runtime's."""
+    from hwcompress.backend.batch_matmul import SCHEDULE
+    from hwcompress.backend.kernel_info import describe_kernels
+
     tokens, d = 13, 16
     width = heads * d
     split = lambda name: [helper.make_node("Reshape", [name, "heads_shape"], [f"{name}_h"]),  # noqa: E731
@@ -653,19 +658,89 @@ def test_matmuls_of_two_activations_are_register_blocked_convs_packing_their_wei
     nodes = [helper.make_node("MatMul", ["x", w], [n]) for n, w in (("q", "wq"), ("k", "wk"), ("v", "wv"))]
     nodes += split("q") + split("k") + split("v")
     nodes += [helper.make_node("Transpose", ["k_t"], ["kT"], perm=[0, 1, 3, 2]),
-              helper.make_node("MatMul", ["q_t", "kT"], ["scores"]),
+              helper.make_node("MatMul", ["q_t", "kT"], ["qk"]),
+              helper.make_node("Mul", ["qk", "scale"], ["scores"]),
               helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "v_t"], ["o"]),
               helper.make_node("Transpose", ["o"], ["o_t"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["o_t", "joined_shape"], ["y"])]
     weights = {w: rng.normal(0, 0.3, (width, width)) for w in ("wq", "wk", "wv")}
-    model = make_model(nodes, [("x", [1, tokens, width])], [("y", [1, tokens, width])],
-                       {**weights, "heads_shape": np.array([1, tokens, heads, d]),
-                        "joined_shape": np.array([1, tokens, width])})
+    model = make_model(nodes, [("x", [windows, tokens, width])], [("y", [windows, tokens, width])],
+                       {**weights, "scale": np.array(d ** -0.5), "heads_shape": np.array([windows, tokens, heads, d]),
+                        "joined_shape": np.array([windows, tokens, width])})
     target = get_target("host")
     kernels = tvm_build.lower(import_onnx(model), target)
-    names = [gv.name_hint for gv, f in kernels.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert not [n for n in names if "matmul" in n], names
-    packed_at_run_time = [n for n in names if n.endswith("weight_prepack")]
-    assert len(packed_at_run_time) == 2, names  # Q K^T's and P V's (heads share them); W's are packed at compile time
+    described = describe_kernels(kernels)
+    products = {name: k for name, k in described.items() if k["schedule"] == SCHEDULE}
+    assert sorted(k["output"] for k in products.values()) == [[windows * heads, tokens, tokens],
+                                                               [windows * heads, tokens, d]], described
+    # Q K^T reads K as [products, tokens, d]: the transpose of the graph is not a kernel's output.
+    assert [k["inputs"][1] for k in products.values() if k["output"][-1] == tokens] == [[windows * heads, tokens, d]]
+    assert not [n for n, k in described.items() if k["schedule"] != SCHEDULE and ("matmul" in n or "multiply" in n)]
     assert_built_like_onnxruntime(kernels, target, model)
+
+
+@pytest.mark.parametrize("batch, rows, depth, cols, transposed, scale", [
+    (2, 31, 16, 37, True, 0.5),  # rows: whole register tiles and a remainder; a short last vector
+    (3, 29, 20, 32, False, 1.0),  # whole vectors: the right-hand side read as it is, not packed
+    (2, 40, 33, 50, False, 1.0),  # padded columns: packed with zeros
+    (1, 1, 5, 3, True, -2.0),  # smaller than a vector and a tile
+])
+def test_the_batched_matmul_kernel_computes_every_product_of_any_shape(rng, batch, rows, depth, cols, transposed,
+                                                                         scale):
+    """The kernel alone against numpy, at shapes that exercise its tails: rows left over after
+    whole register tiles, columns left over after whole vectors, right-hand sides stored
+    transposed or not, with and without a scale."""
+    from hwcompress.backend.batch_matmul import Product, batch_matmul_kernel
+    from hwcompress.backend.stack_buffers import PIPELINE
+
+    target = get_target("host").tvm_target()
+    product = Product(batch, rows, depth, cols, transposed, scale)
+    kernel = batch_matmul_kernel(product, VectorUnit.of(target)).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target, tir_pipeline=PIPELINE)
+    a = rng.normal(size=(batch, rows, depth)).astype(np.float32)
+    b = rng.normal(size=(batch, cols, depth) if transposed else (batch, depth, cols)).astype(np.float32)
+    want = scale * (a @ (b.transpose(0, 2, 1) if transposed else b))
+    got = tvm.runtime.tensor(np.full(want.shape, np.nan, np.float32))
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), got)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_hand_written_kernels_of_several_shapes_build_into_one_library(rng):
+    """Two softmaxes, two LayerNorms, two LSTMs and two attention products of different shapes in
+    one model (a text recognizer's stacked LSTMs, a transformer's stages): each shape its own
+    kernel, all in one library (they once all took their kind's name as the exported symbol and
+    the build refused the second), the result ONNX Runtime's."""
+    steps, features, h1, h2 = 6, 20, 16, 24
+    nodes = [helper.make_node("Softmax", ["x"], ["s1"], axis=-1),
+             helper.make_node("LayerNormalization", ["s1", "g1", "b1"], ["n1"], axis=-1),
+             helper.make_node("LSTM", ["n1", "w1", "r1", "bias1"], ["y1"], hidden_size=h1),
+             helper.make_node("Squeeze", ["y1", "axis1"], ["l1"]),  # [steps, 1, h1]
+             helper.make_node("LSTM", ["l1", "w2", "r2", "bias2"], ["y2"], hidden_size=h2),
+             helper.make_node("Squeeze", ["y2", "axis1"], ["l2"]),  # [steps, 1, h2]
+             helper.make_node("Reshape", ["l2", "rows"], ["t"]),  # [1, steps, h2]
+             helper.make_node("Transpose", ["t"], ["tT"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t", "tT"], ["a1"]),  # [1, steps, steps]
+             helper.make_node("MatMul", ["tT", "t"], ["a2"]),  # [1, h2, h2]
+             helper.make_node("Softmax", ["a2"], ["s2"], axis=-1),
+             helper.make_node("LayerNormalization", ["s2", "g2", "b2"], ["n2"], axis=-1),
+             helper.make_node("MatMul", ["a1", "t"], ["u"]),  # [1, steps, h2]
+             helper.make_node("MatMul", ["u", "n2"], ["y"])]
+
+    def lstm_weights(inputs, hidden):
+        return (rng.normal(0, 0.3, (1, 4 * hidden, inputs)), rng.normal(0, 0.3, (1, 4 * hidden, hidden)),
+                rng.normal(0, 0.1, (1, 8 * hidden)))
+
+    (w1, r1, bias1), (w2, r2, bias2) = lstm_weights(features, h1), lstm_weights(h1, h2)
+    model = make_model(nodes, [("x", [steps, 1, features])], [("y", [1, steps, h2])],
+                       {"g1": rng.uniform(0.5, 1.5, features), "b1": rng.normal(0, 0.1, features),
+                        "g2": rng.uniform(0.5, 1.5, h2), "b2": rng.normal(0, 0.1, h2), "w1": w1, "r1": r1,
+                        "bias1": bias1, "w2": w2, "r2": r2, "bias2": bias2, "axis1": np.array([1]),
+                        "rows": np.array([1, steps, h2])})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model, VectorUnit.of(target.tvm_target())), target)
+    hand_written = sorted(gv.name_hint for gv, f in kernels.functions.items()
+                          if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "hwc.schedule" in f.attrs)
+    assert hand_written == ["layer_norm", "layer_norm1", "lstm", "lstm1", "matmul", "matmul1", "matmul2", "matmul3",
+                            "softmax", "softmax1"], hand_written
+    assert_built_like_onnxruntime(kernels, target, model, tol=1e-4)

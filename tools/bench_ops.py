@@ -8,7 +8,7 @@ write them: 1-D convs over raw audio, transposed convs (4x4 stride 2, depthwise)
 (ResNeXt, RegNet, ShuffleNetV1), a depthwise conv with a channel multiplier, dilated and 1x7/7x1
 convs, a reflect-padded conv, Mish, a segmentation softmax over classes, squeeze-and-excitation
 written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), InstanceNorm, a CRNN-style
-text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a GRU (loop kernels), self-attention (one head; ViT-Tiny's three). Each is compiled by hwc for this machine
+text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a GRU (loop kernels), self-attention (one head; ViT-Tiny's three; Swin's 64 windows x 3 heads). Each is compiled by hwc for this machine
 (``--trials``: tuning budget, default 0: the project's own schedules and default schedules alone),
 checked against ONNX Runtime, and both timed in alternating rounds in this process. A block the
 compile refuses prints its one-line error. Prints the CPU it ran on.
@@ -232,9 +232,26 @@ def vit_attention():
     return b.model(b.op("MatMul", [y, b.const(b.rng.normal(0, 0.06, (width, width)))]), [1, tokens, width])
 
 
+def window_attention():
+    """A Swin-T stage-1 window attention: 64 windows of 7x7 tokens, 3 heads of 32 (192 products)."""
+    b, windows, tokens, heads, d = _Block(), 64, 49, 3, 32
+    width = heads * d
+
+    def project(x):
+        y = b.op("MatMul", [x, b.const(b.rng.normal(0, 0.06, (width, width)))])
+        return b.op("Transpose", [b.op("Reshape", [y, b.const([windows, tokens, heads, d], np.int64)])], perm=[0, 2, 1, 3])
+
+    q, k, v = project("x"), project("x"), project("x")
+    scores = b.op("Mul", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])]), b.const(d ** -0.5)])
+    y = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
+    y = b.op("Reshape", [b.op("Transpose", [y], perm=[0, 2, 1, 3]), b.const([windows, tokens, width], np.int64)])
+    return b.model(b.op("MatMul", [y, b.const(b.rng.normal(0, 0.06, (width, width)))]), [windows, tokens, width])
+
+
 BLOCKS = {f.__name__: f for f in (conv1d, deconv, depthwise_deconv, resnext, regnet, shufflenet_v1, channel_multiplier,
                                    dilated, inception_1x7, reflect_pad, mish, segmentation_softmax, reducemean_se,
-                                   convnext, instance_norm, crnn, lstm, lstm_stream, gru, attention, vit_attention)}
+                                   convnext, instance_norm, crnn, lstm, lstm_stream, gru, attention, vit_attention,
+                                   window_attention)}
 
 
 def main() -> None:

@@ -194,6 +194,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     import tvm
     from tvm import relax
 
+    from .batch_matmul import rewrite_batch_matmuls
     from .channel_padding import pad_output_channels, pad_output_width
     from .concat_in_place import concat_in_place
     from .dense_as_conv import dense_as_conv
@@ -204,7 +205,7 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     from .winograd import rewrite_winograd_convs
 
     unit = VectorUnit.of(tvm_target)
-    convs = rewrite_row_kernels(nhwc_layout(dense_as_conv(mod, unit)), unit.lanes)
+    convs = rewrite_row_kernels(nhwc_layout(dense_as_conv(rewrite_batch_matmuls(mod, unit), unit)), unit.lanes)
     if winograd:  # before the channel padding: its slice would be an epilogue wider than the tile
         convs = rewrite_winograd_convs(convs, unit, cache_bytes)
     lowered = relax.get_pipeline("zero")(pad_output_width(pad_output_channels(convs, unit.lanes), unit))

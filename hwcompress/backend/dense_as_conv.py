@@ -5,8 +5,8 @@ image whose ``rows`` are the pixels of one row, ``[1, 1, rows, K]``, so that the
 tile spans several rows and each weight vector loaded serves all of them; ``W`` as HWIO
 ``[1, 1, K, N]`` at compile time; the result reshaped back. Where no register tile divides the
 rows (a prime count of tokens), a few zero rows are appended (sliced off after), or else ``rows``
-images of one pixel, ``[rows, 1, 1, K]``, the weights re-read per row. A matmul of two activations
-(attention) is a 1x1 conv too, its weights packed by a kernel at run time. Left as a matmul, a classifier head had no schedule but the generic one:
+images of one pixel, ``[rows, 1, 1, K]``, the weights re-read per row. (A matmul of two activations,
+attention's, is ``batch_matmul``'s.) Left as a matmul, a classifier head had no schedule but the generic one:
 MobileNetV2's 1280 x 1000 layer took 0.9 ms (a sixth of the model) where ONNX Runtime takes about
 0.1; as a conv it streams its weights once at the vector units' pace.
 """
@@ -22,7 +22,6 @@ from .cpu_schedules import choose_tiles
 from .relax_rewrite import bound_constant, rewrite_functions
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
-MAX_PRODUCTS = 16  # batched products (attention heads) written out as one conv each, at most
 ROW_PADDING = 16  # extra zero rows, at most (and an eighth of the rows), that let a register tile divide them
 
 
@@ -54,50 +53,6 @@ def matmul_as_conv(x, weight: np.ndarray, out_dtype: str, pad_value: float = 0.0
     kernel = np.ascontiguousarray(np.pad(weight, [(0, extra), (0, 0)]).reshape(1, 1, depth + extra, weight.shape[1]))
     return back(relax.op.nn.conv2d(data, relax.const(kernel), data_layout="NHWC", kernel_layout="HWIO",
                                    out_dtype=out_dtype), weight.shape[1])
-
-
-def activation_matmul_as_conv(x, weight, unit: VectorUnit | None):
-    """``x @ weight`` where ``weight`` is computed at run time (attention's ``Q K^T`` and
-    ``softmax(.) V``) as 1x1 convs whose weights the conv kernel packs at run time (one pass over
-    ``weight``, its own small kernel), the output channels padded to whole vectors and sliced
-    back; a batch of products (heads: ``[..., M, K] @ [..., K, N]``, up to ``MAX_PRODUCTS``) one
-    conv each, concatenated. TVM's matmul of two activations had only the generic schedule: a
-    self-attention block ran 3.7x ONNX Runtime's time untuned, 1.3x as convs (1.0-1.1 with the
-    softmax row by row). None (left as it
-    is) where shapes are not static, the batches differ or there are more products."""
-    shape, wshape = static_shape(x), static_shape(weight)
-    if unit is None or shape is None or wshape is None or len(shape) < 2 or len(wshape) < 2:
-        return None
-    batch, wbatch = shape[:-2], wshape[:-2]
-    products = int(np.prod(wbatch)) if wbatch else 1
-    if products > 1 and (batch != wbatch or products > MAX_PRODUCTS):
-        return None
-    depth, width = wshape[-2:]
-    if products == 1:
-        kernel = relax.op.reshape(weight, [depth, width])
-        return _conv_by(x, shape, kernel, depth, width, unit)
-    rows = shape[-2]
-    xs = relax.op.reshape(x, [products, rows, depth])
-    ws = relax.op.reshape(weight, [products, depth, width])
-
-    def one(tensor, p, dims):
-        return relax.op.reshape(relax.op.strided_slice(tensor, axes=[0], begin=[p], end=[p + 1]), dims)
-
-    outs = [relax.op.reshape(_conv_by(one(xs, p, [rows, depth]), [rows, depth], one(ws, p, [depth, width]), depth,
-                                      width, unit), [1, rows, width])
-            for p in range(products)]
-    return relax.op.reshape(relax.op.concat(outs, axis=0), [*batch, rows, width])
-
-
-def _conv_by(x, shape: list[int], kernel, depth: int, width: int, unit: VectorUnit):
-    """``x`` [..., depth] times the run-time matrix ``kernel`` [depth, width] as a 1x1 NHWC conv."""
-    extra = -width % unit.lanes
-    kernel = relax.op.reshape(kernel, [1, 1, depth, width])
-    if extra:
-        kernel = relax.op.nn.pad(kernel, [0, 0, 0, 0, 0, 0, 0, extra])
-    data, back = _as_image(x, shape, unit)
-    out = relax.op.nn.conv2d(data, kernel, data_layout="NHWC", kernel_layout="HWIO", out_dtype="float32")
-    return back(relax.op.strided_slice(out, axes=[3], begin=[0], end=[width]) if extra else out, width)
 
 
 def _as_image(x, shape: list[int], unit: VectorUnit | None):
@@ -132,8 +87,8 @@ def _as_image(x, shape: list[int], unit: VectorUnit | None):
 
 
 def dense_as_conv(mod: tvm.IRModule, unit: VectorUnit | None = None) -> tvm.IRModule:
-    """Every float32 matmul by a constant 2-D weight, or of two activations, rewritten as a 1x1
-    conv (its rows along one image row where ``unit``'s register tile divides them)."""
+    """Every float32 matmul by a constant 2-D weight rewritten as a 1x1 conv (its rows along one
+    image row where ``unit``'s register tile divides them)."""
     return rewrite_functions(_Rewriter(mod, unit), mod)
 
 
@@ -148,9 +103,6 @@ class _Rewriter(relax.PyExprMutator):
         if call.op != _MATMUL:
             return call
         value = bound_constant(self, call.args[1])
-        if value is None and all(getattr(call.args[i].ty, "dtype", None) == "float32" for i in (0, 1)):
-            conv = activation_matmul_as_conv(call.args[0], call.args[1], self.unit)
-            return call if conv is None else conv
         if value is None or value.ndim != 2 or value.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
             return call
         conv = matmul_as_conv(call.args[0], value, "float32", unit=self.unit)

@@ -99,7 +99,7 @@ def loop_kernel(spec: LoopSpec, unit: VectorUnit):
                     # among them (``parts``), the jobs run one after the other.
                     with (T.parallel if spec.parts == 1 else T.serial)(0, D * B) as job:
                         _Job(T, spec, unit, args, job // B, job % B).run()
-    return builder.get()
+    return builder.get().without_attr("global_symbol")  # named where it is added: kernels of other shapes share the name
 
 
 class _Job:

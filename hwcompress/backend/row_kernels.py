@@ -75,7 +75,7 @@ def _row_kernel(name: str, rows: int, length: int, lanes: int, params: dict, bod
                 with T.sblock(f"{name}_rows"):  # one opaque block under the root, as TVM's passes expect
                     with T.parallel(0, rows) as r:
                         body(T, buffers, r, _RowLoops(T, r, length, lanes))
-    return builder.get()
+    return builder.get().without_attr("global_symbol")  # named where it is added: kernels of other shapes share the name
 
 
 def softmax_rows_kernel(rows: int, length: int, lanes: int):

@@ -642,12 +642,13 @@ def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, r
 
 
 @pytest.mark.parametrize("windows, heads", [(1, 1), (1, 3), (3, 7)])
-def test_matmuls_of_two_activations_are_one_batched_kernel_reading_the_transpose_and_scale(rng, windows, heads):
+def test_matmuls_of_two_activations_are_one_batched_kernel_reading_the_projections_and_scale(rng, windows, heads):
     """Self-attention's scaled Q K^T and softmax(.) V (one head; three; 3 windows x 7 heads, more
     products than the old one-conv-per-head route took) over 13 tokens (no register tile divides
-    them) with 16-wide heads: each product is one hand-written batched kernel, K's transpose read
-    through (not written out), the scale applied as the scores are stored (no kernel of its own),
-    and the result is ONNX Runtime's."""
+    them) with 16-wide heads: each product is one hand-written batched kernel reading the Q, K and
+    V projections where the heads' elements lie (the split into heads and K's transpose never
+    written out), the scale applied as the scores are stored (no kernel of its own), and the
+    result is ONNX Runtime's."""
     from hwcompress.backend.batch_matmul import SCHEDULE
     from hwcompress.backend.kernel_info import describe_kernels
 
@@ -674,8 +675,12 @@ def test_matmuls_of_two_activations_are_one_batched_kernel_reading_the_transpose
     products = {name: k for name, k in described.items() if k["schedule"] == SCHEDULE}
     assert sorted(k["output"] for k in products.values()) == [[windows * heads, tokens, tokens],
                                                                [windows * heads, tokens, d]], described
-    # Q K^T reads K as [products, tokens, d]: the transpose of the graph is not a kernel's output.
-    assert [k["inputs"][1] for k in products.values() if k["output"][-1] == tokens] == [[windows * heads, tokens, d]]
+    # Q K^T reads the projections, V's product V's: the heads' split and K's transpose are index
+    # maps, not kernels writing copies; the one transpose left joins the heads after P V.
+    projection = [windows, tokens, width]
+    assert [k["inputs"] for k in products.values() if k["output"][-1] == tokens] == [[projection, projection]]
+    assert [k["inputs"][1] for k in products.values() if k["output"][-1] == d] == [projection]
+    assert [k["inputs"] for k in described.values() if k["op"] == "transpose"] == [[[windows * heads, tokens, d]]]
     assert not [n for n, k in described.items() if k["schedule"] != SCHEDULE and ("matmul" in n or "multiply" in n)]
     assert_built_like_onnxruntime(kernels, target, model)
 
@@ -695,7 +700,7 @@ def test_the_batched_matmul_kernel_computes_every_product_of_any_shape(rng, batc
     from hwcompress.backend.stack_buffers import PIPELINE
 
     target = get_target("host").tvm_target()
-    product = Product(batch, rows, depth, cols, transposed, scale)
+    product = Product.of(batch, rows, depth, cols, transposed, scale)
     kernel = batch_matmul_kernel(product, VectorUnit.of(target)).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target, tir_pipeline=PIPELINE)
     a = rng.normal(size=(batch, rows, depth)).astype(np.float32)

@@ -44,20 +44,25 @@ class _RowLoops:
                 body(k)
 
     def reduce(self, into, combine, term) -> None:
-        """``into[0]`` = ``term(k)`` of every element combined: lane by lane over whole vectors, then
-        across the lanes and over the rest."""
+        """``into[0]`` = ``term(k)`` of every element combined: lane by lane over whole vectors, the
+        rest into the first lanes as one short vector, then across the lanes by halves (log2 of
+        the lanes dependent steps, not one per lane: a 49-long row spent most of its time there)."""
         T, lanes, acc = self.T, self.lanes, self.acc
         with T.vectorized(0, lanes) as lane:
             T.buffer_store(acc, term(lane), [lane])
         with T.serial(1, self.vectors) as v:
             with T.vectorized(0, lanes) as lane:
                 T.buffer_store(acc, combine(acc[lane], term(v * lanes + lane)), [lane])
-        T.buffer_store(into, acc[0], [0])
-        with T.serial(1, lanes) as lane:
-            T.buffer_store(into, combine(into[0], acc[lane]), [0])
-        if self.whole < self.length:
-            with T.serial(self.whole, self.length) as k:
-                T.buffer_store(into, combine(into[0], term(k)), [0])
+        rest = self.length - self.whole
+        if rest:
+            with (T.vectorized if rest > 1 else T.serial)(0, rest) as lane:
+                T.buffer_store(acc, combine(acc[lane], term(self.whole + lane)), [lane])
+        half = lanes // 2
+        while half > 1:
+            with T.vectorized(0, half) as lane:
+                T.buffer_store(acc, combine(acc[lane], acc[lane + half]), [lane])
+            half //= 2
+        T.buffer_store(into, combine(acc[0], acc[1]), [0])
 
 
 def _row_kernel(name: str, rows: int, length: int, lanes: int, params: dict, body):

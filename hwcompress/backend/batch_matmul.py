@@ -74,7 +74,6 @@ def batch_matmul_kernel(p: Product, unit: VectorUnit):
     tile_rows, tile_vectors = register_tile(unit)
     tile_rows = min(tile_rows, p.rows)
     vectors = -(-p.cols // lanes)
-    padded = vectors * lanes
     # Packed unless its rows are whole vectors lying side by side in the tensor read.
     pack = p.cols % lanes != 0 or not p.right.contiguous(2)
     row_tiles, last_rows = -(-p.rows // tile_rows), p.rows % tile_rows or tile_rows
@@ -86,8 +85,8 @@ def batch_matmul_kernel(p: Product, unit: VectorUnit):
     def right(bm, b, k, col):
         return bm[tuple(p.right.source_index([b, k, col]))]
 
-    def packed(bp, b, k, col):
-        return bp[b, k, col] if pack else right(bp, b, k, col)
+    def packed(bp, b, k, vector, lane):
+        return bp[b, vector, k, lane] if pack else right(bp, b, k, vector * lanes + lane)
 
     def tile(a, bp, c, b, row0, rows: int, col_vector, count: int):
         """One register tile: ``rows`` rows from ``row0``, ``count`` vectors from ``col_vector``."""
@@ -99,8 +98,8 @@ def batch_matmul_kernel(p: Product, unit: VectorUnit):
             for r in range(rows):  # one broadcast of a[row, k] serves the tile's vectors
                 for v in range(count):
                     with T.vectorized(0, lanes) as lane:
-                        col = (col_vector + v) * lanes + lane
-                        T.buffer_store(acc, acc[r, v * lanes + lane] + left(a, b, row0 + r, k) * packed(bp, b, k, col),
+                        T.buffer_store(acc, acc[r, v * lanes + lane]
+                                       + left(a, b, row0 + r, k) * packed(bp, b, k, col_vector + v, lane),
                                        [r, v * lanes + lane])
         for v in range(count):
             store(acc, c, b, row0, rows, col_vector, v)
@@ -127,18 +126,20 @@ def batch_matmul_kernel(p: Product, unit: VectorUnit):
             return
         write(lanes)  # a block of the loop over whole blocks: never the last vector
 
-    def pack_right(bm, bp, b, k):
-        """Row ``k`` of ``bp[b]``: row ``k`` of the right-hand matrix ``b`` (whole vectors, loaded
-        or, where its columns are not contiguous, gathered; the rest one by one), zeros after its
-        real columns."""
-        whole = p.cols // lanes
-        with T.serial(0, whole) as v:
-            with T.vectorized(0, lanes) as lane:
-                T.buffer_store(bp, right(bm, b, k, v * lanes + lane), [b, k, v * lanes + lane])
-        with T.serial(whole * lanes, p.cols) as n:
-            T.buffer_store(bp, right(bm, b, k, n), [b, k, n])
-        with T.serial(p.cols, padded) as n:
-            T.buffer_store(bp, zero, [b, k, n])
+    def pack_vector(bm, bp, b, v, width: int):
+        """Vector ``v`` of the right-hand matrix ``b``'s columns (``width`` of them real, zeros
+        after) down the whole depth into ``bp[b, v]`` ([depth, lane]: a tile's loads then walk
+        memory in order), a whole vector at a time (loaded, or gathered where its columns are not
+        side by side: K's rows)."""
+        with T.serial(0, p.depth) as k:
+            if width == lanes:
+                with T.vectorized(0, lanes) as lane:
+                    T.buffer_store(bp, right(bm, b, k, v * lanes + lane), [b, v, k, lane])
+            else:
+                with T.serial(0, width) as lane:
+                    T.buffer_store(bp, right(bm, b, k, v * lanes + lane), [b, v, k, lane])
+                with T.vectorized(width, lanes) as lane:
+                    T.buffer_store(bp, zero, [b, v, k, lane])
 
     def row_of_tiles(a, bp, c, b, row0, rows: int):
         """Every column block of ``rows`` rows: whole blocks in a loop, the rest after it."""
@@ -162,9 +163,17 @@ def batch_matmul_kernel(p: Product, unit: VectorUnit):
                 with T.sblock("batch_matmul_tiles"):  # one opaque block under the root, as TVM's passes expect
                     bp = bm
                     if pack:
-                        bp = T.alloc_buffer((p.batch, p.depth, padded), "float32")
-                        with T.parallel(0, p.batch * p.depth) as row:
-                            pack_right(bm, bp, row // p.depth, row % p.depth)
+                        bp = T.alloc_buffer((p.batch, vectors, p.depth, lanes), "float32")
+                        with T.parallel(0, p.batch * vectors) as task:
+                            b, v = task // vectors, task % vectors
+                            if p.cols % lanes == 0:
+                                pack_vector(bm, bp, b, v, lanes)
+                            else:
+                                with T.If(v < vectors - 1):
+                                    with T.Then():
+                                        pack_vector(bm, bp, b, v, lanes)
+                                    with T.Else():
+                                        pack_vector(bm, bp, b, vectors - 1, p.cols % lanes)
                     with T.parallel(0, p.batch * row_tiles) as task:
                         b, t = task // row_tiles, task % row_tiles
                         if last_rows == tile_rows:

@@ -641,14 +641,15 @@ def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, r
     assert_built_like_onnxruntime(kernels, target, model)
 
 
-@pytest.mark.parametrize("windows, heads", [(1, 1), (1, 3), (3, 7)])
-def test_matmuls_of_two_activations_are_one_batched_kernel_reading_the_projections_and_scale(rng, windows, heads):
+@pytest.mark.parametrize("windows, heads, scaled", [(1, 1, "qk"), (1, 3, "q_t"), (3, 7, "qk")])
+def test_matmuls_of_two_activations_are_one_batched_kernel_reading_the_projections_and_scale(rng, windows, heads,
+                                                                                          scaled):
     """Self-attention's scaled Q K^T and softmax(.) V (one head; three; 3 windows x 7 heads, more
     products than the old one-conv-per-head route took) over 13 tokens (no register tile divides
     them) with 16-wide heads: each product is one hand-written batched kernel reading the Q, K and
     V projections where the heads' elements lie (the split into heads and K's transpose never
-    written out), the scale applied as the scores are stored (no kernel of its own), and the
-    result is ONNX Runtime's."""
+    written out), the scale (on the scores, or on Q as CVNets writes it) applied as the scores are
+    stored (no kernel of its own), and the result is ONNX Runtime's."""
     from hwcompress.backend.batch_matmul import SCHEDULE
     from hwcompress.backend.kernel_info import describe_kernels
 
@@ -658,10 +659,12 @@ def test_matmuls_of_two_activations_are_one_batched_kernel_reading_the_projectio
                           helper.make_node("Transpose", [f"{name}_h"], [f"{name}_t"], perm=[0, 2, 1, 3])]
     nodes = [helper.make_node("MatMul", ["x", w], [n]) for n, w in (("q", "wq"), ("k", "wk"), ("v", "wv"))]
     nodes += split("q") + split("k") + split("v")
+    scale = [helper.make_node("Mul", [scaled, "scale"], [f"{scaled}_scaled"])]
+    nodes += scale if scaled == "q_t" else []
     nodes += [helper.make_node("Transpose", ["k_t"], ["kT"], perm=[0, 1, 3, 2]),
-              helper.make_node("MatMul", ["q_t", "kT"], ["qk"]),
-              helper.make_node("Mul", ["qk", "scale"], ["scores"]),
-              helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["q_t_scaled" if scaled == "q_t" else "q_t", "kT"], ["qk"]),
+              *(scale if scaled == "qk" else []),
+              helper.make_node("Softmax", ["qk_scaled" if scaled == "qk" else "qk"], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "v_t"], ["o"]),
               helper.make_node("Transpose", ["o"], ["o_t"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["o_t", "joined_shape"], ["y"])]

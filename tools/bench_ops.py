@@ -8,7 +8,10 @@ write them: 1-D convs over raw audio, transposed convs (4x4 stride 2, depthwise)
 (ResNeXt, RegNet, ShuffleNetV1), a depthwise conv with a channel multiplier, dilated and 1x7/7x1
 convs, a reflect-padded conv, Mish, a segmentation softmax over classes, squeeze-and-excitation
 written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), InstanceNorm, a CRNN-style
-text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a GRU (loop kernels), self-attention (one head; ViT-Tiny's three; Swin's 64 windows x 3 heads). Each is compiled by hwc for this machine
+text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a
+GRU (loop kernels), self-attention (one head; ViT-Tiny's three; Swin's 64 windows x 3 heads), a
+MobileViT block (convs, the map unfolded into patches, two transformer layers, folded back). Each
+is compiled by hwc for this machine
 (``--trials``: tuning budget, default 0: the project's own schedules and default schedules alone),
 checked against ONNX Runtime, and both timed in alternating rounds in this process. A block the
 compile refuses prints its one-line error. Prints the CPU it ran on.
@@ -248,10 +251,42 @@ def window_attention():
     return b.model(b.op("MatMul", [y, b.const(b.rng.normal(0, 0.06, (width, width)))]), [windows, tokens, width])
 
 
+def mobilevit():
+    """A MobileViT block (CVNets' v1, stage 3 of MobileViT-XS): 3x3 and 1x1 convs, the 32x32 map
+    unfolded into 2x2 patches (4 pixel positions x 256 patches), two transformer layers (LayerNorm,
+    4-head attention with the scale on Q, SiLU MLP), folded back, 1x1 conv, concat, 3x3 conv."""
+    b, c, d, h, heads, p = _Block(), 64, 96, 32, 4, 2
+    n, hd = (h // p) ** 2, d // heads
+    y = b.conv("x", c, c, 3, pads=[1] * 4)
+    y = b.op("Mul", [y, b.op("Sigmoid", [y])])
+    y = b.conv(y, c, d, 1)
+    y = b.op("Reshape", [y, b.const([d, h // p, p, h // p, p], np.int64)])  # [d, 16, 2, 16, 2]
+    y = b.op("Transpose", [y], perm=[2, 4, 1, 3, 0])  # [2, 2, 16, 16, d]
+    t = b.op("Reshape", [y, b.const([p * p, n, d], np.int64)])  # [4, 256, 96]
+    for layer in range(2):
+        z = b.op("LayerNormalization", [t, b.const(np.ones(d)), b.const(np.zeros(d))], axis=-1)
+        qkv = b.op("Add", [b.op("MatMul", [z, b.const(b.rng.normal(0, 0.1, (d, 3 * d)))]), b.const(b.rng.normal(0, 0.02, 3 * d))])
+        qkv = b.op("Transpose", [b.op("Reshape", [qkv, b.const([p * p, n, 3, heads, hd], np.int64)])], perm=[2, 0, 3, 1, 4])
+        q, k, v = (b.op("Squeeze", [b.op("Slice", [qkv, b.const([i], np.int64), b.const([i + 1], np.int64), b.const([0], np.int64)]), b.const([0], np.int64)]) for i in range(3))
+        q = b.op("Mul", [q, b.const(hd ** -0.5)])
+        a = b.op("Softmax", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1)
+        o = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [a, v])], perm=[0, 2, 1, 3]), b.const([p * p, n, d], np.int64)])
+        t = b.op("Add", [t, b.op("MatMul", [o, b.const(b.rng.normal(0, 0.1, (d, d)))])])
+        z = b.op("LayerNormalization", [t, b.const(np.ones(d)), b.const(np.zeros(d))], axis=-1)
+        z = b.op("MatMul", [z, b.const(b.rng.normal(0, 0.1, (d, 2 * d)))])
+        z = b.op("Mul", [z, b.op("Sigmoid", [z])])
+        t = b.op("Add", [t, b.op("MatMul", [z, b.const(b.rng.normal(0, 0.07, (2 * d, d)))])])
+    y = b.op("Reshape", [t, b.const([p, p, h // p, h // p, d], np.int64)])
+    y = b.op("Reshape", [b.op("Transpose", [y], perm=[4, 2, 0, 3, 1]), b.const([1, d, h, h], np.int64)])
+    y = b.conv(y, d, c, 1)
+    y = b.op("Concat", ["x", y], axis=1)
+    return b.model(b.conv(y, 2 * c, c, 3, pads=[1] * 4), [1, c, h, h])
+
+
 BLOCKS = {f.__name__: f for f in (conv1d, deconv, depthwise_deconv, resnext, regnet, shufflenet_v1, channel_multiplier,
                                    dilated, inception_1x7, reflect_pad, mish, segmentation_softmax, reducemean_se,
                                    convnext, instance_norm, crnn, lstm, lstm_stream, gru, attention, vit_attention,
-                                   window_attention)}
+                                   window_attention, mobilevit)}
 
 
 def main() -> None:

@@ -229,9 +229,24 @@ class _BatchMatmuls(relax.PyExprMutator):
         else:
             return call  # a broadcast batch: left to TVM's matmul
         depth, cols = right[-2:]
+        (a, a_scale), (b, b_scale) = self.unscaled(a), self.unscaled(b)
         (a, left), (b, right) = read_through(self, a), read_through(self, b)
-        p = Product(batch, rows, depth, cols, left.reshaped((batch, rows, depth)), right.reshaped((batch, depth, cols)))
+        p = Product(batch, rows, depth, cols, left.reshaped((batch, rows, depth)), right.reshaped((batch, depth, cols)),
+                    a_scale * b_scale)
         return self.call_kernel(p, [a, b], [*shape[:-1], cols])
+
+    def unscaled(self, operand) -> tuple:
+        """(``operand``, 1) or, where it is a tensor times a scalar constant (CVNets scales Q before
+        its product), (that tensor, the scalar): the kernel applies the scalar to the products."""
+        from .relax_rewrite import constant_value
+
+        bound = self.lookup_binding(operand) if isinstance(operand, relax.Var) else None
+        if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.multiply":
+            for tensor, factor in (bound.args, bound.args[::-1]):
+                value = constant_value(factor)
+                if value is not None and value.size == 1 and static_shape(tensor) == static_shape(operand):
+                    return tensor, float(value.reshape(()))
+        return operand, 1.0
 
     def scaled(self, call):
         from .relax_rewrite import constant_value

@@ -752,3 +752,33 @@ def test_hand_written_kernels_of_several_shapes_build_into_one_library(rng):
     assert hand_written == ["layer_norm", "layer_norm1", "lstm", "lstm1", "matmul", "matmul1", "matmul2", "matmul3",
                             "softmax", "softmax1"], hand_written
     assert_built_like_onnxruntime(kernels, target, model, tol=1e-4)
+
+
+def test_rows_added_for_a_register_tile_are_carried_through_an_mlp(rng):
+    """A transformer's MLP over 37 tokens (no register tile divides them: rows are appended):
+    the bias and exact GELU after the first dense layer run in its epilogue on the padded rows and
+    the second layer reads them as they are (no kernel slicing them off and padding them back);
+    a scale per token stays after the slice, and a softmax across the tokens sees only the real
+    rows: ONNX Runtime's result."""
+    from hwcompress.backend.kernel_info import describe_kernels
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Div", ["hb", "sqrt2"], ["hs"]), helper.make_node("Erf", ["hs"], ["he"]),
+             helper.make_node("Add", ["he", "one"], ["h1"]), helper.make_node("Mul", ["hb", "h1"], ["hm"]),
+             helper.make_node("Mul", ["hm", "half"], ["g"]), helper.make_node("MatMul", ["g", "w2"], ["o"]),
+             helper.make_node("Add", ["o", "b2"], ["ob"]), helper.make_node("Mul", ["ob", "per_token"], ["ot"]),
+             helper.make_node("Softmax", ["ot"], ["y"], axis=1)]
+    model = make_model(nodes, [("x", [1, 37, 32])], [("y", [1, 37, 32])],
+                       {"w1": rng.normal(0, 0.3, (32, 48)), "b1": rng.normal(0, 0.5, 48), "sqrt2": np.array(2 ** 0.5),
+                        "one": np.array(1.0), "half": np.array(0.5), "w2": rng.normal(0, 0.3, (48, 32)),
+                        "b2": rng.normal(0, 0.5, 32), "per_token": rng.uniform(0.5, 2, (37, 1))})
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    described = describe_kernels(kernels)
+    convs = [k for k in described.values() if k["op"] == "conv2d"]
+    assert len(convs) == 2 and any("erf" in k["fused"] for k in convs), described
+    first = next(k for k in convs if "erf" in k["fused"])
+    assert first["output"][2] > 37 and "strided_slice" not in first["fused"], first  # the padded rows kept
+    assert [n for n, k in described.items() if "pad" in k["fused"] or k["op"] == "pad"] == \
+        [n for n, k in described.items() if k["inputs"] == [[1, 37, 32]] and ("pad" in k["fused"] or k["op"] == "pad")]
+    assert_built_like_onnxruntime(kernels, target, model)

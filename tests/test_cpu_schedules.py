@@ -782,3 +782,37 @@ def test_rows_added_for_a_register_tile_are_carried_through_an_mlp(rng):
     assert [n for n, k in described.items() if "pad" in k["fused"] or k["op"] == "pad"] == \
         [n for n, k in described.items() if k["inputs"] == [[1, 37, 32]] and ("pad" in k["fused"] or k["op"] == "pad")]
     assert_built_like_onnxruntime(kernels, target, model)
+
+
+@pytest.mark.parametrize("square, affine, axis", [("pow", True, -1), ("mul", False, -1), ("pow", True, 1)])
+def test_a_layer_norm_written_out_below_opset_17_is_the_row_kernel(rng, square, affine, axis):
+    """LayerNorm as exporters write it below opset 17 (ReduceMean, Sub, Pow or Mul, ReduceMean, Add,
+    Sqrt, Div, then the scale's Mul and the shift's Add) over the last axis: one row kernel with
+    the scale and shift taken in; over another axis left as the ops it is; ONNX Runtime's values
+    either way, also for rows far from zero."""
+    from hwcompress.backend.kernel_info import describe_kernels
+    from hwcompress.backend.row_kernels import SCHEDULE
+
+    shape = [2, 5, 40]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[axis], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["c"]),
+             helper.make_node("Pow", ["c", "two"], ["c2"]) if square == "pow" else helper.make_node("Mul", ["c", "c"], ["c2"]),
+             helper.make_node("ReduceMean", ["c2"], ["v"], axes=[axis], keepdims=1),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["c", "s"], ["n" if affine else "y"])]
+    nodes += [helper.make_node("Mul", ["n", "g"], ["ng"]), helper.make_node("Add", ["ng", "b"], ["y"])] if affine else []
+    constants = {"two": np.array(2.0), "eps": np.array(1e-5), "g": rng.uniform(0.5, 1.5, 40), "b": rng.normal(0, 0.1, 40)}
+    model = make_model(nodes, [("x", shape)], [("y", shape)],
+                       {k: v for k, v in constants.items() if k in {i for n in nodes for i in n.input}}, opset=13)
+    target = get_target("host")
+    kernels = tvm_build.lower(import_onnx(model), target)
+    described = describe_kernels(kernels)
+    rows = [k for k in described.values() if k["schedule"] == SCHEDULE]
+    assert len(rows) == (axis == -1), described
+    if axis == -1:  # nothing else computes: the other kernels only reshape
+        assert all(k["op"] == "reshape" and not k["fused"] for k in described.values() if k not in rows), described
+    assert_built_like_onnxruntime(kernels, target, model, tol=1e-5)
+    far = {"x": (rng.normal(0, 0.01, shape) + 1000).astype(np.float32)}
+    vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
+    got = outputs_to_numpy(vm["main"](tvm.runtime.tensor(far["x"])))
+    assert ort.relative_error(ort.run(model, far), got) < 1e-2

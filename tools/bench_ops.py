@@ -10,9 +10,10 @@ convs, a reflect-padded conv, Mish, a segmentation softmax over classes, squeeze
 written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), InstanceNorm, a CRNN-style
 text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a
 GRU (loop kernels), self-attention (one head; ViT-Tiny's three; Swin's 64 windows x 3 heads), a
-MobileViT block (convs, the map unfolded into patches, two transformer layers, folded back). Each
-is compiled by hwc for this machine
-(``--trials``: tuning budget, default 0: the project's own schedules and default schedules alone),
+MobileViT block (convs, the map unfolded into patches, two transformer layers, folded back),
+LayerNorms written out in elementary ops (exports below opset 17). Each is compiled by hwc for
+this machine (``--trials``: tuning budget, default 0: the project's own schedules and default
+schedules alone),
 checked against ONNX Runtime, and both timed in alternating rounds in this process. A block the
 compile refuses prints its one-line error. Prints the CPU it ran on.
 """
@@ -283,10 +284,25 @@ def mobilevit():
     return b.model(b.conv(y, 2 * c, c, 3, pads=[1] * 4), [1, c, h, h])
 
 
+def decomposed_layer_norm():
+    """Two LayerNorms as exporters write them below opset 17 (ReduceMean, Sub, Pow, ReduceMean, Add,
+    Sqrt, Div, Mul, Add) around a dense layer, over ViT-Tiny's 197 x 192."""
+    b, d = _Block(), 192
+    def ln(x):
+        m = b.op("ReduceMean", [x], axes=[-1], keepdims=1)
+        c = b.op("Sub", [x, m])
+        v = b.op("ReduceMean", [b.op("Pow", [c, b.const(2.0)])], axes=[-1], keepdims=1)
+        y = b.op("Div", [c, b.op("Sqrt", [b.op("Add", [v, b.const(1e-6)])])])
+        return b.op("Add", [b.op("Mul", [y, b.const(b.rng.uniform(0.5, 1.5, d))]), b.const(b.rng.normal(0, 0.1, d))])
+    y = ln("x")
+    y = b.op("MatMul", [y, b.const(b.rng.normal(0, 0.06, (d, d)))])
+    return b.model(ln(y), [1, 197, d])
+
+
 BLOCKS = {f.__name__: f for f in (conv1d, deconv, depthwise_deconv, resnext, regnet, shufflenet_v1, channel_multiplier,
                                    dilated, inception_1x7, reflect_pad, mish, segmentation_softmax, reducemean_se,
                                    convnext, instance_norm, crnn, lstm, lstm_stream, gru, attention, vit_attention,
-                                   window_attention, mobilevit)}
+                                   window_attention, mobilevit, decomposed_layer_norm)}
 
 
 def main() -> None:

@@ -617,6 +617,23 @@ def test_erf_is_vector_arithmetic_within_a_few_float32_steps_of_erf():
     assert np.isnan(got[-6]) and got[-5] == 1 and got[-4] == -1 and got[-3] == 0 and got[-1] == -1
 
 
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 2.5])
+def test_a_power_by_a_small_whole_constant_is_multiplications(exponent):
+    """x^3 (GELU's tanh form) and x^2 lower to multiplications in registers, not one powf call per
+    lane (that epilogue ran 7x its conv's time): x^2 exactly powf's, x^3 within two float32 steps;
+    other exponents keep powf."""
+    from tvm import te
+
+    x = np.concatenate([np.linspace(0.01, 50, 4096 - 4, dtype=np.float32), np.array([np.nan, np.inf, 0, 1], np.float32)])
+    assembly, got = _vectorized_elementwise(lambda v: te.power(v, tvm.tirx.const(exponent, "float32")), x)
+    assert ("powf" in assembly) == (exponent == 2.5)
+    want = np.power(x, np.float32(exponent))
+    if exponent == 2.0:
+        np.testing.assert_array_equal(got, want)
+    assert np.all(np.abs(got[:-4] - want[:-4]) <= 2 * np.spacing(want[:-4]))
+    assert np.isnan(got[-4]) and got[-3] == np.inf and got[-2] == 0 and got[-1] == 1
+
+
 @pytest.mark.parametrize("rows, row_padding", [([1, 14, 28], 16), ([1, 197], 16), ([1, 197], 0), ([4, 9], 16)])
 def test_a_matmul_by_constant_weights_is_a_parallel_register_blocked_conv(rng, rows, row_padding, monkeypatch):
     """x @ W as a 1x1 conv: an NHWC-shaped [1, H, W, K] input as it is (the GELU after it fused

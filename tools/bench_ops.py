@@ -11,11 +11,10 @@ written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), Instance
 text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a
 GRU (loop kernels), self-attention (one head; ViT-Tiny's three; Swin's 64 windows x 3 heads), a
 MobileViT block (convs, the map unfolded into patches, two transformer layers, folded back),
-LayerNorms written out in elementary ops (exports below opset 17). Each is compiled by hwc for
-this machine (``--trials``: tuning budget, default 0: the project's own schedules and default
-schedules alone),
-checked against ONNX Runtime, and both timed in alternating rounds in this process. A block the
-compile refuses prints its one-line error. Prints the CPU it ran on.
+LayerNorms written out in elementary ops (exports below opset 17), an MLP with GELU's tanh form.
+Each is compiled by hwc for this machine (``--trials``: tuning budget, default 0: the project's own
+schedules and default schedules alone), checked against ONNX Runtime, and both timed in alternating rounds in this
+process. A block the compile refuses prints its one-line error. Prints the CPU it ran on.
 """
 
 from __future__ import annotations
@@ -299,10 +298,20 @@ def decomposed_layer_norm():
     return b.model(ln(y), [1, 197, d])
 
 
+def gelu_tanh():
+    """A GPT-2-style MLP over 197 tokens: GELU in its tanh form (x^3 inside), as ``approximate="tanh"``
+    and older exports write it."""
+    b, d = _Block(), 192
+    h = b.op("Add", [b.op("MatMul", ["x", b.const(b.rng.normal(0, 0.07, (d, 4 * d)))]), b.const(b.rng.normal(0, 0.02, 4 * d))])
+    inner = b.op("Mul", [b.op("Add", [h, b.op("Mul", [b.op("Pow", [h, b.const(3.0)]), b.const(0.044715)])]), b.const(np.sqrt(2 / np.pi))])
+    g = b.op("Mul", [b.op("Mul", [h, b.const(0.5)]), b.op("Add", [b.op("Tanh", [inner]), b.const(1.0)])])
+    return b.model(b.op("MatMul", [g, b.const(b.rng.normal(0, 0.04, (4 * d, d)))]), [1, 197, d])
+
+
 BLOCKS = {f.__name__: f for f in (conv1d, deconv, depthwise_deconv, resnext, regnet, shufflenet_v1, channel_multiplier,
                                    dilated, inception_1x7, reflect_pad, mish, segmentation_softmax, reducemean_se,
                                    convnext, instance_norm, crnn, lstm, lstm_stream, gru, attention, vit_attention,
-                                   window_attention, mobilevit, decomposed_layer_norm)}
+                                   window_attention, mobilevit, decomposed_layer_norm, gelu_tanh)}
 
 
 def main() -> None:

@@ -34,7 +34,8 @@ def test_canonical_passes_keep_real_models_exact(name):
     onnx.checker.check_model(folded, full_check=True)
     assert {log.name for log in logs} == {"eliminate_identity", "fold_batchnorm", "canonicalize_reshape",
                                           "conv1d_as_conv2d", "explicit_pads", "convtranspose_as_conv",
-                                          "channel_multiplier_as_depthwise", "space_to_depth_as_conv", "gather_as_slice"}
+                                          "channel_multiplier_as_depthwise", "space_to_depth_as_conv", "gather_as_slice",
+                                          "einsum_as_matmul"}
     assert not any(a.name == "auto_pad" and a.s != b"NOTSET" for n in folded.graph.node for a in n.attribute)
     assert op_count(folded, "Dropout") == op_count(folded, "Identity") == 0
     assert_same_outputs(original, folded)

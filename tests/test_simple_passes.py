@@ -11,8 +11,8 @@ from conftest import assert_same_outputs, make_model, op_count
 import pytest
 
 from hwcompress.passes import (canonicalize_reshape, channel_multiplier_as_depthwise, conv1d_as_conv2d,
-                               convtranspose_as_conv, eliminate_identity, explicit_pads, gather_as_slice,
-                               space_to_depth_as_conv)
+                               convtranspose_as_conv, einsum_as_matmul, eliminate_identity, explicit_pads,
+                               gather_as_slice, space_to_depth_as_conv)
 
 
 def test_identity_and_dropout_removed_even_before_a_graph_output(rng):
@@ -54,6 +54,41 @@ def test_a_gather_of_one_constant_index_becomes_a_slice():
                          {"three": np.array(3, np.int64)})
     result = gather_as_slice.apply(outside)  # an index past the axis is the model's error: left for the checks
     assert op_count(result.model, "Gather") == 1 and result.log.skipped
+
+
+@pytest.mark.parametrize("equation, shapes", [
+    ("bihd,bjhd->bhij", ([2, 7, 3, 5], [2, 9, 3, 5])),  # attention scores, heads kept apart
+    ("bhij,bjhd->bihd", ([2, 3, 7, 9], [2, 9, 3, 5])),  # scores times values, heads joined back
+    ("ik,kj->ij", ([4, 6], [6, 5])),  # a plain product: no transposes
+    ("bn,bm->bnm", ([3, 4], [3, 2])),  # outer products: nothing summed
+    ("ij,jk->ki", ([4, 6], [6, 5])),  # the result transposed
+])
+def test_an_einsum_of_two_tensors_becomes_a_batched_matmul(rng, equation, shapes):
+    """Attention written with einsum, a plain product, outer products, a transposed result: one
+    MatMul between transposes and reshapes, the values ONNX Runtime's Einsum computes (to float32
+    rounding: the same products, summed in the MatMul's order)."""
+    out = list(np.einsum(equation, *(np.zeros(s) for s in shapes)).shape)
+    model = make_model([helper.make_node("Einsum", ["a", "b"], ["y"], equation=equation)],
+                       [("a", shapes[0]), ("b", shapes[1])], [("y", out)], {}, opset=13)
+    result = einsum_as_matmul.apply(model)
+    assert op_count(result.model, "Einsum") == 0 and op_count(result.model, "MatMul") == 1
+    assert_same_outputs(model, result.model, tol=1e-5)
+
+
+@pytest.mark.parametrize("equation, shapes", [("ii->i", ([4, 4],)), ("ij,ij->", ([3, 4], [3, 4])),
+                                              ("ij,jk,kl->il", ([2, 3], [3, 4], [4, 5])),
+                                              ("bij,bjk->bik", ([1, 3, 4], [5, 4, 2]))])
+def test_einsums_that_are_no_single_product_stay(equation, shapes):
+    """A diagonal, three operands, a broadcast batch stay Einsums; a sum over every axis of two
+    tensors (a dot product) is a product with nothing kept: rewritten. The values stay ONNX
+    Runtime's."""
+    names = [f"x{i}" for i in range(len(shapes))]
+    out = list(np.einsum(equation, *(np.zeros(s) for s in shapes)).shape)
+    model = make_model([helper.make_node("Einsum", names, ["y"], equation=equation)], list(zip(names, shapes)),
+                       [("y", out)], {}, opset=13)
+    result = einsum_as_matmul.apply(model)
+    assert op_count(result.model, "Einsum") == (equation != "ij,ij->")
+    assert_same_outputs(model, result.model, tol=1e-5)
 
 
 def test_flattening_reshape_becomes_flatten(rng):

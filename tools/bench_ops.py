@@ -9,12 +9,13 @@ write them: 1-D convs over raw audio, transposed convs (4x4 stride 2, depthwise)
 convs, a reflect-padded conv, Mish, a segmentation softmax over classes, squeeze-and-excitation
 written with ReduceMean, a ConvNeXt-style block (LayerNorm, MLP, GELU), InstanceNorm, a CRNN-style
 text recognizer's convs and classifier, a bidirectional LSTM, a streaming unidirectional LSTM and a
-GRU (loop kernels), self-attention (one head; ViT-Tiny's three; Swin's 64 windows x 3 heads), a
-MobileViT block (convs, the map unfolded into patches, two transformer layers, folded back),
-LayerNorms written out in elementary ops (exports below opset 17), an MLP with GELU's tanh form.
-Each is compiled by hwc for this machine (``--trials``: tuning budget, default 0: the project's own
-schedules and default schedules alone), checked against ONNX Runtime, and both timed in alternating rounds in this
-process. A block the compile refuses prints its one-line error. Prints the CPU it ran on.
+GRU (loop kernels), self-attention (one head; ViT-Tiny's three; Swin's 64 windows x 3 heads;
+written with Einsum), a MobileViT block (convs, the map unfolded into patches, two transformer
+layers, folded back), LayerNorms written out in elementary ops (exports below opset 17), an MLP
+with GELU's tanh form. Each is compiled by hwc for this machine (``--trials``: tuning budget,
+default 0: the project's own schedules and default schedules alone), checked against ONNX Runtime,
+and both timed in alternating rounds in this process. A block the compile refuses prints its
+one-line error. Prints the CPU it ran on.
 """
 
 from __future__ import annotations
@@ -308,10 +309,25 @@ def gelu_tanh():
     return b.model(b.op("MatMul", [g, b.const(b.rng.normal(0, 0.04, (4 * d, d)))]), [1, 197, d])
 
 
+def einsum_attention():
+    """ViT-Tiny's attention written with einsum (``bihd,bjhd->bhij``), as torch.einsum exports it."""
+    b, t, h, dd = _Block(), 197, 3, 64
+    w = h * dd
+    def proj(x):
+        y = b.op("MatMul", [x, b.const(b.rng.normal(0, 0.06, (w, w)))])
+        return b.op("Reshape", [y, b.const([1, t, h, dd], np.int64)])
+    q, k, v = proj("x"), proj("x"), proj("x")
+    s = b.op("Einsum", [q, k], equation="bihd,bjhd->bhij")
+    p = b.op("Softmax", [s], axis=-1)
+    y = b.op("Einsum", [p, v], equation="bhij,bjhd->bihd")
+    y = b.op("Reshape", [y, b.const([1, t, w], np.int64)])
+    return b.model(b.op("MatMul", [y, b.const(b.rng.normal(0, 0.06, (w, w)))]), [1, t, w])
+
+
 BLOCKS = {f.__name__: f for f in (conv1d, deconv, depthwise_deconv, resnext, regnet, shufflenet_v1, channel_multiplier,
                                    dilated, inception_1x7, reflect_pad, mish, segmentation_softmax, reducemean_se,
                                    convnext, instance_norm, crnn, lstm, lstm_stream, gru, attention, vit_attention,
-                                   window_attention, mobilevit, decomposed_layer_norm, gelu_tanh)}
+                                   window_attention, einsum_attention, mobilevit, decomposed_layer_norm, gelu_tanh)}
 
 
 def main() -> None:

@@ -31,6 +31,39 @@ def test_old_opsets_are_converted_and_stay_exact(name, old_opset):
     assert_same_outputs(original, loaded)
 
 
+@pytest.mark.parametrize("opset", [18, 20, 21])
+def test_ops_newer_than_opset_17_load_as_the_ops_they_equal(tmp_path, rng, opset):
+    """Exports at opsets after 17 with ops ONNX's version converter cannot bring back to 17: Split
+    by ``num_outputs`` (10 channels into 4, 4, 2) and by sizes, Mish, GroupNormalization (its scale
+    and shift per group before opset 21, per channel from 21) and at opset 20 Gelu in both forms.
+    They load (once refused: "cannot convert opset 18 to 17") and compute what ONNX Runtime
+    computes on the model as given."""
+    groups, channels = 2, 10
+    per = groups if opset < 21 else channels
+    split = (helper.make_node("Split", ["x"], ["s0", "s1", "s2"], axis=1, num_outputs=3),
+             helper.make_node("Split", ["x", "sizes"], ["t0", "t1"], axis=1))
+    nodes = [*split, helper.make_node("Concat", ["s2", "s0", "s1"], ["c"], axis=1),
+             helper.make_node("Mish", ["c"], ["m"]),
+             helper.make_node("GroupNormalization", ["m", "scale", "bias"], ["g"], num_groups=groups, epsilon=1e-5),
+             helper.make_node("Concat", ["t1", "t0"], ["t"], axis=1), helper.make_node("Add", ["g", "t"], ["y"])]
+    if opset >= 20:
+        nodes[-1] = helper.make_node("Add", ["g", "t"], ["z"])
+        nodes += [helper.make_node("Gelu", ["z"], ["e"]), helper.make_node("Gelu", ["e"], ["y"], approximate="tanh")]
+    graph = helper.make_graph(nodes, "newer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 6, 6])],
+                              [numpy_helper.from_array(np.array([3, 7], np.int64), "sizes"),
+                               numpy_helper.from_array(rng.uniform(0.5, 2, per).astype(np.float32), "scale"),
+                               numpy_helper.from_array(rng.normal(0, 1, per).astype(np.float32), "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10  # (onnx's checker refuses GroupNormalization before 21 as deprecated; exporters wrote it)
+    path = tmp_path / "newer.onnx"
+    onnx.save(model, path)
+    loaded = load_model(path)
+    assert _opset(loaded) == CANONICAL_OPSET
+    assert not {n.op_type for n in loaded.graph.node} & {"Split", "Mish", "GroupNormalization", "Gelu"}
+    assert_same_outputs(model, loaded, tol=1e-5)
+
+
 def test_model_zoo_folder_is_accepted():
     assert load_model(shared_model("mnist-8").parent).graph.node
 

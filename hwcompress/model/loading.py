@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from ..errors import HwcError, first_line
+from .newer_ops import rewrite_newer_ops
 from .qoperator import QOperatorError, qoperator_as_qdq, qoperator_ops
 from .recurrent import RECURRENT_OPS, uncompilable_recurrent_nodes
 
@@ -48,7 +49,7 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
     model = _as_exported_plainly(model)
     model = _fix_input_shapes(model, input_shapes or {}, path)
     _check_element_types(model, path)
-    model = _convert_opset(model, path)
+    model = _convert_opset(rewrite_newer_ops(model), path)
     model = _qoperator_as_qdq(model, path)
     _check(model, path)
     if require_supported:

@@ -64,6 +64,37 @@ def test_ops_newer_than_opset_17_load_as_the_ops_they_equal(tmp_path, rng, opset
     assert_same_outputs(model, loaded, tol=1e-5)
 
 
+@pytest.mark.parametrize("opset", [18, 21])
+def test_ops_the_converter_has_no_adapter_for_pass_through_it(tmp_path, opset):
+    """Pad (with the ``axes`` input of opset 18), ConstantOfShape and LpPool have no adapter down to
+    opset 17 in ONNX's converter (every opset-18 model with a Pad was refused); used as opset 17
+    allows, they load and compute what ONNX Runtime computes; a ``wrap`` Pad (19) is refused in
+    one line naming the node."""
+    nodes = [helper.make_node("Pad", ["x", "pads", "", "axes"], ["p"], mode="reflect"),
+             helper.make_node("LpPool", ["p"], ["l"], kernel_shape=[2, 2], p=2),
+             helper.make_node("Shape", ["l"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["k"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("Add", ["l", "k"], ["y"])]
+    graph = helper.make_graph(nodes, "parked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 7, 10])],
+                              [numpy_helper.from_array(np.array([1, 2], np.int64), "pads"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "parked.onnx")
+    loaded = load_model(tmp_path / "parked.onnx")
+    assert _opset(loaded) == CANONICAL_OPSET and {o.domain for o in loaded.opset_import} <= {"", "ai.onnx"}
+    assert_same_outputs(model, loaded, tol=1e-6)
+    wrap = helper.make_model(helper.make_graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode="wrap", name="edge")],
+                                               "wrap", graph.input, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 11])],
+                                               [numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 0, 2], np.int64), "pads")]),
+                             opset_imports=[helper.make_opsetid("", opset)])
+    onnx.save(wrap, tmp_path / "wrap.onnx")
+    with pytest.raises(HwcError, match="Pad 'edge': mode 'wrap' .* no opset-17 form"):
+        load_model(tmp_path / "wrap.onnx")
+
+
 def test_model_zoo_folder_is_accepted():
     assert load_model(shared_model("mnist-8").parent).graph.node
 

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from ..errors import HwcError, first_line
-from .newer_ops import rewrite_newer_ops
+from .newer_ops import park, rewrite_newer_ops, unpark
 from .qoperator import QOperatorError, qoperator_as_qdq, qoperator_ops
 from .recurrent import RECURRENT_OPS, uncompilable_recurrent_nodes
 
@@ -224,7 +224,9 @@ def _convert_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         raise HwcError(f"{path}: the model imports no version of the default ONNX op set")
     if version != CANONICAL_OPSET:
         try:
-            model = version_converter.convert_version(model, CANONICAL_OPSET)
+            model = unpark(version_converter.convert_version(park(model), CANONICAL_OPSET))
+        except HwcError as exc:
+            raise HwcError(f"{path}: {exc}") from exc
         except Exception as exc:  # the converter raises bare RuntimeErrors and C++ errors
             raise HwcError(f"{path}: cannot convert opset {version} to {CANONICAL_OPSET}: "
                            f"{first_line(exc)}") from exc

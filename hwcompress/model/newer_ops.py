@@ -11,6 +11,9 @@ models were refused ("cannot convert opset 18 to 17"). Here, first:
 - Gelu: its formula, erf or tanh (``approximate``); Mish: ``x * tanh(softplus(x))``.
 - GroupNormalization: Reshape to [N, groups, -1], InstanceNormalization, Reshape back, then the
   scale and shift per channel (opset 18 gives them per group: each repeated over its channels).
+- Pad (no 18 -> 17 adapter), ConstantOfShape (none below 20) and LpPool (none to 17), used as
+  opset 17 allows (Pad's ``axes`` input spread into its pads), are parked in a private domain
+  while the converter runs and restored after it (``park`` / ``unpark``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from ..errors import HwcError
 from .graph import Graph
 
 LAST_VERSION = 17  # the opset these rewrites target
+PARKED_DOMAIN = "hwc.parked"  # where ops the converter cannot take wait while it runs
+_PARKED_OPS = ("Pad", "ConstantOfShape", "LpPool")
 
 
 def rewrite_newer_ops(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -129,3 +134,61 @@ def _group_norm(graph: Graph, node, version: int) -> list:
             graph.make_node("Add", [scaled, graph.add_initializer("bias", per_channel[1].reshape(per_channel_shape)
                                                                   .astype(np.float32))], [node.output[0]],
                             name=node.name)]
+
+
+def park(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (opset after 17) with its Pad, ConstantOfShape and LpPool nodes in opset-17 form and
+    moved to ``PARKED_DOMAIN``, out of the version converter's way; ``model`` itself where it has none."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), LAST_VERSION)
+    if version <= LAST_VERSION or not any(n.op_type in _PARKED_OPS and n.domain in ("", "ai.onnx")
+                                          for n in model.graph.node):
+        return model
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # ranks are only needed for a Pad with axes; a missing one is reported there
+        pass
+    graph = Graph(model)
+    for node in graph.nodes:
+        if node.op_type not in _PARKED_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Pad":
+            _pad_in_opset_17_form(graph, node)
+        elif node.op_type == "LpPool" and graph.attr(node, "ceil_mode", 0):
+            raise HwcError(f"LpPool {node.name!r}: ceil_mode (opset 18) has no opset-17 form")
+        node.domain = PARKED_DOMAIN
+    parked = graph.to_model(infer=False)
+    parked.opset_import.append(onnx.helper.make_opsetid(PARKED_DOMAIN, 1))
+    return parked
+
+
+def unpark(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the nodes ``park`` moved back in the default domain."""
+    if not any(o.domain == PARKED_DOMAIN for o in model.opset_import):
+        return model
+    for node in model.graph.node:
+        if node.domain == PARKED_DOMAIN:
+            node.domain = ""
+            attrs = [a for a in node.attribute if a.name != "ceil_mode"]
+            del node.attribute[:]
+            node.attribute.extend(attrs)
+    kept = [o for o in model.opset_import if o.domain != PARKED_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
+
+
+def _pad_in_opset_17_form(graph: Graph, node) -> None:
+    """A Pad's ``axes`` input (opset 18) spread into a pad per axis; ``wrap`` (19) refused."""
+    mode = graph.attr(node, "mode", b"constant")
+    if mode in (b"wrap", "wrap"):
+        raise HwcError(f"Pad {node.name!r}: mode 'wrap' (opset 19) has no opset-17 form")
+    if len(node.input) < 4 or not node.input[3]:
+        return
+    pads, axes, rank = graph.initializer(node.input[1]), graph.initializer(node.input[3]), graph.rank(node.input[0])
+    if pads is None or axes is None or rank is None:
+        raise HwcError(f"Pad {node.name!r}: hwc needs its pads and axes constant and its input's rank known")
+    full = np.zeros(2 * rank, np.int64)
+    for i, axis in enumerate(int(a) % rank for a in axes):
+        full[axis], full[rank + axis] = pads[i], pads[len(axes) + i]
+    graph.set_input(node, 1, graph.add_initializer("pads", full))
+    del node.input[3:]

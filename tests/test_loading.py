@@ -64,21 +64,25 @@ def test_ops_newer_than_opset_17_load_as_the_ops_they_equal(tmp_path, rng, opset
     assert_same_outputs(model, loaded, tol=1e-5)
 
 
-@pytest.mark.parametrize("opset", [18, 21])
-def test_ops_the_converter_has_no_adapter_for_pass_through_it(tmp_path, opset):
-    """Pad (with the ``axes`` input of opset 18), ConstantOfShape and LpPool have no adapter down to
-    opset 17 in ONNX's converter (every opset-18 model with a Pad was refused); used as opset 17
-    allows, they load and compute what ONNX Runtime computes; a ``wrap`` Pad (19) is refused in
-    one line naming the node."""
+@pytest.mark.parametrize("opset", [18, 21, 22])
+def test_ops_the_converter_has_no_adapter_for_pass_through_it(tmp_path, rng, opset):
+    """Pad (with the ``axes`` input of opset 18), ConstantOfShape, LpPool, GridSample (its opset-20
+    mode names) and GlobalMaxPool (22) have no adapter down to opset 17 in ONNX's converter (every
+    opset-18 model with a Pad was refused); used as opset 17 allows, they load and compute what
+    ONNX Runtime computes; a ``wrap`` Pad (19) is refused in one line naming the node."""
     nodes = [helper.make_node("Pad", ["x", "pads", "", "axes"], ["p"], mode="reflect"),
              helper.make_node("LpPool", ["p"], ["l"], kernel_shape=[2, 2], p=2),
-             helper.make_node("Shape", ["l"], ["s"]),
+             helper.make_node("GridSample", ["l", "grid"], ["gs"], align_corners=1,
+                              **({"mode": "linear"} if opset >= 20 else {})),
+             helper.make_node("GlobalMaxPool", ["gs"], ["gm"]), helper.make_node("Add", ["gs", "gm"], ["l2"]),
+             helper.make_node("Shape", ["l2"], ["s"]),
              helper.make_node("ConstantOfShape", ["s"], ["k"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
-             helper.make_node("Add", ["l", "k"], ["y"])]
+             helper.make_node("Add", ["l2", "k"], ["y"])]
     graph = helper.make_graph(nodes, "parked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 7, 10])],
                               [numpy_helper.from_array(np.array([1, 2], np.int64), "pads"),
-                               numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+                               numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                               numpy_helper.from_array(rng.uniform(-1, 1, (1, 7, 10, 2)).astype(np.float32), "grid")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     onnx.checker.check_model(model, full_check=True)

@@ -11,9 +11,10 @@ models were refused ("cannot convert opset 18 to 17"). Here, first:
 - Gelu: its formula, erf or tanh (``approximate``); Mish: ``x * tanh(softplus(x))``.
 - GroupNormalization: Reshape to [N, groups, -1], InstanceNormalization, Reshape back, then the
   scale and shift per channel (opset 18 gives them per group: each repeated over its channels).
-- Pad (no 18 -> 17 adapter), ConstantOfShape (none below 20) and LpPool (none to 17), used as
-  opset 17 allows (Pad's ``axes`` input spread into its pads), are parked in a private domain
-  while the converter runs and restored after it (``park`` / ``unpark``).
+- Pad (no 18 -> 17 adapter), ConstantOfShape (none below 20), LpPool (none to 17), GridSample
+  (none below 20) and GlobalMaxPool (none below 22), used as opset 17 allows (Pad's ``axes``
+  input spread into its pads, GridSample's modes by their opset-16 names), are parked in a
+  private domain while the converter runs and restored after it (``park`` / ``unpark``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .graph import Graph
 
 LAST_VERSION = 17  # the opset these rewrites target
 PARKED_DOMAIN = "hwc.parked"  # where ops the converter cannot take wait while it runs
-_PARKED_OPS = ("Pad", "ConstantOfShape", "LpPool")
+_PARKED_OPS = ("Pad", "ConstantOfShape", "LpPool", "GridSample", "GlobalMaxPool")
+_GRID_SAMPLE_MODES = {"linear": "bilinear", "cubic": "bicubic"}  # opset 20's names -> 16's
 
 
 def rewrite_newer_ops(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -137,8 +139,8 @@ def _group_norm(graph: Graph, node, version: int) -> list:
 
 
 def park(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (opset after 17) with its Pad, ConstantOfShape and LpPool nodes in opset-17 form and
-    moved to ``PARKED_DOMAIN``, out of the version converter's way; ``model`` itself where it has none."""
+    """``model`` (opset after 17) with its nodes of ``_PARKED_OPS`` in opset-17 form and moved to
+    ``PARKED_DOMAIN``, out of the version converter's way; ``model`` itself where it has none."""
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), LAST_VERSION)
     if version <= LAST_VERSION or not any(n.op_type in _PARKED_OPS and n.domain in ("", "ai.onnx")
                                           for n in model.graph.node):
@@ -155,6 +157,10 @@ def park(model: onnx.ModelProto) -> onnx.ModelProto:
             _pad_in_opset_17_form(graph, node)
         elif node.op_type == "LpPool" and graph.attr(node, "ceil_mode", 0):
             raise HwcError(f"LpPool {node.name!r}: ceil_mode (opset 18) has no opset-17 form")
+        elif node.op_type == "GridSample" and version >= 20:
+            mode = graph.attr(node, "mode", b"linear")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            graph.set_attr(node, "mode", _GRID_SAMPLE_MODES.get(mode, mode))
         node.domain = PARKED_DOMAIN
     parked = graph.to_model(infer=False)
     parked.opset_import.append(onnx.helper.make_opsetid(PARKED_DOMAIN, 1))

@@ -29,6 +29,7 @@ from tvm import relax
 
 from ..config.vector_unit import VectorUnit
 from .dense_as_conv import static_shape
+from .relax_rewrite import scalar_value
 from .tensor_views import View, read_through
 
 SCHEDULE = "hwc batched matmul"  # what kernel_info calls these kernels' schedule
@@ -152,6 +153,18 @@ def batch_matmul_kernel(p: Product, unit: VectorUnit):
             tile(a, bp, c, b, row0, rows, vectors - rest, count)
             rest -= count
 
+    def last_apart(index, count: int, alike: bool, every, last):
+        """``every()`` for each ``index`` of ``count`` where the last is ``alike``, else ``last()``
+        for the last one (a shorter tile or vector) and ``every()`` for the others."""
+        if alike:
+            every()
+            return
+        with T.If(index < count - 1):
+            with T.Then():
+                every()
+            with T.Else():
+                last()
+
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name("matmul")
@@ -166,24 +179,13 @@ def batch_matmul_kernel(p: Product, unit: VectorUnit):
                         bp = T.alloc_buffer((p.batch, vectors, p.depth, lanes), "float32")
                         with T.parallel(0, p.batch * vectors) as task:
                             b, v = task // vectors, task % vectors
-                            if p.cols % lanes == 0:
-                                pack_vector(bm, bp, b, v, lanes)
-                            else:
-                                with T.If(v < vectors - 1):
-                                    with T.Then():
-                                        pack_vector(bm, bp, b, v, lanes)
-                                    with T.Else():
-                                        pack_vector(bm, bp, b, vectors - 1, p.cols % lanes)
+                            last_apart(v, vectors, p.cols % lanes == 0, lambda: pack_vector(bm, bp, b, v, lanes),
+                                       lambda: pack_vector(bm, bp, b, vectors - 1, p.cols % lanes))
                     with T.parallel(0, p.batch * row_tiles) as task:
                         b, t = task // row_tiles, task % row_tiles
-                        if last_rows == tile_rows:
-                            row_of_tiles(a, bp, c, b, t * tile_rows, tile_rows)
-                        else:
-                            with T.If(t < row_tiles - 1):
-                                with T.Then():
-                                    row_of_tiles(a, bp, c, b, t * tile_rows, tile_rows)
-                                with T.Else():
-                                    row_of_tiles(a, bp, c, b, (row_tiles - 1) * tile_rows, last_rows)
+                        last_apart(t, row_tiles, last_rows == tile_rows,
+                                   lambda: row_of_tiles(a, bp, c, b, t * tile_rows, tile_rows),
+                                   lambda: row_of_tiles(a, bp, c, b, (row_tiles - 1) * tile_rows, last_rows))
     return builder.get().without_attr("global_symbol")  # named where it is added: kernels of other shapes share the name
 
 
@@ -238,22 +240,18 @@ class _BatchMatmuls(relax.PyExprMutator):
     def unscaled(self, operand) -> tuple:
         """(``operand``, 1) or, where it is a tensor times a scalar constant (CVNets scales Q before
         its product), (that tensor, the scalar): the kernel applies the scalar to the products."""
-        from .relax_rewrite import constant_value
-
         bound = self.lookup_binding(operand) if isinstance(operand, relax.Var) else None
         if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.multiply":
             for tensor, factor in (bound.args, bound.args[::-1]):
-                value = constant_value(factor)
-                if value is not None and value.size == 1 and static_shape(tensor) == static_shape(operand):
-                    return tensor, float(value.reshape(()))
+                value = scalar_value(factor)
+                if value is not None and static_shape(tensor) == static_shape(operand):
+                    return tensor, value
         return operand, 1.0
 
     def scaled(self, call):
-        from .relax_rewrite import constant_value
-
         data, factor = call.args
-        value = constant_value(factor)
-        if value is None or value.size != 1 or not isinstance(data, relax.Var):
+        value = scalar_value(factor)
+        if value is None or not isinstance(data, relax.Var):
             return call
         bound = self.lookup_binding(data)
         if bound is None or getattr(bound.op, "name", "") != "relax.reshape":
@@ -263,7 +261,7 @@ class _BatchMatmuls(relax.PyExprMutator):
         if gvar not in self.products or static_shape(call) != static_shape(data):
             return call
         p = self.products[gvar]
-        scaled = dataclasses.replace(p, scale=p.scale * float(value.reshape(())))
+        scaled = dataclasses.replace(p, scale=p.scale * value)
         return self.call_kernel(scaled, list(kernel_call.args[1].fields), static_shape(data))
 
     def call_kernel(self, p: Product, sources: list, out_shape: list[int]):

@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from .dense_as_conv import static_shape
-from .relax_rewrite import constant_value, rewrite_functions
+from .relax_rewrite import constant_value, rewrite_functions, scalar_value
 
 
 def fold_layer_norms(mod: tvm.IRModule) -> tvm.IRModule:
@@ -29,14 +29,9 @@ def _name(expr) -> str:
     return getattr(getattr(expr, "op", None), "name", "") if isinstance(expr, relax.Call) else ""
 
 
-def _scalar(expr) -> float | None:
-    value = constant_value(expr) if isinstance(expr, tvm.ir.expr.Constant) else None
-    return float(value.reshape(())) if value is not None and value.size == 1 else None
-
-
 def _along_last_axis(expr, length: int) -> np.ndarray | None:
     """The values of a float32 constant spanning only the last axis (``length`` of them, or one)."""
-    value = constant_value(expr) if isinstance(expr, tvm.ir.expr.Constant) else None
+    value = constant_value(expr)
     if value is None or value.dtype != np.float32 or any(size != 1 for size in value.shape[:-1]) \
             or (value.shape and value.shape[-1] not in (1, length)):
         return None
@@ -81,11 +76,11 @@ class _LayerNorms(relax.PyExprMutator):
         if shape is None or mean_of is None or not mean_of.same_as(x) or static_shape(call) != shape:
             return None
         plus = self.bound(sqrt.args[0])
-        if _name(plus) != "relax.add" or _scalar(plus.args[1]) is None:
+        if _name(plus) != "relax.add" or scalar_value(plus.args[1]) is None:
             return None
         square = self.bound(self.last_axis_mean(plus.args[0]))
         if _name(square) == "relax.power":
-            squares = square.args[0].same_as(centred) and _scalar(square.args[1]) == 2.0
+            squares = square.args[0].same_as(centred) and scalar_value(square.args[1]) == 2.0
         else:
             squares = _name(square) == "relax.multiply" and all(a.same_as(centred) for a in square.args)
         if not squares:
@@ -93,7 +88,7 @@ class _LayerNorms(relax.PyExprMutator):
         length = shape[-1]
         return relax.op.nn.layer_norm(x, relax.const(np.ones(length, np.float32)),
                                       relax.const(np.zeros(length, np.float32)), axes=[-1],
-                                      epsilon=_scalar(plus.args[1]))
+                                      epsilon=scalar_value(plus.args[1]))
 
     def affine(self, call, scaling: bool):
         """A constant scale (then shift) along the last axis after a ``layer_norm`` that has none

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 from .dense_as_conv import static_shape
-from .relax_rewrite import constant_value, rewrite_functions
+from .relax_rewrite import constant_value, rewrite_functions, unit_step_slice
 
 _ELEMENTWISE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
                 "relax.power", "relax.erf", "relax.tanh", "relax.sigmoid", "relax.exp", "relax.negative",
@@ -42,26 +42,18 @@ def carry_padded_rows(mod: tvm.IRModule) -> tvm.IRModule:
     return rewrite_functions(_PaddedRows(mod), mod)
 
 
-def _ints(arg) -> list[int] | None:
-    fields = getattr(arg, "fields", None)
-    values = [f.value for f in fields] if fields is not None else getattr(arg, "values", None)
-    return None if values is None else [int(v) for v in values]
-
-
 def _row_slice_of(call) -> tuple[int, int] | None:
     """(axis, rows) where ``call`` is a unit-step ``strided_slice`` keeping the first ``rows`` of
     one axis that is not the last; else None."""
-    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.strided_slice":
+    found = unit_step_slice(call)
+    shape = static_shape(call.args[0]) if found is not None else None
+    if shape is None or len(found[0]) != 1:
         return None
-    shape = static_shape(call.args[0])
-    axes, begins, ends = (_ints(call.args[i]) for i in (1, 2, 3))
-    strides = _ints(call.args[4]) if len(call.args) > 4 else None
-    if shape is None or axes is None or begins is None or ends is None or len(axes) != 1:
+    (axis,), begins, (end,) = found
+    axis %= len(shape)
+    if axis == len(shape) - 1 or begins != [0] or not 0 < end < shape[axis]:
         return None
-    axis = axes[0] % len(shape)
-    if axis == len(shape) - 1 or begins != [0] or any(s != 1 for s in strides or []) or not 0 < ends[0] < shape[axis]:
-        return None
-    return axis, ends[0]
+    return axis, end
 
 
 @relax.expr_functor.mutator
@@ -109,7 +101,7 @@ class _PaddedRows(relax.PyExprMutator):
         shape = static_shape(call)
         slices, args = None, []
         for arg in call.args:
-            value = constant_value(arg) if isinstance(arg, tvm.ir.expr.Constant) else None
+            value = constant_value(arg)
             if value is not None:
                 if any(size != 1 for size in value.shape[:-1]):
                     return None

@@ -63,6 +63,28 @@ def constant_value(expr) -> np.ndarray | None:
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
+def scalar_value(expr) -> float | None:
+    """The value of ``expr`` where it is a one-element constant (a scale, an epsilon), else None."""
+    value = constant_value(expr)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+
+def unit_step_slice(call) -> tuple[list[int], list[int], list[int]] | None:
+    """(axes, begins, ends) of ``call`` where it is a ``strided_slice`` whose steps are all 1, else None."""
+    def ints(arg):
+        fields = getattr(arg, "fields", None)
+        values = [f.value for f in fields] if fields is not None else getattr(arg, "values", None)
+        return None if values is None else [int(v) for v in values]
+
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.strided_slice":
+        return None
+    axes, begins, ends = (ints(call.args[i]) for i in (1, 2, 3))
+    strides = ints(call.args[4]) if len(call.args) > 4 else None
+    if axes is None or begins is None or ends is None or any(s != 1 for s in strides or []):
+        return None
+    return axes, begins, ends
+
+
 def bound_constant(mutator: relax.PyExprMutator, expr) -> np.ndarray | None:
     """The value of ``expr`` where it is a constant, a variable bound to one, or a transpose of one
     (Gemm's ``transB``; weights ConvertLayout moved to HWIO); else None."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tvm import relax
 
 from .dense_as_conv import static_shape
+from .relax_rewrite import unit_step_slice
 
 MAX_STEPS = 8  # layout ops read through, at most
 
@@ -148,15 +149,10 @@ def read_through(mutator: relax.PyExprMutator, expr) -> tuple:
 
 def _slice_begins(call, rank: int) -> tuple[int, ...] | None:
     """Each axis's first index taken by a ``strided_slice`` of unit steps; None where a step is not 1."""
-    def ints(arg):
-        fields = getattr(arg, "fields", None)
-        values = [f.value for f in fields] if fields is not None else getattr(arg, "values", None)
-        return None if values is None else [int(v) for v in values]
-
-    axes, begins = ints(call.args[1]), ints(call.args[2])
-    strides = ints(call.args[4]) if len(call.args) > 4 else None
-    if axes is None or begins is None or any(s != 1 for s in strides or []):
+    found = unit_step_slice(call)
+    if found is None:
         return None
+    axes, begins, _ = found
     shape = static_shape(call.args[0])
     result = [0] * rank
     for axis, begin in zip(axes, begins):

@@ -203,11 +203,13 @@ def cpu_kernels(mod, tvm_target, winograd: bool = True, cache_bytes: int | None 
     from .depthwise_pointwise import fuse_depthwise_pointwise
     from .layer_norms import fold_layer_norms
     from .padded_rows import carry_padded_rows
+    from .small_powers import multiply_small_powers
     from .row_kernels import rewrite_row_kernels
     from .winograd import rewrite_winograd_convs
 
     unit = VectorUnit.of(tvm_target)
-    dense = carry_padded_rows(dense_as_conv(rewrite_batch_matmuls(fold_layer_norms(mod), unit), unit))
+    canonical = fold_layer_norms(multiply_small_powers(mod))
+    dense = carry_padded_rows(dense_as_conv(rewrite_batch_matmuls(canonical, unit), unit))
     convs = rewrite_row_kernels(nhwc_layout(dense), unit.lanes)
     if winograd:  # before the channel padding: its slice would be an epilogue wider than the tile
         convs = rewrite_winograd_convs(convs, unit, cache_bytes)

@@ -8,12 +8,10 @@ def install_lowering_rules() -> None:
     """The project's fixes to how TVM lowers math on CPUs (process-wide, idempotent)."""
     from .fast_erf import install as install_erf
     from .fast_exp import install as install_exp
-    from .small_powers import install as install_powers
 
     allow_vectorized_rounding()
     install_exp()
     install_erf()
-    install_powers()
 
 
 def allow_vectorized_rounding() -> None:

@@ -139,6 +139,21 @@ def test_a_gather_index_past_its_axis_is_refused_and_nothing_is_written(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_an_op_of_a_later_opset_without_an_opset_17_form_is_refused_and_nothing_is_written(tmp_path):
+    """An opset-19 Pad in ``wrap`` mode (no opset-17 form; hwc canonicalizes to 17): one line naming
+    the node and why, exit 2, no output directory."""
+    graph = helper.make_graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode="wrap", name="ring")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 10])],
+                              [numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 0, 1], np.int64), "pads")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "wrap.onnx"))
+    _one_line(hwc("compile", str(tmp_path / "wrap.onnx"), "--tune-trials", "0", "-o", str(tmp_path / "out")),
+              "Pad 'ring': mode 'wrap' (opset 19) has no opset-17 form")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("field, fragment", [
     ("{kind: llvm, mtriple: bogus-triple-xyz}", "cannot generate code for"),
     ("{kind: nosuchkind}", "unknown TVM target kind"),

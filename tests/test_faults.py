@@ -123,35 +123,34 @@ def test_attribute_out_of_range_is_refused_before_native_code(tmp_path):
         _one_line(hwc(command[0], str(tmp_path / "stride0.onnx"), *command[1:]), "strides must only contain positive")
 
 
+def _one_node_compile_refused(tmp_path, node, shapes: tuple[list[int], list[int]], constant: tuple[str, np.ndarray],
+                              opset: int, fragment: str) -> None:
+    """``hwc compile`` of a model of one ``node`` (input ``x``, output ``y`` of ``shapes``, one
+    constant input) ends with one line holding ``fragment``, exit 2, and no output directory."""
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shapes[0])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[1])],
+                              [numpy_helper.from_array(constant[1], constant[0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset <= 17 else 9
+    onnx.save(model, str(tmp_path / "one.onnx"))
+    _one_line(hwc("compile", str(tmp_path / "one.onnx"), "--tune-trials", "0", "-o", str(tmp_path / "out")), fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_gather_index_past_its_axis_is_refused_and_nothing_is_written(tmp_path):
     """A broken export's Gather index (3 on an axis of 3): one line with ONNX Runtime's reason, exit 2,
     no output directory. (That the Gather-as-Slice rewrite leaves such a Gather, not wrapping the
     index, is tested with the pass.)"""
-    graph = helper.make_graph([helper.make_node("Gather", ["x", "i"], ["y"], axis=0)], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-                              [numpy_helper.from_array(np.array(3, np.int64), "i")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "gather.onnx"))
-    _one_line(hwc("compile", str(tmp_path / "gather.onnx"), "--tune-trials", "0", "-o", str(tmp_path / "out")),
-              "indices element out of data bounds")
-    assert not (tmp_path / "out").exists()
+    _one_node_compile_refused(tmp_path, helper.make_node("Gather", ["x", "i"], ["y"], axis=0), ([3, 4], [4]),
+                              ("i", np.array(3, np.int64)), 17, "indices element out of data bounds")
 
 
 def test_an_op_of_a_later_opset_without_an_opset_17_form_is_refused_and_nothing_is_written(tmp_path):
     """An opset-19 Pad in ``wrap`` mode (no opset-17 form; hwc canonicalizes to 17): one line naming
     the node and why, exit 2, no output directory."""
-    graph = helper.make_graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode="wrap", name="ring")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 10])],
-                              [numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 0, 1], np.int64), "pads")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    model.ir_version = 9
-    onnx.save(model, str(tmp_path / "wrap.onnx"))
-    _one_line(hwc("compile", str(tmp_path / "wrap.onnx"), "--tune-trials", "0", "-o", str(tmp_path / "out")),
-              "Pad 'ring': mode 'wrap' (opset 19) has no opset-17 form")
-    assert not (tmp_path / "out").exists()
+    _one_node_compile_refused(tmp_path, helper.make_node("Pad", ["x", "pads"], ["y"], mode="wrap", name="ring"),
+                              ([1, 3, 8, 8], [1, 3, 8, 10]), ("pads", np.array([0, 0, 0, 1, 0, 0, 0, 1], np.int64)),
+                              19, "Pad 'ring': mode 'wrap' (opset 19) has no opset-17 form")
 
 
 @pytest.mark.parametrize("field, fragment", [

@@ -36,24 +36,31 @@ _GRID_SAMPLE_MODES = {"linear": "bilinear", "cubic": "bicubic"}  # opset 20's na
 def rewrite_newer_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its Split, Gelu, Mish and GroupNormalization nodes written in opset-17 ops,
     where its opset is later than 17 (else ``model`` itself)."""
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), LAST_VERSION)
-    wanted = {"Split", "Gelu", "Mish", "GroupNormalization"}
-    if version <= LAST_VERSION or not any(n.op_type in wanted and n.domain in ("", "ai.onnx") for n in model.graph.node):
+    rewrites = {"Split": _split, "Gelu": _gelu, "Mish": _mish, "GroupNormalization": _group_norm}
+    found = _later_opset_graph(model, rewrites)
+    if found is None:
         return model
-    try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # shapes are only needed for Split's sizes; a missing one is reported there
-        pass
-    graph = Graph(model)
-    for node in list(graph.nodes):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in wanted:
-            continue
-        rewrite = {"Split": _split, "Gelu": _gelu, "Mish": _mish, "GroupNormalization": _group_norm}[node.op_type]
-        graph.replace_node(node, rewrite(graph, node, version))
+    graph, nodes, _ = found
+    for node in nodes:
+        graph.replace_node(node, rewrites[node.op_type](graph, node))
     return graph.to_model()
 
 
-def _split(graph: Graph, node, version: int) -> list:
+def _later_opset_graph(model: onnx.ModelProto, ops) -> tuple | None:
+    """(the model's ``Graph``, shapes inferred where they can be, its nodes of ``ops``, its opset)
+    where its opset is later than 17 and it has such nodes; else None."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), LAST_VERSION)
+    if version <= LAST_VERSION or not any(n.op_type in ops and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return None
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # shapes are needed only for some nodes (Split's sizes, a Pad's rank): reported there
+        pass
+    graph = Graph(model)
+    return graph, [n for n in graph.nodes if n.op_type in ops and n.domain in ("", "ai.onnx")], version
+
+
+def _split(graph: Graph, node) -> list:
     axis = graph.attr(node, "axis", 0)
     shape = graph.shape(node.input[0])
     outputs = [o for o in node.output]
@@ -82,7 +89,7 @@ def _scalar(graph: Graph, value: float) -> str:
     return graph.add_initializer("c", np.array(value, np.float32))
 
 
-def _gelu(graph: Graph, node, version: int) -> list:
+def _gelu(graph: Graph, node) -> list:
     x, y = node.input[0], node.output[0]
 
     def tmp(hint):
@@ -105,14 +112,14 @@ def _gelu(graph: Graph, node, version: int) -> list:
             graph.make_node("Mul", [names["d"], _scalar(graph, 0.5)], [y], name=node.name)]
 
 
-def _mish(graph: Graph, node, version: int) -> list:
+def _mish(graph: Graph, node) -> list:
     softplus, tanh = graph.unique_name(f"{node.name}_softplus"), graph.unique_name(f"{node.name}_tanh")
     return [graph.make_node("Softplus", [node.input[0]], [softplus], name=softplus),
             graph.make_node("Tanh", [softplus], [tanh], name=tanh),
             graph.make_node("Mul", [node.input[0], tanh], [node.output[0]], name=node.name)]
 
 
-def _group_norm(graph: Graph, node, version: int) -> list:
+def _group_norm(graph: Graph, node) -> list:
     x, scale, bias = node.input[:3]
     shape = graph.shape(x)
     groups = graph.attr(node, "num_groups")
@@ -141,18 +148,11 @@ def _group_norm(graph: Graph, node, version: int) -> list:
 def park(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` (opset after 17) with its nodes of ``_PARKED_OPS`` in opset-17 form and moved to
     ``PARKED_DOMAIN``, out of the version converter's way; ``model`` itself where it has none."""
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), LAST_VERSION)
-    if version <= LAST_VERSION or not any(n.op_type in _PARKED_OPS and n.domain in ("", "ai.onnx")
-                                          for n in model.graph.node):
+    found = _later_opset_graph(model, _PARKED_OPS)
+    if found is None:
         return model
-    try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # ranks are only needed for a Pad with axes; a missing one is reported there
-        pass
-    graph = Graph(model)
-    for node in graph.nodes:
-        if node.op_type not in _PARKED_OPS or node.domain not in ("", "ai.onnx"):
-            continue
+    graph, nodes, version = found
+    for node in nodes:
         if node.op_type == "Pad":
             _pad_in_opset_17_form(graph, node)
         elif node.op_type == "LpPool" and graph.attr(node, "ceil_mode", 0):

@@ -240,7 +240,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.calib, model, preprocess=args.preprocess) if args.calib else None
     progress.step(f"pruning {args.ratio:g} of the channels (multiple {multiple}, importance {args.importance})")
     pruned, report = prune_model(model, args.ratio, multiple, args.importance, layer_ratios, calibration,
-                                 reconstruct=not args.no_reconstruct)
+                                 reconstruct=not args.no_reconstruct, narrow_linear=not args.select_only)
     save_model(pruned, args.output)
     progress.step(f"wrote {args.output}")
     report.update({"input": args.model, "output": args.output, "target": args.target})
@@ -253,8 +253,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     lines += _statistics_matching_lines(report)
     lines += [f"  residual branch of {add} removed: {', '.join(names)}"
               for add, names in report["pruning"].get("removed_branches", {}).items()]
-    lines += [f"  {name}: {info['before']} -> {info['after']}" for name, info in layers.items()
-              if info["before"] != info["after"] and info["after"]]
+    lines += [f"  {name}: {info['before']} -> {info['after']}" + (" (narrowed)" if info.get("narrowed") else "")
+              for name, info in layers.items() if info["before"] != info["after"] and info["after"]]
+    lines += [f"  group of {first}: {note}" for first, note in report.get("narrowed_groups", {}).items()]
     lines += [f"  left alone: {reason}" for reason in report["pruning"]["skipped"]]
     _emit(args, report, "\n".join(lines))
     return 0
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=IMPORTANCES, default=PruneRecipe.default("importance"))
     p.add_argument("--calib", help="calibration data (.npz, one array per input) for reconstruction, or 'random'")
     p.add_argument("--no-reconstruct", action="store_true", help="with --calib: measure only, do not refit")
+    p.add_argument("--select-only", action="store_true",
+                   help="with --calib: groups only linear ops touch (a linear bottleneck's stream) lose channels "
+                        "too, rather than keeping their best directions")
 
     p = add("lowrank", cmd_lowrank, "factorize Gemm/MatMul/Conv layers into smaller ones (SVD, spatial SVD, "
             "Tucker-2)", parents=(common, shapes, data))

@@ -98,6 +98,9 @@ class PruneRecipe(StructuralRecipe):
                            "how channels are ranked: what their readers lose (needs calibration data; l1 without), "
                            "or the filter L1/L2 norm, or BN gamma")
     reconstruct: bool = knob(True, _BOOL, "least-squares refit of the next layers on calibration data")
+    narrow_linear: bool = knob(True, _BOOL, "with reconstruct: a group only linear ops touch (a linear bottleneck's "
+                                            "stream) keeps the directions its readers need most, not a subset of "
+                                            "its channels")
     multiple: int | None = knob(None, _MULTIPLE, "channels kept in multiples of this (default: the target's "
                                                  "channel_multiple)")
 
@@ -109,7 +112,7 @@ class PruneRecipe(StructuralRecipe):
         # (a per-layer step would pay that for each of its many trials).
         return prune_model(model, ratio, self.multiple_for(target), self.importance, layer_ratios,
                            calibration=calibration, reconstruct=self.reconstruct and calibration is not None,
-                           match_statistics=layer_ratios is None)[0]
+                           match_statistics=layer_ratios is None, narrow_linear=self.narrow_linear)[0]
 
 
 @dataclass(frozen=True)

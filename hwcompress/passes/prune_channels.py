@@ -112,7 +112,7 @@ def prune_channels(graph: Graph, log: PassLog, ratio: float = 0.3, multiple: int
     for action in cg.actions:  # the consumer may lose output channels too: drop their share
         if action.kind == "out" and action.node in compensation:
             compensation[action.node] = compensation[action.node][keep[action.atoms]]
-    notes = _apply_compensation(graph, compensation)
+    notes = apply_compensation(graph, compensation)
     log.applied.extend(f"{name}: {info['before']} -> {info['after']} channels"
                        for name, info in plan.layers.items() if info["after"] != info["before"])
     log.applied.extend(notes)
@@ -341,7 +341,7 @@ def _compensation(graph: Graph, cg: ChannelGraph, removed: set[int]) -> dict[str
         node_actions = actions.get(node.name, [])
         kinds = {a.kind for a in node_actions}
         if "in" in kinds:
-            contribution = _consumer_contribution(graph, node, values.get(node.input[0]))
+            contribution = consumer_contribution(graph, node, values.get(node.input[0]))
             if contribution is not None and contribution.ndim == 3 and not exact.get(node.input[0], False):
                 # Filters were not zero, so the channel was never constant: only its mean is known.
                 contribution = contribution.mean(axis=(1, 2))
@@ -488,7 +488,7 @@ def _propagate(graph: Graph, node: onnx.NodeProto, incoming: list) -> list[dict[
     raise _Unknown
 
 
-def _consumer_contribution(graph: Graph, node: onnx.NodeProto, values: dict[int, np.ndarray] | None):
+def consumer_contribution(graph: Graph, node: onnx.NodeProto, values: dict[int, np.ndarray] | None):
     if not values:
         return None
     weight = graph.initializer(node.input[1]).astype(np.float64)
@@ -508,7 +508,7 @@ def _consumer_contribution(graph: Graph, node: onnx.NodeProto, values: dict[int,
     return scale * vector @ weight[positions]
 
 
-def _apply_compensation(graph: Graph, contributions: dict[str, np.ndarray]) -> list[str]:
+def apply_compensation(graph: Graph, contributions: dict[str, np.ndarray]) -> list[str]:
     notes = []
     for name, contribution in contributions.items():
         if not np.any(contribution):

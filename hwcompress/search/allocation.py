@@ -219,4 +219,5 @@ def _group(curves: list[Curve], first: str) -> list[str]:
 
 def _prune(model, recipe: PruneRecipe, multiple: int, layer_ratios, calibration, scores, match_statistics: bool):
     return prune_model(model, 0.0, multiple, recipe.importance, layer_ratios, calibration=calibration,
-                       reconstruct=recipe.reconstruct, match_statistics=match_statistics, input_scores=scores)
+                       reconstruct=recipe.reconstruct, match_statistics=match_statistics, input_scores=scores,
+                       narrow_linear=recipe.narrow_linear)

@@ -83,14 +83,17 @@ def allocation_summary(search: dict[str, Any]) -> list[str]:
              f"{len(info['chosen'])} groups pruned, output error predicted {info['predicted_output_error']:.3f}, "
              f"accuracy {info['accuracy']:.2f} (ONNX Runtime). Each group pruned alone at each ratio: relative "
              f"output error on held-out calibration samples / latency the table predicts it saves; ratio 1: the "
-             f"residual branch the group's layer starts removed.", "",
+             f"residual branch the group's layer starts removed; narrowed: a group only linear ops touch kept its "
+             f"best directions rather than a subset of its channels.", "",
              "| group | chosen ratio | curve (ratio: error / ms saved) |", "| --- | --- | --- |"]
     for curve in info["curves"]:
         points = ", ".join(f"{p['ratio']:g}: {p['output_error']:.3f} / {p['saving_ms']:+.3f}" for p in curve["points"])
         group = curve["group"]
         name = group[0] + (f" (+{len(group) - 1} coupled)" if len(group) > 1 else "")
         chosen = info["chosen"].get(group[0], 0)
-        lines.append(f"| {name} | {'1 (branch removed)' if chosen == 1 else f'{chosen:g}'} | {points or 'no step'} |")
+        ratio = "1 (branch removed)" if chosen == 1 else f"{chosen:g}" + (" (narrowed)" if group[0] in info.get("narrowed", ())
+                                                                         else "")
+        lines.append(f"| {name} | {ratio} | {points or 'no step'} |")
     lines.append("")
     lines.append("Probes (bisection over the steps in order of latency saved per error, then the steps after "
                  "the longest good prefix one at a time; steps: accuracy): "

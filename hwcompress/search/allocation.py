@@ -76,12 +76,13 @@ class Allocation:
     shapes: dict[str, list[int]]  # layer -> [channels before, after]
     accuracy: float
     predicted_error: float
+    narrowed: list[str]  # groups (their first layer) narrowed in a basis rather than pruned (``linear_groups``)
     probes: list[dict]
     curves: list[Curve]
     unpriced: int
 
     def to_dict(self) -> dict:
-        return {"chosen": self.ratios, "predicted_output_error": round(self.predicted_error, 4),
+        return {"chosen": self.ratios, "narrowed": self.narrowed, "predicted_output_error": round(self.predicted_error, 4),
                 "accuracy": self.accuracy, "probes": self.probes, "unpriced_points": self.unpriced,
                 "curves": [{"group": c.group, "points": [{"ratio": p.ratio, "output_error": round(p.error2 ** 0.5, 4),
                                                           "saving_ms": round(p.saving_ms, 4)} for p in c.points]}
@@ -167,7 +168,9 @@ def _bisect(model, recipe, multiple, calibration, scores, order, curves, unprice
         progress(f"allocation: {len(steps)} of {len(order)} steps ({len(chosen)} groups, predicted output error "
                  f"{predicted:.3f}): accuracy {accuracy:.2f} (floor {floor:.2f}) [{time.monotonic() - started:.0f} s]")
         if accuracy >= floor:
-            good = (built, chosen, changed_shapes(report["pruning"]["layers"]), accuracy, predicted)
+            narrowed = [first for first, note in report.get("narrowed_groups", {}).items()
+                        if not note.startswith("not narrowed")]
+            good = (built, chosen, changed_shapes(report["pruning"]["layers"]), accuracy, predicted, narrowed)
         return accuracy >= floor
 
     while lo < hi and len(probes) < MAX_PROBES and time_left():

@@ -86,7 +86,8 @@ def test_full_width_basis_is_exact(rng):
     assert sorted(group.layers) == ["project1", "project2"]
     assert sorted(r for r, _ in group.readers) == ["expand", "reader1x1", "reader3x3"]
     assert group.constants == [("shift", 1)] and group.clips == ["range_clip"]
-    narrowed, notes = narrow_groups(model, [(group, STREAM)], _feeds(rng, 8))
+    narrowed, notes, done = narrow_groups(model, [(group, STREAM)], _feeds(rng, 8))
+    assert done == [group]
     assert "12 -> 12 directions" in notes["project1"] and "1 range Clip(s) dropped" in notes["project1"]
     assert "Clip" not in {n.op_type for n in narrowed.graph.node}
     assert_same_outputs(model, narrowed, tol=1e-4)
@@ -103,7 +104,7 @@ def test_narrowing_keeps_the_directions_a_selection_cannot(rng):
                                   narrow_linear=False)
     assert report["pruning"]["layers"]["project1"] == {"op": "Conv", "before": 12, "after": 8, "narrowed": True}
     assert plain["pruning"]["layers"]["project1"]["after"] == 8
-    assert "12 -> 8 directions" in report["narrowed_groups"]["project1"]
+    assert "12 -> 8 directions" in report["narrowed_groups"]["project1"] and report["narrowed"] == ["project1"]
     held = _feeds(np.random.default_rng(99), 8)
     error_narrowed, error_selected = output_error(model, narrowed, held), output_error(model, selected, held)
     assert error_narrowed < 1e-3, error_narrowed
@@ -116,7 +117,7 @@ def test_the_directions_kept_are_those_the_readers_see(rng):
     directions chosen by what the readers compute lose (almost) nothing before any refit, where the
     stream's own widest directions (PCA) or 8 of its channels would lose most of what is read."""
     model = _stream_model(rng, read_rank=8)
-    narrowed, notes = narrow_groups(model, [(_group(model), 8)], _feeds(rng, 32))
+    narrowed, notes, _ = narrow_groups(model, [(_group(model), 8)], _feeds(rng, 32))
     assert "explained on calibration data: 100.0%" in notes["project1"], notes
     error = output_error(model, narrowed, _feeds(np.random.default_rng(99), 8))
     assert error < 1e-3, error
@@ -127,12 +128,12 @@ def test_an_activation_or_a_cutting_clip_keeps_the_group_to_selection(rng):
     assert isinstance(relu, str) and "Relu act reads its channels" in relu
     tight = _stream_model(rng, clip=0.5)  # cuts most of the stream: an activation, not a range clip
     group = _group(tight)
-    _, notes = narrow_groups(tight, [(group, 8)], _feeds(rng, 4))
-    assert notes["project1"].startswith("not narrowed: a Clip on it cuts")
+    _, notes, done = narrow_groups(tight, [(group, 8)], _feeds(rng, 4))
+    assert not done and notes["project1"].startswith("not narrowed: a Clip on it cuts")
     calibration = Calibration(_feeds(rng, 16), "test")
     pruned, report = prune_model(tight, 0.0, 4, "reconstruction", {"project1": 0.3, "project2": 0.3},
                                  calibration=calibration)
-    assert "not narrowed" in report["narrowed_groups"]["project1"]
+    assert "not narrowed" in report["narrowed_groups"]["project1"] and report["narrowed"] == []
     assert Graph(pruned).shape("s2")[1] == 12  # left whole, not narrowed and not selected
 
 

@@ -117,12 +117,12 @@ def _plain_layer(graph: Graph, node: onnx.NodeProto) -> bool:
 
 
 def narrow_groups(model: onnx.ModelProto, groups: list[tuple[LinearGroup, int]],
-                  feeds: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """``model`` with each group narrowed to its kept count of directions; a note per group. The
-    groups' readers are left for the caller to refit."""
+                  feeds: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, dict[str, str], list[LinearGroup]]:
+    """``model`` with each group narrowed to its kept count of directions, a note per group (by its
+    first layer), and the groups narrowed. Their readers are left for the caller to refit."""
     graph = Graph(model)
     statistics = _statistics(model, graph, groups, feeds)
-    notes = {}
+    notes, narrowed = {}, []
     for group, keep in groups:
         means, covariances, clipped = statistics[group.layers[0]]
         if clipped > MAX_CLIPPED:
@@ -130,10 +130,11 @@ def narrow_groups(model: onnx.ModelProto, groups: list[tuple[LinearGroup, int]],
             continue
         basis, explained = _basis(graph, group, covariances, keep)
         _rewrite(graph, group, basis, means)
+        narrowed.append(group)
         notes[group.layers[0]] = (f"{group.channels} -> {keep} directions (readers' outputs explained on calibration "
                                   f"data: {explained:.1%})" + (f"; {len(group.clips)} range Clip(s) dropped"
                                                                if group.clips else ""))
-    return graph.to_model(), notes
+    return graph.to_model(), notes, narrowed
 
 
 def _statistics(model, graph: Graph, groups, feeds):

@@ -129,17 +129,18 @@ def _narrow(original: onnx.ModelProto, pruned: onnx.ModelProto, wanted: list[tup
             groups.append((found, keep))
         else:
             notes[first] = f"not narrowed: {found}"
-    narrowed, narrowing = narrow_groups(pruned, groups, fit)
+    narrowed, narrowing, done = narrow_groups(pruned, groups, fit)
     notes |= narrowing
-    done = [(g, keep) for g, keep in groups if notes[g.layers[0]].startswith(f"{g.channels} ->")]
-    readers = [name for g, _ in done for name, _ in g.readers]
+    readers = [name for group in done for name, _ in group.readers]
     narrowed, refits = refit_layers(original, narrowed, readers, fit, details["kept_outputs"])
     report["narrowed_groups"] = notes
+    report["narrowed"] = [group.layers[0] for group in done]
     report.setdefault("reconstruction", {}).update(refits)
     ops = {node.name: node.op_type for node in original.graph.node}
-    for group, keep in done:
-        details["layers"].update({layer: {"op": ops[layer], "before": group.channels, "after": keep, "narrowed": True}
-                                  for layer in group.layers})
+    keeps = dict(wanted)
+    for group in done:
+        details["layers"].update({layer: {"op": ops[layer], "before": group.channels, "after": keeps[group.layers[0]],
+                                          "narrowed": True} for layer in group.layers})
     report["pruning"] = report["pruning"] | {"layers": details["layers"]}
     return narrowed
 

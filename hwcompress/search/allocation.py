@@ -82,7 +82,8 @@ class Allocation:
     unpriced: int
 
     def to_dict(self) -> dict:
-        return {"chosen": self.ratios, "narrowed": self.narrowed, "predicted_output_error": round(self.predicted_error, 4),
+        return {"chosen": self.ratios, "narrowed": self.narrowed,
+                "predicted_output_error": round(self.predicted_error, 4),
                 "accuracy": self.accuracy, "probes": self.probes, "unpriced_points": self.unpriced,
                 "curves": [{"group": c.group, "points": [{"ratio": p.ratio, "output_error": round(p.error2 ** 0.5, 4),
                                                           "saving_ms": round(p.saving_ms, 4)} for p in c.points]}
@@ -168,9 +169,8 @@ def _bisect(model, recipe, multiple, calibration, scores, order, curves, unprice
         progress(f"allocation: {len(steps)} of {len(order)} steps ({len(chosen)} groups, predicted output error "
                  f"{predicted:.3f}): accuracy {accuracy:.2f} (floor {floor:.2f}) [{time.monotonic() - started:.0f} s]")
         if accuracy >= floor:
-            narrowed = [first for first, note in report.get("narrowed_groups", {}).items()
-                        if not note.startswith("not narrowed")]
-            good = (built, chosen, changed_shapes(report["pruning"]["layers"]), accuracy, predicted, narrowed)
+            good = (built, chosen, changed_shapes(report["pruning"]["layers"]), accuracy, predicted,
+                    report.get("narrowed", []))
         return accuracy >= floor
 
     while lo < hi and len(probes) < MAX_PROBES and time_left():

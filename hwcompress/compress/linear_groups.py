@@ -49,8 +49,8 @@ from ..passes.channel_groups import ChannelGraph
 from ..passes.layers import bias_value, layer_matrix, set_bias
 from ..passes.prune_channels import apply_compensation, consumer_contribution
 
-MAX_CLIPPED = 1e-4
-CLEARLY_BETTER = 0.5  # another basis replaces the readers' view where it loses them less than this share  # a Clip cutting more than this share of its inputs on calibration data is an activation
+MAX_CLIPPED = 1e-4  # a Clip cutting more than this share of its inputs on calibration data is an activation
+CLEARLY_BETTER = 0.5  # another basis replaces the readers' view where it loses them less than this share
 LAYERS = ("Conv", "Gemm", "MatMul")
 
 

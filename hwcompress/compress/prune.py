@@ -40,8 +40,10 @@ def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importa
     for a caller that prunes it many ways. ``narrow_linear`` (with calibration data and the refit):
     groups that only linear ops touch keep their best directions rather than a subset of their
     channels (``linear_groups``), after the other groups are pruned."""
-    narrowed, asked = [], ratio
+    narrowed, asked, before = [], ratio, sum(v.size for v in _weights(model))
     if narrow_linear and reconstruct and calibration is not None:
+        if importance != "bn_gamma":  # a BN after a stream's producer is part of it: folded first
+            model = fold_batchnorm(model)
         narrowed, ratio, layer_ratios = _split_linear_groups(model, ratio, layer_ratios, multiple)
     rank_by, scores = importance, input_scores
     if importance == "reconstruction" and calibration is None:
@@ -83,7 +85,6 @@ def prune_model(model: onnx.ModelProto, ratio: float, multiple: int = 1, importa
             pruned, statistics = keep_if_better(model, pruned, fit, held_out, result.log.details["kept_outputs"])
             report |= statistics
         report["output_error"] = output_error(model, pruned, held_out)
-    before = sum(v.size for v in _weights(model))
     folded = fold_batchnorm(pruned)
     report["parameters_before"] = int(before)
     report["parameters_after"] = int(sum(v.size for v in _weights(folded)))

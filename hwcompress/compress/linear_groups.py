@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..model import reference as ort
 from ..model.graph import Graph
 from ..passes.channel_groups import ChannelGraph
 from ..passes.layers import bias_value, layer_matrix, set_bias
 from ..passes.prune_channels import apply_compensation, consumer_contribution
+from .recalibrate import channel_moments
 
 MAX_CLIPPED = 1e-4  # a Clip cutting more than this share of its inputs on calibration data is an activation
 CLEARLY_BETTER = 0.5  # another basis replaces the readers' view where it loses them less than this share
@@ -141,36 +141,20 @@ def _statistics(model, graph: Graph, groups, feeds):
     """Per group: each tensor's channel mean, each tensor's channel covariance, the share of values
     its Clips cut; one pass over the feeds."""
     tensors = sorted({t for g, _ in groups for t in g.tensors})
-    sums: dict[str, list] = {}
-    clipped: dict[str, list[float]] = {}
-    for values in ort.run_with_intermediates(model, feeds, tensors):
-        for name in tensors:
-            rows = _rows(values[name])
-            entry = sums.setdefault(name, [0, 0.0, 0.0])
-            entry[0] += len(rows)
-            entry[1] = entry[1] + rows.sum(0)
-            entry[2] = entry[2] + rows.T @ rows
-        for group, _ in groups:
-            for clip in group.clips:
-                node = graph.node(clip)
-                low, high = _clip_bounds(graph, node)
-                x = values[node.input[0]]
-                counts = clipped.setdefault(clip, [0.0, 0.0])
-                counts[0] += float(np.count_nonzero((x < low) | (x > high)))
-                counts[1] += x.size
-    moments = {}
-    for name, (count, total, products) in sums.items():
-        mean = total / count
-        moments[name] = (mean, products / count - np.outer(mean, mean))
+    clips = {clip: (graph.node(clip).input[0], *_clip_bounds(graph, graph.node(clip)))
+             for g, _ in groups for clip in g.clips}  # each reads a tensor of its group
+    clipped = {clip: [0.0, 0.0] for clip in clips}
+
+    def count_clipped(values):
+        for clip, (tensor, low, high) in clips.items():
+            x = values[tensor]
+            clipped[clip][0] += float(np.count_nonzero((x < low) | (x > high)))
+            clipped[clip][1] += x.size
+
+    moments = channel_moments(model, tensors, feeds, covariance=True, each_run=count_clipped)
     return {g.layers[0]: ({t: moments[t][0] for t in g.tensors}, {t: moments[t][1] for t in g.tensors},
                           max([clipped[c][0] / max(clipped[c][1], 1) for c in g.clips], default=0.0))
             for g, _ in groups}
-
-
-def _rows(value: np.ndarray) -> np.ndarray:
-    """A tensor as [positions, channels] (channels on axis 1), float64."""
-    value = value.astype(np.float64)
-    return value if value.ndim == 2 else np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
 
 
 def _clip_bounds(graph: Graph, node: onnx.NodeProto) -> tuple[float, float]:
@@ -192,9 +176,10 @@ def _basis(graph: Graph, group: LinearGroup, covariances: dict[str, np.ndarray],
     kept, only its own basis keeps it whole."""
     grams = [(_gram(graph, reader, group.channels), covariances[tensor]) for reader, tensor in group.readers]
     roots = [(_root(g), c) for g, c in grams]
+    pooled = sum(c for _, c in grams)
     candidates = [_principal(sum(r @ c @ r for r, c in roots), keep),  # as the readers' weights see it
-                  _principal(sum(c for _, c in grams), keep)]  # the stream's own widest directions
-    pooled = sum(c for _, c in grams)  # reduced-rank regression of the readers' outputs, its span
+                  _principal(pooled, keep)]  # the stream's own widest directions
+    # the span of the reduced-rank regression of the readers' outputs
     damped = pooled + 1e-9 * max(float(np.trace(pooled)), 1e-30) / len(pooled) * np.eye(len(pooled))
     inverse = np.linalg.inv(np.linalg.cholesky(damped))
     weighted = inverse @ sum(c @ g @ c for g, c in grams) @ inverse.T

@@ -15,6 +15,8 @@ error on held-out calibration data (``keep_if_better``).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx
 
@@ -73,20 +75,35 @@ def match_output_statistics(original: onnx.ModelProto, compressed: onnx.ModelPro
 def _statistics(model: onnx.ModelProto, tensors: list[str], feeds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel mean and standard deviation of each tensor (channels: axis 1, or the last axis
     of a 2-D output) over the feeds."""
+    return {name: (mean, np.sqrt(np.maximum(variance, 0.0)))
+            for name, (mean, variance) in channel_moments(model, tensors, feeds).items()}
+
+
+def channel_moments(model: onnx.ModelProto, tensors: list[str], feeds, covariance: bool = False,
+                    each_run: Callable[[dict[str, np.ndarray]], None] | None = None) -> dict[str, tuple]:
+    """Per tensor, its channels' mean and variance (``covariance``: their covariance matrix) over
+    the feeds, in one pass; ``each_run`` also sees every run's values."""
     sums: dict[str, list] = {}
     for values in ort.run_with_intermediates(model, feeds, tensors):
         for name in tensors:
-            v = values[name].astype(np.float64)
-            rows = v.reshape(-1, v.shape[-1]) if v.ndim == 2 else np.moveaxis(v, 1, -1).reshape(-1, v.shape[1])
-            s = sums.setdefault(name, [0, 0.0, 0.0])
-            s[0] += len(rows)
-            s[1] = s[1] + rows.sum(0)
-            s[2] = s[2] + (rows ** 2).sum(0)
-    stats = {}
-    for name, (count, total, squares) in sums.items():
+            rows = channel_rows(values[name])
+            entry = sums.setdefault(name, [0, 0.0, 0.0])
+            entry[0] += len(rows)
+            entry[1] = entry[1] + rows.sum(0)
+            entry[2] = entry[2] + (rows.T @ rows if covariance else (rows ** 2).sum(0))
+        if each_run is not None:
+            each_run(values)
+    moments = {}
+    for name, (count, total, products) in sums.items():
         mean = total / count
-        stats[name] = (mean, np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)))
-    return stats
+        moments[name] = (mean, products / count - (np.outer(mean, mean) if covariance else mean ** 2))
+    return moments
+
+
+def channel_rows(value: np.ndarray) -> np.ndarray:
+    """A tensor as [positions, channels] (channels on axis 1; a 2-D tensor is that already), float64."""
+    value = value.astype(np.float64)
+    return value if value.ndim == 2 else np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
 
 
 def _scale_outputs(graph: Graph, node: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> None:

@@ -12,8 +12,7 @@ eigenvectors of ``sum_r G_r^1/2 C_r G_r^1/2``, ``C_r`` the channel covariance of
 ``r`` reads and ``G_r`` its weights' Gram matrix over output channels and kernel taps (directions no
 reader looks at are dropped first, however wide); ``_basis`` says when another closed form replaces
 it. ``B`` is orthonormal and each reader takes ``W B``, plus the mean of the dropped directions
-through its weights (a map of its output where zero padding makes it position dependent, what
-pruning's bias compensation adds). The readers are refit afterwards (``reconstruct``), as after
+through its weights in its bias (what pruning's bias compensation adds). The readers are refit afterwards (``reconstruct``), as after
 selection: that refit is the regression of what was dropped on what was kept. Doing that regression
 here instead (``W C_r B (B^T C_r B)^-1``) lost more on every MobileNetV2 stream (0.562 against 0.551
 for 24 -> 16 below) and failed where the statistics are thin (MobileNetV3's 96-channel stream at 2x2
@@ -29,6 +28,14 @@ outputs (read by the 1280-channel conv) to 240: 0.338 -> 0.124 (80.6 -> 83.3), t
 (72.6 -> 81.2). The reduced-rank regression basis (generalized eigenvectors of ``sum_r C_r G_r C_r``
 and ``sum_r C_r``) read 3-14 % higher errors on the streams; plain PCA of the stream 0.621 / 0.644 /
 0.221 / - / 0.338 / - / 0.412 / - / 0.170.
+
+Readers are pointwise (1x1 convs without padding, Gemm, MatMul): there ``sum_r tr(G_r P C_r P)`` is
+what the readers lose. A kxk reader weighs each tap alone, where neighbouring positions of real
+data are correlated, and zero padding makes the dropped mean a map of its output: MNIST factorized
+by ``hwc lowrank`` (36 images fit, 12 held out), its 3-channel ``kx1`` stream read by the ``1xk``
+conv kept to 1: 0.642 narrowed against 0.567 selected (and a 6272-value map); the Tucker-2 input
+factor read by the 5x5 core, 6 -> 4: 0.191 against 0.187; the core's outputs read by the 1x1 factor,
+13 -> 8: 0.201 against 0.261. Such groups are left to selection.
 
 Clips on the group's tensors whose bounds the calibration data (almost) never reaches, what exports
 of models trained for int8 put on linear outputs (MobileNetV2 of the model zoo), are range clips:
@@ -64,6 +71,7 @@ class LinearGroup:
     readers: list[tuple[str, str]] = field(default_factory=list)   # (layer, the group tensor it reads)
     constants: list[tuple[str, int]] = field(default_factory=list)  # (Add, its constant input's index)
     clips: list[str] = field(default_factory=list)
+    basis: np.ndarray | None = None   # once narrowed: B [channels, kept], the directions its layers emit
 
 
 def linear_group(graph: Graph, cg: ChannelGraph, group: list[str]) -> LinearGroup | str:
@@ -97,6 +105,11 @@ def linear_group(graph: Graph, cg: ChannelGraph, group: list[str]) -> LinearGrou
                 continue
             if reader.op_type in LAYERS and reader.input[0] == tensor and _plain_layer(graph, reader) \
                     and tensor not in reader.input[1:]:
+                taps = graph.initializer(reader.input[1]).shape[2:] if reader.op_type == "Conv" else ()
+                if any(t > 1 for t in taps):
+                    return f"{reader.name} reads its channels through a {'x'.join(map(str, taps))} kernel"
+                if reader.op_type == "Conv" and any(graph.attr(reader, "pads", [])):
+                    return f"{reader.name} reads its channels with zero padding"
                 result.readers.append((reader.name, tensor))
                 continue
             return f"{reader.op_type} {reader.name} reads its channels"
@@ -119,7 +132,9 @@ def _plain_layer(graph: Graph, node: onnx.NodeProto) -> bool:
 def narrow_groups(model: onnx.ModelProto, groups: list[tuple[LinearGroup, int]],
                   feeds: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, dict[str, str], list[LinearGroup]]:
     """``model`` with each group narrowed to its kept count of directions, a note per group (by its
-    first layer), and the groups narrowed. Their readers are left for the caller to refit."""
+    first layer), and the groups narrowed (each with its basis). Their readers are left for the
+    caller to refit. Groups may chain (a low-rank factorization's ``1x1 -> 1x1``: the middle layer
+    reads one group and makes the next): each rewrite starts from the weights the last one left."""
     graph = Graph(model)
     statistics = _statistics(model, graph, groups, feeds)
     notes, narrowed = {}, []
@@ -130,6 +145,7 @@ def narrow_groups(model: onnx.ModelProto, groups: list[tuple[LinearGroup, int]],
             continue
         basis, explained = _basis(graph, group, covariances, keep)
         _rewrite(graph, group, basis, means)
+        group.basis = basis
         narrowed.append(group)
         notes[group.layers[0]] = (f"{group.channels} -> {keep} directions (readers' outputs explained on calibration "
                                   f"data: {explained:.1%})" + (f"; {len(group.clips)} range Clip(s) dropped"
@@ -236,8 +252,8 @@ def _rewrite(graph: Graph, group: LinearGroup, basis: np.ndarray, means: dict[st
     dropped = np.eye(group.channels) - basis @ basis.T
     for name, tensor in group.readers:
         node = graph.node(name)
-        # The dropped directions' mean, through the reader's original weights (and zero padding:
-        # then a map of the output, what pruning's bias compensation adds).
+        # The dropped directions' mean, through the reader's original weights (pruning's bias
+        # compensation; a constant, readers being pointwise without padding).
         spatial = tuple(graph.shape(tensor)[2:])
         mean = dropped @ means[tensor]
         missing = consumer_contribution(graph, node, {c: np.full(spatial, mean[c]) for c in range(group.channels)})

@@ -133,7 +133,8 @@ def _narrow(original: onnx.ModelProto, pruned: onnx.ModelProto, wanted: list[tup
     narrowed, narrowing, done = narrow_groups(pruned, groups, fit)
     notes |= narrowing
     readers = [name for group in done for name, _ in group.readers]
-    narrowed, refits = refit_layers(original, narrowed, readers, fit, details["kept_outputs"])
+    bases = {layer: group.basis for group in done for layer in group.layers}  # a chain's middle layer is both
+    narrowed, refits = refit_layers(original, narrowed, readers, fit, details["kept_outputs"], output_bases=bases)
     report["narrowed_groups"] = notes
     report["narrowed"] = [group.layers[0] for group in done]
     report.setdefault("reconstruction", {}).update(refits)

@@ -32,13 +32,15 @@ MIN_HELD_ROWS = 64
 
 def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: list[str],
                  feeds: list[dict[str, np.ndarray]], kept_outputs: dict[str, list[int]] | None = None,
-                 seed: int = 0) -> tuple[onnx.ModelProto, dict[str, str]]:
+                 seed: int = 0, output_bases: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Refit the weights and bias of each named Conv(group 1)/Gemm/MatMul; return model and notes.
 
     ``kept_outputs`` lists, for layers that also lost output channels, which of the original
-    outputs remain (their targets are those columns of the original output).
+    outputs remain (their targets are those columns of the original output); ``output_bases``, for
+    layers whose outputs were narrowed to a basis ``B`` [channels, k], the directions they emit
+    (their targets are ``B^T`` of the original output).
     """
-    kept_outputs = kept_outputs or {}
+    kept_outputs, output_bases = kept_outputs or {}, output_bases or {}
     graph = Graph(compressed)
     reference = Graph(original)
     rng = np.random.default_rng(seed)
@@ -70,6 +72,7 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         rows = []
         for xs, ys in zip(ort.run_with_intermediates(current, feeds, reads), originals):
             y = ys[target] if name not in kept_outputs else np.take(ys[target], kept_outputs[name], axis=1)
+            y = _along_channels(y, output_bases[name]) if name in output_bases else y
             rows.append(sample_rows(graph, node, xs[node.input[0]], y - xs[skip] if skip else y, per_run, rng))
         x = np.concatenate([r[0] for r in rows])
         y = np.concatenate([r[1] for r in rows])
@@ -80,6 +83,10 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         after = _fit_error(graph, node, x, y)
         notes[name] = f"refit on {len(x)} rows (ridge {ridge:g}): layer output error {before:.3g} -> {after:.3g}"
     return graph.to_model(), notes
+
+
+def _along_channels(y: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    return np.moveaxis(np.tensordot(y, basis, axes=([1], [0])), -1, 1).astype(y.dtype)
 
 
 def _residual_skip(graph: Graph, reference: Graph, node: onnx.NodeProto) -> tuple[str, str] | None:

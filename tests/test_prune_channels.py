@@ -211,3 +211,21 @@ def test_a_layer_ratio_of_one_removes_its_residual_branch(rng):
     stem = next(n.name for n in graph.nodes if n.op_type == "Conv")
     with pytest.raises(HwcError, match="lies on no residual branch"):
         prune_channels(model, ratio=0.0, layer_ratios={stem: 1.0})
+
+
+def test_exact_through_gelu_written_with_erf(rng):
+    """A conv MLP with exact GELU as exporters write it (x * (erf(x / sqrt 2) + 1) * 0.5, the
+    ConvNeXt/ViT form): its hidden channels are a group, pruned exactly."""
+    weights = {"w1": rng.normal(0, 0.3, (16, 8, 1, 1)), "b1": rng.normal(0, 0.1, 16),
+               "w2": rng.normal(0, 0.3, (8, 16, 1, 1)), "root2": np.array(np.sqrt(2.0)),
+               "one": np.array(1.0), "half": np.array(0.5)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Div", ["h", "root2"], ["hd"]),
+             helper.make_node("Erf", ["hd"], ["he"]),
+             helper.make_node("Add", ["he", "one"], ["h1"]),
+             helper.make_node("Mul", ["h", "h1"], ["hm"]),
+             helper.make_node("Mul", ["hm", "half"], ["g"]),
+             helper.make_node("Conv", ["g", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [("x", [1, 8, 6, 6])], [("y", [1, 8, 6, 6])], weights)
+    assert "fc1" in _prunable_layers(model)
+    _check_exact(model, picks_per_layer=4)

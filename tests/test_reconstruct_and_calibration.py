@@ -147,3 +147,32 @@ def test_prune_command_removes_a_real_residual_block_and_the_layers_after_make_u
     assert bad.returncode == 2 and "needs calibration data" in bad.stderr and not (tmp_path / "no.onnx").exists()
     bad = hwc("prune", str(source), "--ratio", "0", "--layer-ratio", "546_preclip=1.5", "-o", str(tmp_path / "no.onnx"))
     assert bad.returncode == 2 and "at most 1" in bad.stderr and not (tmp_path / "no.onnx").exists()
+
+
+def test_statistics_of_a_sequence_layer_are_matched_per_feature():
+    """A MatMul over a sequence ([1, 12 steps, 8 features] -> 5 features, as an OCR or speech
+    model's head): its channels are the last axis, not the steps; a compressed copy whose outputs
+    drifted (weights 1.1x) gets each feature's mean and spread back (the OCR example
+    pruned with calibration data crashed here, taking the 12 steps for channels)."""
+    from onnx import helper
+
+    from conftest import make_model
+    from hwcompress.compress.recalibrate import match_output_statistics
+
+    rng = np.random.default_rng(0)
+
+    def sequence_model(w, b):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+                 helper.make_node("Add", ["h", "b"], ["y"], name="fc_bias")]
+        return make_model(nodes, [("x", [1, 12, 8])], [("y", [1, 12, 5])], {"w": w, "b": b})
+    w, b = rng.normal(0, 0.5, (8, 5)), rng.normal(0, 0.2, 5)
+    original, drifted = sequence_model(w, b), sequence_model(1.1 * w, b)
+    feeds = [{"x": rng.normal(0, 1, (1, 12, 8)).astype(np.float32)} for _ in range(16)]
+    matched, notes = match_output_statistics(original, drifted, feeds)
+    assert "mean/spread matched" in notes["fc"], notes
+
+    def per_feature(model):
+        y = np.concatenate([ort.run(model, f)[0] for f in feeds]).reshape(-1, 5)
+        return y.mean(0), y.std(0)
+    for got, want in zip(per_feature(matched), per_feature(original)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

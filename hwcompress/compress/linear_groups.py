@@ -82,6 +82,8 @@ def linear_group(graph: Graph, cg: ChannelGraph, group: list[str]) -> LinearGrou
                if len(atoms) and all(cg.find(int(a)) in roots for a in atoms)]
     if any(len(cg.atoms[t]) != source.channels for t in tensors):
         return "its channels are joined with others (a Concat)"
+    if any(len(graph.shape(t) or ()) > 2 for t in tensors) and any(graph.node(n).op_type == "MatMul" for n in group):
+        return "its channels are the last axis of a sequence (not handled)"
     result = LinearGroup(list(group), source.channels, tensors)
     inside = set(tensors)
     for tensor in tensors:

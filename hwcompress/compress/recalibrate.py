@@ -44,8 +44,9 @@ def match_output_statistics(original: onnx.ModelProto, compressed: onnx.ModelPro
     if not layers or not feeds:
         return compressed, {}
     tensors = [n.output[0] for n in layers]
-    target = _statistics(original, tensors, feeds)
-    current = _statistics(compressed, tensors, feeds)
+    axes = {n.output[0]: layer_channel_axis(n) for n in layers}
+    target = _statistics(original, tensors, feeds, axes)
+    current = _statistics(compressed, tensors, feeds, axes)
     notes: dict[str, str] = {}
     started = False
     for node in layers:
@@ -54,7 +55,7 @@ def match_output_statistics(original: onnx.ModelProto, compressed: onnx.ModelPro
         if node.name in kept_outputs:
             mean_o, std_o = mean_o[kept_outputs[name]], std_o[kept_outputs[name]]
         if started:  # upstream corrections changed this layer's input: read its output again
-            current[tensor] = _statistics(graph.to_model(), [tensor], feeds)[tensor]
+            current[tensor] = _statistics(graph.to_model(), [tensor], feeds, axes)[tensor]
         mean_c, std_c = current[tensor]
         if mean_c.shape != mean_o.shape:
             notes[name] = f"not matched: {mean_c.size} channels here, {mean_o.size} in the original"
@@ -72,21 +73,30 @@ def match_output_statistics(original: onnx.ModelProto, compressed: onnx.ModelPro
     return graph.to_model(), notes
 
 
-def _statistics(model: onnx.ModelProto, tensors: list[str], feeds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel mean and standard deviation of each tensor (channels: axis 1, or the last axis
-    of a 2-D output) over the feeds."""
+def layer_channel_axis(node: onnx.NodeProto) -> int:
+    """Where a layer's output keeps its channels: axis 1 of a Conv's, the last of a Gemm's or a
+    MatMul's (a sequence model's [batch, steps, features])."""
+    return 1 if node.op_type == "Conv" else -1
+
+
+def _statistics(model: onnx.ModelProto, tensors: list[str], feeds,
+                axes: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and standard deviation of each tensor over the feeds."""
     return {name: (mean, np.sqrt(np.maximum(variance, 0.0)))
-            for name, (mean, variance) in channel_moments(model, tensors, feeds).items()}
+            for name, (mean, variance) in channel_moments(model, tensors, feeds, axes=axes).items()}
 
 
 def channel_moments(model: onnx.ModelProto, tensors: list[str], feeds, covariance: bool = False,
-                    each_run: Callable[[dict[str, np.ndarray]], None] | None = None) -> dict[str, tuple]:
+                    each_run: Callable[[dict[str, np.ndarray]], None] | None = None,
+                    axes: dict[str, int] | None = None) -> dict[str, tuple]:
     """Per tensor, its channels' mean and variance (``covariance``: their covariance matrix) over
-    the feeds, in one pass; ``each_run`` also sees every run's values."""
+    the feeds, in one pass (channels on ``axes[tensor]``, axis 1 by default); ``each_run`` also
+    sees every run's values."""
     sums: dict[str, list] = {}
+    axes = axes or {}
     for values in ort.run_with_intermediates(model, feeds, tensors):
         for name in tensors:
-            rows = channel_rows(values[name])
+            rows = channel_rows(values[name], axes.get(name, 1))
             entry = sums.setdefault(name, [0, 0.0, 0.0])
             entry[0] += len(rows)
             entry[1] = entry[1] + rows.sum(0)
@@ -100,10 +110,10 @@ def channel_moments(model: onnx.ModelProto, tensors: list[str], feeds, covarianc
     return moments
 
 
-def channel_rows(value: np.ndarray) -> np.ndarray:
-    """A tensor as [positions, channels] (channels on axis 1; a 2-D tensor is that already), float64."""
+def channel_rows(value: np.ndarray, axis: int = 1) -> np.ndarray:
+    """A tensor as [positions, channels] (channels on ``axis``), float64."""
     value = value.astype(np.float64)
-    return value if value.ndim == 2 else np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
+    return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
 
 
 def _scale_outputs(graph: Graph, node: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> None:

@@ -34,7 +34,8 @@ CHANNEL_WISE = {
     "Softplus", "Gelu", "Mish", "Neg", "Abs", "Exp", "Sqrt", "Identity", "Dropout", "Cast",
     "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
     "GlobalMaxPool", "LpPool", "GlobalLpPool", "Resize", "Upsample", "Mul", "Add", "Sub", "Div",
-    "Sum", "Max", "Min", "Mean", "Pad",
+    "Sum", "Max", "Min", "Mean", "Pad", "Erf", "Log", "Reciprocal", "Pow", "Sin", "Cos", "Softsign", "Celu",
+    "ThresholdedRelu", "Shrink", "Floor", "Ceil", "Round", "Sign",
 }
 ELEMENTWISE_MULTI = {"Mul", "Add", "Sub", "Div", "Sum", "Max", "Min", "Mean"}
 

@@ -20,6 +20,8 @@ A layer ratio of 1 removes every channel: the residual branch the layer lies on 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -402,9 +404,27 @@ _UNARY = {
     "Exp": lambda v, a: np.exp(v),
     "Elu": lambda v, a: np.where(v > 0, v, a.get("alpha", 1.0) * (np.exp(v) - 1)),
     "Softplus": lambda v, a: np.log1p(np.exp(v)),
+    "Erf": lambda v, a: _erf(v),
+    "Gelu": lambda v, a: (0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3))))
+    if a.get("approximate", b"none") in (b"tanh", "tanh") else 0.5 * v * (1 + _erf(v / np.sqrt(2))),
+    "Mish": lambda v, a: v * np.tanh(np.log1p(np.exp(v))),
+    "Selu": lambda v, a: a.get("gamma", 1.0507) * np.where(v > 0, v, a.get("alpha", 1.67326) * (np.exp(v) - 1)),
+    "Celu": lambda v, a: np.maximum(v, 0) + np.minimum(0, a.get("alpha", 1.0) * (np.exp(v / a.get("alpha", 1.0)) - 1)),
+    "ThresholdedRelu": lambda v, a: np.where(v > a.get("alpha", 1.0), v, 0.0),
+    "Softsign": lambda v, a: v / (1 + np.abs(v)),
+    "Sqrt": lambda v, a: np.sqrt(v),
+    "Log": lambda v, a: np.log(v),
+    "Reciprocal": lambda v, a: 1.0 / v,
+    "Sin": lambda v, a: np.sin(v),
+    "Cos": lambda v, a: np.cos(v),
+    "Floor": lambda v, a: np.floor(v),
+    "Ceil": lambda v, a: np.ceil(v),
+    "Round": lambda v, a: np.round(v),
+    "Sign": lambda v, a: np.sign(v),
 }
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-           "Max": np.maximum, "Min": np.minimum}
+           "Max": np.maximum, "Min": np.minimum, "Pow": np.power}
+_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def _channel_const(value: np.ndarray, position: int, rank: int) -> np.ndarray:

@@ -229,3 +229,28 @@ def test_exact_through_gelu_written_with_erf(rng):
     model = make_model(nodes, [("x", [1, 8, 6, 6])], [("y", [1, 8, 6, 6])], weights)
     assert "fc1" in _prunable_layers(model)
     _check_exact(model, picks_per_layer=4)
+
+
+def test_exact_on_a_transformer_mlp(rng):
+    """A pre-norm transformer MLP over a sequence ([1, 10 steps, 16 features]: LayerNorm, MatMul +
+    bias, exact GELU, MatMul + bias, residual Add): its 32 hidden features are the channels (the
+    last axis, not the steps), pruned exactly, the removed features' bias carried into fc2's."""
+    weights = {"gamma": np.ones(16), "beta": np.zeros(16), "w1": rng.normal(0, 0.3, (16, 32)),
+               "b1": rng.normal(0, 0.5, 32), "w2": rng.normal(0, 0.3, (32, 16)), "b2": rng.normal(0, 0.1, 16),
+               "root2": np.array(np.sqrt(2.0)), "one": np.array(1.0), "half": np.array(0.5)}
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h"]),
+             helper.make_node("Div", ["h", "root2"], ["hd"]),
+             helper.make_node("Erf", ["hd"], ["he"]),
+             helper.make_node("Add", ["he", "one"], ["h1"]),
+             helper.make_node("Mul", ["h", "h1"], ["hm"]),
+             helper.make_node("Mul", ["hm", "half"], ["g"]),
+             helper.make_node("MatMul", ["g", "w2"], ["o0"], name="fc2"),
+             helper.make_node("Add", ["o0", "b2"], ["o"]),
+             helper.make_node("Add", ["o", "x"], ["y"])]
+    model = make_model(nodes, [("x", [1, 10, 16])], [("y", [1, 10, 16])], weights)
+    assert _prunable_layers(model) == ["fc1"]
+    result = _check_exact(model, picks_per_layer=8)
+    pruned = Graph(result.model)
+    assert pruned.initializer(pruned.node("fc2").input[1]).shape == (24, 16)

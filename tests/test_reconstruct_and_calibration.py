@@ -83,6 +83,34 @@ def test_prune_command_end_to_end(tmp_path):
     assert bad.returncode == 2 and "expected NODE=RATIO" in bad.stderr
 
 
+def test_prune_command_prunes_a_vision_transformers_mlps(tmp_path):
+    """The ViT example (timm's export: LayerNorm, attention, exact GELU; 32x32 input, half width):
+    the hidden features of each block's MLP are its prunable channels (the last axis of
+    [1, tokens, features]); with calibration data the pruned MLPs are refit, and the error the
+    report gives is the one ONNX Runtime measures on the written model."""
+    import json
+
+    from hwcompress.compress.fidelity import output_error
+    from hwcompress.model.examples import EXAMPLES
+
+    model = EXAMPLES["vit"](input_size=32, width=0.5)
+    onnx.save(model, tmp_path / "vit.onnx")
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((12, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", **{model.graph.input[0].name: images})
+    result = hwc("prune", str(tmp_path / "vit.onnx"), "--ratio", "0.25", "--calib", str(tmp_path / "calib.npz"),
+                 "-o", str(tmp_path / "pruned.onnx"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    changed = {k: v for k, v in report["pruning"]["layers"].items() if v["after"] != v["before"]}
+    assert len(changed) == 12 and all(v["op"] == "MatMul" and v["after"] == 0.75 * v["before"] for v in changed.values())
+    assert all(v["op"] in ("Conv", "Gemm", "MatMul") for v in report["pruning"]["layers"].values())
+    assert report["output_error_with_reconstruction"] < 0.9 * report["output_error_without_reconstruction"]
+    pruned = onnx.load(tmp_path / "pruned.onnx")
+    held_out = [{model.graph.input[0].name: images[i:i + 1]} for i in range(9, 12)]  # the last quarter
+    assert output_error(model, pruned, held_out) == pytest.approx(report["output_error"], rel=1e-4)
+
+
 def test_matched_output_statistics_repair_a_factorized_real_network():
     """SqueezeNet factorized at energy 0.97 (no fine-tuning): matching each layer's per-channel
     output mean and spread to the original's, layer by layer on 24 calibration images, lowers the

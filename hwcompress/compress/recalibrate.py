@@ -22,7 +22,7 @@ import onnx
 
 from ..model import reference as ort
 from ..model.graph import Graph
-from ..passes.layers import bias_slot, bias_value, set_bias
+from ..passes.layers import bias_slot, bias_value, layer_channel_axis, set_bias
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # A channel's spread is corrected at most by this factor either way. SqueezeNet factorized at
@@ -71,12 +71,6 @@ def match_output_statistics(original: onnx.ModelProto, compressed: onnx.ModelPro
         notes[name] = (f"mean/spread matched: mean moved {np.abs(mean_c - mean_o).max():.3g}, "
                        f"scales {scale.min():.3f}..{scale.max():.3f}")
     return graph.to_model(), notes
-
-
-def layer_channel_axis(node: onnx.NodeProto) -> int:
-    """Where a layer's output keeps its channels: axis 1 of a Conv's, the last of a Gemm's or a
-    MatMul's (a sequence model's [batch, steps, features])."""
-    return 1 if node.op_type == "Conv" else -1
 
 
 def _statistics(model: onnx.ModelProto, tensors: list[str], feeds,

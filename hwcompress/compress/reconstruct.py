@@ -22,7 +22,7 @@ import onnx
 from ..model import reference as ort
 from ..model.graph import Graph
 from ..model.numeric import conv_pads
-from ..passes.layers import bias_slot, bias_value, layer_matrix, set_bias
+from ..passes.layers import bias_slot, bias_value, layer_channel_axis, layer_matrix, set_bias
 
 MAX_ROWS = 8192
 RIDGE = 1e-2  # where too few rows are held back to choose one
@@ -71,7 +71,8 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         reads = [node.input[0]] + ([skip] if skip else [])
         rows = []
         for xs, ys in zip(ort.run_with_intermediates(current, feeds, reads), originals):
-            y = ys[target] if name not in kept_outputs else np.take(ys[target], kept_outputs[name], axis=1)
+            y = ys[target] if name not in kept_outputs else np.take(ys[target], kept_outputs[name],
+                                                                     axis=layer_channel_axis(node))
             y = _along_channels(y, output_bases[name]) if name in output_bases else y
             rows.append(sample_rows(graph, node, xs[node.input[0]], y - xs[skip] if skip else y, per_run, rng))
         x = np.concatenate([r[0] for r in rows])
@@ -111,7 +112,8 @@ def refittable(graph: Graph, node: onnx.NodeProto) -> bool:
         return graph.attr(node, "group", 1) == 1 and graph.initializer(node.input[1]).ndim == 4
     if node.op_type == "Gemm":
         return not graph.attr(node, "transA", 0)
-    return node.op_type == "MatMul" and graph.rank(node.input[0]) == 2
+    return node.op_type == "MatMul" and (graph.rank(node.input[0]) or 0) >= 2 \
+        and graph.initializer(node.input[1]).ndim == 2
 
 
 def _im2col(graph: Graph, node: onnx.NodeProto, x: np.ndarray, positions: np.ndarray, out_hw) -> np.ndarray:
@@ -140,7 +142,12 @@ def sample_rows(graph, node, x, y, count, rng):
         n_idx, rest = np.divmod(positions, out_hw[0] * out_hw[1])
         oy, ox = np.divmod(rest, out_hw[1])
         return rows, y[n_idx, :, oy, ox].astype(np.float64)
-    return x.astype(np.float64), y.reshape(y.shape[0], -1).astype(np.float64)
+    if x.ndim == 2:
+        return x.astype(np.float64), y.reshape(y.shape[0], -1).astype(np.float64)
+    # A MatMul over a sequence: each step is a row.
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    picked = np.sort(rng.choice(len(x), size=min(count, len(x)), replace=False))
+    return x[picked].astype(np.float64), y[picked].astype(np.float64)
 
 
 def _solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, prior_bias: np.ndarray | None

@@ -14,6 +14,11 @@ the atoms of its inputs to those of its outputs:
 - anything else (Reshape that mixes channels, Transpose, grouped Conv, a graph output, ...) *blocks*
   the atoms it sees, with the reason.
 
+Channels are axis 1 (NCHW, and a Gemm's [batch, features]), except where a MatMul with constant
+weights reads a sequence ([batch, steps, features]: a transformer's MLP, a speech or OCR model's
+head): its output's channels are the last axis, and only elementwise ops carry them further (the
+hidden features of ``fc1 -> GELU -> fc2`` are a group).
+
 A class of unified atoms is one removable unit; the layers its atoms come from form a group whose
 channel counts change together. This is the mechanism of Torch-Pruning's dependency graph, written
 for ONNX with one rule table instead of special cases per architecture.
@@ -38,6 +43,10 @@ CHANNEL_WISE = {
     "ThresholdedRelu", "Shrink", "Floor", "Ceil", "Round", "Sign",
 }
 ELEMENTWISE_MULTI = {"Mul", "Add", "Sub", "Div", "Sum", "Max", "Min", "Mean"}
+# What carries a sequence's features (channels on the last axis): ops that act on each value alone.
+ELEMENTWISE = CHANNEL_WISE - {"BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool",
+                              "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Resize",
+                              "Upsample", "Pad"}
 
 
 @dataclass
@@ -74,6 +83,7 @@ class ChannelGraph:
 
     sources: list[Source] = field(default_factory=list)
     atoms: dict[str, np.ndarray] = field(default_factory=dict)
+    last_axis: set[str] = field(default_factory=set)  # tensors whose atoms are features on the last axis
     parent: list[int] = field(default_factory=list)
     blocked: dict[int, str] = field(default_factory=dict)
     actions: list[Action] = field(default_factory=list)
@@ -172,6 +182,9 @@ def analyze(graph: Graph) -> ChannelGraph:
 def _visit(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto) -> None:
     op = node.op_type
     variable = [t for t in node.input if t and not graph.is_constant(t)]
+    if any(t in cg.last_axis for t in variable) and op not in ELEMENTWISE and op not in ("Gemm", "MatMul"):
+        _block_node(graph, cg, node, f"{op} {node.name} does not keep a sequence's features apart")
+        return
     handler = _HANDLERS.get(op)
     if handler is not None and node.domain in ("", "ai.onnx") and handler(graph, cg, node):
         return
@@ -192,6 +205,11 @@ def _block_node(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto, reason: st
             cg.block(atoms, reason)
 
 
+def channel_axis(graph: Graph, cg: ChannelGraph, tensor: str) -> int:
+    """The axis of ``tensor`` its atoms lie on."""
+    return graph.rank(tensor) - 1 if tensor in cg.last_axis else 1
+
+
 def _channels(graph: Graph, tensor: str) -> int | None:
     shape = graph.shape(tensor)
     return shape[1] if shape and len(shape) >= 2 and isinstance(shape[1], int) else None
@@ -203,7 +221,12 @@ def _channel_wise(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto, variable
     if not variable or out_shape is None or len(out_shape) < 2:
         return False
     atoms = [cg.atoms.get(t) for t in variable]
-    if any(a is None for a in atoms) or any(len(a) != out_shape[1] for a in atoms):
+    features = {t in cg.last_axis for t in variable}
+    if len(features) > 1:
+        return False
+    axis = len(out_shape) - 1 if features == {True} else 1
+    if any(a is None for a in atoms) or any(len(a) != out_shape[axis] for a in atoms) \
+            or (features == {True} and any(graph.rank(t) != len(out_shape) for t in variable)):
         return False  # a variable input broadcasts along channels: not channel-wise
     if node.op_type == "Pad" and not _pad_keeps_channels(graph, node):
         return False
@@ -216,16 +239,18 @@ def _channel_wise(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto, variable
         if node.op_type in ("BatchNormalization", "InstanceNormalization"):
             pending.append(Action("param", node.name, atoms[0], input_index=i, axis=0))
             continue
-        axis = 1 - (rank - value.ndim)  # channel axis of a broadcast constant (Mul/Add/PRelu ...)
-        if axis < 0 or value.shape[axis] == 1:
+        along = axis - (rank - value.ndim)  # channel axis of a broadcast constant (Mul/Add/PRelu ...)
+        if along < 0 or value.shape[along] == 1:
             continue
-        if value.shape[axis] != len(atoms[0]):
+        if value.shape[along] != len(atoms[0]):
             return False
-        pending.append(Action("param", node.name, atoms[0], input_index=i, axis=axis))
+        pending.append(Action("param", node.name, atoms[0], input_index=i, axis=along))
     for other in atoms[1:]:
         cg.union(atoms[0], other)
     cg.actions.extend(pending)
     cg.atoms[out] = atoms[0]
+    if features == {True}:
+        cg.last_axis.add(out)
     for extra in node.output[1:]:
         if extra and cg.atoms.get(extra) is None and _channels(graph, extra) == len(atoms[0]):
             cg.atoms[extra] = atoms[0]
@@ -267,13 +292,23 @@ def _conv(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto) -> bool:
 
 
 def _dense(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto) -> bool:
-    """Gemm, or MatMul with a constant 2-D right operand on a 2-D input."""
+    """Gemm, or MatMul with a constant 2-D right operand on a 2-D input or a sequence (its
+    features: the last axis; what came in on another axis, the steps of a sequence model, is
+    left behind, blocked)."""
     a_atoms = cg.atoms.get(node.input[0])
-    if not graph.is_constant(node.input[1]) or a_atoms is None or graph.rank(node.input[0]) != 2:
+    rank = graph.rank(node.input[0])
+    if not graph.is_constant(node.input[1]) or a_atoms is None or rank is None or rank < 2:
         return False
     weight = graph.initializer(node.input[1])
-    if weight.ndim != 2:
+    if weight.ndim != 2 or (rank > 2 and node.op_type != "MatMul"):
         return False
+    if rank > 2 and node.input[0] not in cg.last_axis:
+        cg.block(a_atoms, f"MatMul {node.name} reads the steps of a sequence")
+        atoms = cg.new_source(node.name, node.op_type, weight.shape[1])
+        cg.actions.append(Action("out", node.name, atoms, input_index=1, axis=1))
+        cg.atoms[node.output[0]] = atoms
+        cg.last_axis.add(node.output[0])
+        return True
     trans_b = node.op_type == "Gemm" and graph.attr(node, "transB", 0)
     if node.op_type == "Gemm" and graph.attr(node, "transA", 0):
         return False
@@ -286,6 +321,8 @@ def _dense(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto) -> bool:
     atoms = cg.new_source(node.name, node.op_type, weight.shape[out_axis])
     cg.actions.append(Action("out", node.name, atoms, input_index=1, axis=out_axis))
     cg.atoms[node.output[0]] = atoms
+    if rank > 2:
+        cg.last_axis.add(node.output[0])
     return True
 
 

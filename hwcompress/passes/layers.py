@@ -32,6 +32,12 @@ def bias_slot(graph: Graph, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] 
     return None
 
 
+def layer_channel_axis(node: onnx.NodeProto) -> int:
+    """Where a layer's output keeps its channels: axis 1 of a Conv's, the last of a Gemm's or a
+    MatMul's (a sequence model's [batch, steps, features])."""
+    return 1 if node.op_type == "Conv" else -1
+
+
 def bias_value(graph: Graph, node: onnx.NodeProto, outputs: int) -> np.ndarray:
     """The layer's effective bias as a float64 vector of ``outputs`` (zeros where it has none)."""
     slot = bias_slot(graph, node)

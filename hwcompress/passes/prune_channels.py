@@ -33,7 +33,7 @@ from ..model.graph import Graph
 from ..model.numeric import conv2d, conv_pads, pool2d
 from .base import PassLog, model_pass
 from .layers import bias_value, layer_matrix, set_bias
-from .channel_groups import ChannelGraph, analyze
+from .channel_groups import ChannelGraph, analyze, channel_axis
 from .residual_branches import branch_of, remove_branches, residual_branches
 
 IMPORTANCES = ("l1", "l2", "bn_gamma", "reconstruction")
@@ -267,7 +267,7 @@ def _explicit_plan(cg: ChannelGraph, removed: dict[str, list[int]]) -> PruningPl
 
 def _describe(cg: ChannelGraph, plan: PruningPlan, blocked: dict[int, str]) -> None:
     for s in cg.sources:
-        if s.op_type == "input":
+        if s.op_type not in ("Conv", "Gemm", "MatMul"):  # a graph input, an op whose channels are blocked
             continue
         atoms = range(s.offset, s.offset + s.channels)
         gone = sum(a in plan.removed for a in atoms)
@@ -352,7 +352,7 @@ def _compensation(graph: Graph, cg: ChannelGraph, removed: set[int]) -> dict[str
         if "out" in kinds:
             out_action = next(a for a in node_actions if a.kind == "out")
             positions = np.flatnonzero(removed_mask[out_action.atoms])
-            values[node.output[0]] = _source_values(graph, node, positions)
+            values[node.output[0]] = _source_values(graph, node, positions, _positions(graph, cg, node.output[0]))
             weight = graph.initializer(node.input[out_action.input_index])
             exact[node.output[0]] = not np.take(weight, positions, axis=out_action.axis).any()
             continue
@@ -360,7 +360,7 @@ def _compensation(graph: Graph, cg: ChannelGraph, removed: set[int]) -> dict[str
         if not any(incoming):
             continue
         try:
-            result = _propagate(graph, node, incoming)
+            result = _propagate(graph, node, incoming, channel_axis(graph, cg, node.output[0]))
         except _Unknown:
             result = None
         if result is not None:
@@ -375,18 +375,27 @@ class _Unknown(Exception):
     """An op between a removed channel and its consumer that the compensation cannot follow."""
 
 
+def _positions(graph: Graph, cg: ChannelGraph, tensor: str) -> tuple[int, ...]:
+    """The dims a channel's value spans: an image's H, W; a sequence's steps."""
+    shape = graph.shape(tensor)
+    if not shape:
+        return ()
+    axis = channel_axis(graph, cg, tensor)
+    return tuple(d for i, d in enumerate(shape) if i not in (0, axis))
+
+
 def _spatial(graph: Graph, tensor: str) -> tuple[int, ...]:
     shape = graph.shape(tensor)
     return tuple(shape[2:]) if shape else ()
 
 
-def _source_values(graph: Graph, node: onnx.NodeProto, positions: np.ndarray) -> dict[int, np.ndarray]:
+def _source_values(graph: Graph, node: onnx.NodeProto, positions: np.ndarray,
+                   spatial: tuple[int, ...]) -> dict[int, np.ndarray]:
     bias = None
     if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
         bias = graph.initializer(node.input[2]).astype(np.float64).reshape(-1)
         if node.op_type == "Gemm":
             bias = bias * graph.attr(node, "beta", 1.0)
-    spatial = _spatial(graph, node.output[0])
     return {int(p): np.full(spatial, bias[p] if bias is not None and len(bias) > p else 0.0) for p in positions}
 
 
@@ -427,14 +436,15 @@ _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divi
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
-def _channel_const(value: np.ndarray, position: int, rank: int) -> np.ndarray:
-    """The part of a broadcast constant that applies to channel ``position``, over spatial dims."""
+def _channel_const(value: np.ndarray, position: int, rank: int, axis: int = 1) -> np.ndarray:
+    """The part of a broadcast constant that applies to channel ``position`` (on ``axis``), over
+    the other dims but the batch."""
     full = value.reshape((1,) * (rank - value.ndim) + value.shape)
-    index = position if full.shape[1] > 1 else 0
-    return full[0, index]
+    index = position if full.shape[axis] > 1 else 0
+    return np.take(full, index, axis=axis)[0]
 
 
-def _propagate(graph: Graph, node: onnx.NodeProto, incoming: list) -> list[dict[int, np.ndarray]] | None:
+def _propagate(graph: Graph, node: onnx.NodeProto, incoming: list, axis: int = 1) -> list[dict[int, np.ndarray]] | None:
     op = node.op_type
     attrs = graph.attrs(node)
     data = incoming[0]
@@ -453,7 +463,7 @@ def _propagate(graph: Graph, node: onnx.NodeProto, incoming: list) -> list[dict[
         return [{p: (v - m[p]) / np.sqrt(var[p] + eps) * g[p] + b[p] for p, v in data.items()}]
     if op == "PRelu":
         slope = graph.initializer(node.input[1])
-        return [{p: np.where(v >= 0, v, v * _channel_const(slope, p, rank)) for p, v in data.items()}]
+        return [{p: np.where(v >= 0, v, v * _channel_const(slope, p, rank, axis)) for p, v in data.items()}]
     if op in _BINARY or op in ("Sum", "Mean"):
         positions = next(v for v in incoming if v).keys()
         out = {}
@@ -461,7 +471,7 @@ def _propagate(graph: Graph, node: onnx.NodeProto, incoming: list) -> list[dict[
             operands = []
             for t, vals in zip(node.input, incoming):
                 if graph.is_constant(t):
-                    operands.append(_channel_const(graph.initializer(t).astype(np.float64), p, rank))
+                    operands.append(_channel_const(graph.initializer(t).astype(np.float64), p, rank, axis))
                 elif vals and p in vals:
                     operands.append(vals[p])
                 else:
@@ -521,7 +531,9 @@ def consumer_contribution(graph: Graph, node: onnx.NodeProto, values: dict[int, 
         pads = conv_pads(attrs, _spatial(graph, node.input[0]), weight.shape[2:], strides, dilations)
         stack = np.stack([np.broadcast_to(values[p], _spatial(graph, node.input[0])) for p in positions])
         return conv2d(stack, weight[:, positions], pads, strides, dilations)
-    vector = np.array([float(values[p]) for p in positions])
+    # A channel constant over a sequence's steps (what a removed channel's bias makes) or, where
+    # filters were not zero, only its mean is known.
+    vector = np.array([float(np.mean(values[p])) for p in positions])
     if node.op_type == "Gemm" and graph.attr(node, "transB", 0):
         weight = weight.T
     scale = graph.attr(node, "alpha", 1.0) if node.op_type == "Gemm" else 1.0

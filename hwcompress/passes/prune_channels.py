@@ -267,7 +267,7 @@ def _explicit_plan(cg: ChannelGraph, removed: dict[str, list[int]]) -> PruningPl
 
 def _describe(cg: ChannelGraph, plan: PruningPlan, blocked: dict[int, str]) -> None:
     for s in cg.sources:
-        if s.op_type not in ("Conv", "Gemm", "MatMul"):  # a graph input, an op whose channels are blocked
+        if s.op_type not in ("Conv", "Gemm", "MatMul"):  # a graph input, another op whose channels are blocked
             continue
         atoms = range(s.offset, s.offset + s.channels)
         gone = sum(a in plan.removed for a in atoms)

@@ -836,3 +836,16 @@ def test_a_layer_norm_written_out_below_opset_17_is_the_row_kernel(rng, square, 
     vm = relax.VirtualMachine(tvm_build.build(kernels, target, None), tvm.cpu())
     got = outputs_to_numpy(vm["main"](tvm.runtime.tensor(far["x"])))
     assert ort.relative_error(ort.run(model, far), got) < 1e-2
+
+
+def test_a_split_part_scaled_by_a_constant_builds(rng):
+    """A half of a Split times a scalar (what a quantized ShuffleNet's dequantize of a channel split
+    is): the batched-matmul rewrite, which looks for scaled products, reads a split's part as such
+    and leaves it (an int8 ShuffleNet failed to build: 'TupleGetItem' object has no attribute 'op')."""
+    nodes = [helper.make_node("Split", ["x", "halves"], ["keep", "work"], axis=1),
+             helper.make_node("Mul", ["work", "half"], ["scaled"]),
+             helper.make_node("Concat", ["keep", "scaled"], ["y"], axis=1)]
+    model = make_model(nodes, [("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])],
+                       {"halves": np.array([8, 8], np.int64), "half": np.array(0.5)})
+    target = get_target("host")
+    assert_built_like_onnxruntime(tvm_build.lower(import_onnx(model), target), target, model)

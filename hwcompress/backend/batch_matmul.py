@@ -254,8 +254,8 @@ class _BatchMatmuls(relax.PyExprMutator):
         if value is None or not isinstance(data, relax.Var):
             return call
         bound = self.lookup_binding(data)
-        if bound is None or getattr(bound.op, "name", "") != "relax.reshape":
-            return call
+        if not isinstance(bound, relax.Call) or getattr(bound.op, "name", "") != "relax.reshape":
+            return call  # (a split's part, a tuple's item: not a product's result)
         kernel_call = self.lookup_binding(bound.args[0]) if isinstance(bound.args[0], relax.Var) else None
         gvar = kernel_call.args[0] if isinstance(kernel_call, relax.Call) and kernel_call.args else None
         if gvar not in self.products or static_shape(call) != static_shape(data):

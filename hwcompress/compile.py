@@ -175,8 +175,9 @@ def _compile(model: onnx.ModelProto, logs: list[PassLog], original: onnx.ModelPr
         else:
             accuracy = check_outputs(model, reference, measured.outputs, options.tolerance)
             accuracy |= {"reference": "ONNX Runtime on the original model, same random input"
-                                      + (" (graph optimizations off: QDQ as written; the tolerance allows twice "
-                                         "ORT's own int8 kernels' difference from it)" if quantized else ""),
+                                      + (" (graph optimizations off: QDQ as written; the tolerance allows twice how "
+                                         "far rounding flips move it: ORT's own int8 kernels, or the input nudged "
+                                         "by a few float32 steps)" if quantized else ""),
                          "checked_on": measured.latency.device}
         progress.at("measure")(f"latency {measured.latency.describe()}"
                                + (f"; max relative error {accuracy['max_relative_error']:.1e}"

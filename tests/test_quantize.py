@@ -264,3 +264,30 @@ def test_a_compiled_pow2_model_carries_its_codes_file(tmp_path, mnist_task):
         np.testing.assert_array_equal(saved[f"{layer}.scale"], c["scale"])
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / "model.onnx")).metadata_props}
     assert meta["hwc.pow2_codes"] == "model.onnx.pow2.npz"
+
+
+def test_int8_tolerance_sees_rounding_flips_where_onnx_runtime_fuses_nothing():
+    """An int8 YOLO-style detector (SiLU after every conv, random weights, 64x64): ONNX Runtime runs
+    its QDQ graph as written (its own int8 kernels differ by 0), yet nudging the input by a few
+    float32 steps moves the output by percents (flips of one rounding step carried downstream), as
+    an int32-accumulating build does (1.9 % at 128x128, refused at the old 1 % floor). The tolerance
+    is twice that measure: such an output passes; one further off is still refused."""
+    from hwcompress.errors import HwcError
+    from hwcompress.model.examples import EXAMPLES
+
+    model = run_canonical(EXAMPLES["yolo"](input_size=64))[0]
+    rng = np.random.default_rng(0)
+    calibration = Calibration([ort.random_inputs(model, seed) for seed in range(8)], "random")
+    quantized, _ = quantize_model(model, calibration, "int8")
+    feeds = ort.random_inputs(quantized, seed=1)
+    reference = ort.reference_outputs(quantized, feeds)
+    assert reference.ort_int8 == 0.0 and reference.rounding > 0.01, (reference.ort_int8, reference.rounding)
+
+    def off_by(share):  # the reference outputs moved by ``share`` of their RMS
+        return [r + share * np.sqrt(np.mean(r ** 2)) * rng.standard_normal(r.shape).astype(r.dtype)
+                for r in reference.outputs]
+    found = ort.check_outputs(quantized, reference, off_by(1.5 * reference.rounding), 1e-3)
+    assert found["tolerance"] == pytest.approx(2 * reference.rounding)
+    assert found["rounding_rms_relative_error"] == reference.rounding
+    with pytest.raises(HwcError, match="differ from ONNX Runtime"):
+        ort.check_outputs(quantized, reference, off_by(3 * reference.rounding), 1e-3)

@@ -230,6 +230,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .model.loading import load_model, parse_input_shapes
     from .passes import canonicalize_reshape, eliminate_identity
     from .compress.prune import prune_model
+    from .model.reference import require_float
 
     progress = ProgressLines(args.quiet)
     check_output_file(args.output, [args.model])
@@ -237,6 +238,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     layer_ratios = _parse_layer_ratios(args.layer_ratio)
     progress.step(f"loading {args.model}")
     model = canonicalize_reshape(eliminate_identity(load_model(args.model, parse_input_shapes(args.input_shape))))
+    require_float(model, "prune (and quantize it afterwards)")
     calibration = load_calibration(args.calib, model, preprocess=args.preprocess) if args.calib else None
     progress.step(f"pruning {args.ratio:g} of the channels (multiple {multiple}, importance {args.importance})")
     pruned, report = prune_model(model, args.ratio, multiple, args.importance, layer_ratios, calibration,
@@ -268,6 +270,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     from .compress.recipes import LowrankRecipe
     from .model.fileio import check_output_file, save_model
     from .model.loading import load_model, parse_input_shapes
+    from .model.reference import require_float
     from .passes import run_canonical
 
     progress = ProgressLines(args.quiet)
@@ -275,6 +278,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     multiple = get_target(args.target, args.targets_dir).rank_multiple if args.target else 1
     progress.step(f"loading {args.model}")
     model, _ = run_canonical(load_model(args.model, parse_input_shapes(args.input_shape)))
+    require_float(model, "factorize (and quantize it afterwards)")
     calibration = load_calibration(args.calib, model, preprocess=args.preprocess) if args.calib else None
     rank = None if args.rank is None else (int(args.rank) if args.rank > 1 else float(args.rank))
     methods = tuple(args.method.split(",")) if args.method else LowrankRecipe.default("methods")

@@ -172,6 +172,9 @@ def test_quantize_command_errors_and_pow2_sidecar(tmp_path):
     result = hwc("quantize", str(shared_model("mobilenetv2-12-int8")), "--calib", "random",
                  "--input-shape", "input=1x3x224x224", "-o", str(tmp_path / "c.onnx"))
     assert result.returncode == 2 and "already quantized" in result.stderr
+    for command, knob in (("prune", "--ratio"), ("lowrank", "--energy")):  # no constant weights to find: said plainly
+        result = hwc(command, str(shared_model("mobilenetv2-12-int8")), knob, "0.5", "-o", str(tmp_path / "c.onnx"))
+        assert result.returncode == 2 and "already quantized" in result.stderr and "fp32 model" in result.stderr
     np.savez(tmp_path / "bad.npz", Input3=np.zeros((4, 3, 28, 28), np.float32))
     result = hwc("quantize", mnist, "--calib", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "d.onnx"))
     assert result.returncode == 2 and "input 'Input3' has shape" in result.stderr

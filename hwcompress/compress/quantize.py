@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 
 from ..data.calibration import Calibration
-from ..errors import HwcError
 from ..model.graph import Graph
+from ..model.reference import require_float
 from ..model.fileio import atomic_path
 from ..passes.float16 import float16
 from ..passes.quantize import pow2_layer_names, quantizable_layers, quantize, quantize_weight_pow2, weight_axis
@@ -30,9 +30,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration, scheme: str
                    keep_fp32: tuple[str, ...] = (), pow2_layers: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize every layer but ``keep_fp32`` (e.g. those measured slower in int8), and, with
     ``min_sqnr_db``, those whose own quantization error is too large."""
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
-        raise HwcError("the model is already quantized (QuantizeLinear/DequantizeLinear or QOperator nodes); "
-                       "compile it as it is, or give hwc the fp32 model to quantize")
+    require_float(model, "quantize")
     fit, held_out, where = split_feeds(calibration)
     if scheme == "float16":  # no ranges to calibrate: the data measure each layer's error
         min_sqnr_db = FLOAT16_MIN_SQNR_DB if min_sqnr_db is None else min_sqnr_db

@@ -140,6 +140,13 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
+def require_float(model: onnx.ModelProto, doing: str) -> None:
+    """One line instead of a pass that finds no constant weights (they are DequantizeLinear's)."""
+    if is_quantized(model):
+        raise HwcError("the model is already quantized (QuantizeLinear/DequantizeLinear or QOperator nodes); "
+                       f"compile it as it is, or give hwc the fp32 model to {doing}")
+
+
 def is_float16(model: onnx.ModelProto) -> bool:
     return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
 

@@ -52,7 +52,7 @@ import onnx
 
 from ..model.graph import Graph
 from ..passes.channel_groups import ChannelGraph
-from ..passes.layers import bias_value, layer_matrix, set_bias
+from ..passes.layers import along_axis, bias_value, layer_matrix, set_bias
 from ..passes.prune_channels import apply_compensation, consumer_contribution
 from .recalibrate import channel_moments
 
@@ -239,7 +239,7 @@ def _rewrite(graph: Graph, group: LinearGroup, basis: np.ndarray, means: dict[st
         node = graph.node(name)
         weight = graph.initializer(node.input[1])
         axis = _channel_axis(graph, node, output=True)
-        graph.set_constant_input(node, 1, _along(weight, basis, axis), "narrowed_W")
+        graph.set_constant_input(node, 1, along_axis(weight, basis, axis), "narrowed_W")
         if node.op_type != "MatMul":  # a MatMul's bias is an Add inside the group: projected below
             set_bias(graph, node, basis.T @ bias_value(graph, node, group.channels), weight.dtype)
     for add, index in group.constants:
@@ -248,7 +248,7 @@ def _rewrite(graph: Graph, group: LinearGroup, basis: np.ndarray, means: dict[st
         rank = len(graph.shape(node.output[0]))
         full = value.reshape((1,) * (rank - value.ndim) + value.shape)
         full = np.repeat(full, group.channels, axis=1) if full.shape[1] == 1 else full
-        graph.set_constant_input(node, index, _along(full, basis, 1), "narrowed")
+        graph.set_constant_input(node, index, along_axis(full, basis, 1), "narrowed")
     for clip in group.clips:
         graph.bypass(graph.node(clip))
     dropped = np.eye(group.channels) - basis @ basis.T
@@ -260,7 +260,7 @@ def _rewrite(graph: Graph, group: LinearGroup, basis: np.ndarray, means: dict[st
         mean = dropped @ means[tensor]
         missing = consumer_contribution(graph, node, {c: np.full(spatial, mean[c]) for c in range(group.channels)})
         weight = graph.initializer(node.input[1])
-        graph.set_constant_input(node, 1, _along(weight, basis, _channel_axis(graph, node, output=False)),
+        graph.set_constant_input(node, 1, along_axis(weight, basis, _channel_axis(graph, node, output=False)),
                                  "narrowed_W")
         apply_compensation(graph, {name: missing})
     graph.forget_shapes(group.tensors)
@@ -273,8 +273,3 @@ def _channel_axis(graph: Graph, node: onnx.NodeProto, output: bool) -> int:
     transposed = node.op_type == "Gemm" and graph.attr(node, "transB", 0)
     return (0 if transposed else 1) if output else (1 if transposed else 0)
 
-
-def _along(value: np.ndarray, matrix: np.ndarray, axis: int) -> np.ndarray:
-    """``value`` with its ``axis`` (length n) mapped by ``matrix`` [n, k] to length k."""
-    mapped = np.tensordot(value.astype(np.float64), matrix, axes=([axis], [0]))
-    return np.moveaxis(mapped, -1, axis).astype(value.dtype)

@@ -22,7 +22,7 @@ import onnx
 from ..model import reference as ort
 from ..model.graph import Graph
 from ..model.numeric import conv_pads
-from ..passes.layers import bias_slot, bias_value, layer_channel_axis, layer_matrix, set_bias
+from ..passes.layers import along_axis, bias_slot, bias_value, layer_channel_axis, layer_matrix, set_bias
 
 MAX_ROWS = 8192
 RIDGE = 1e-2  # where too few rows are held back to choose one
@@ -73,7 +73,7 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         for xs, ys in zip(ort.run_with_intermediates(current, feeds, reads), originals):
             y = ys[target] if name not in kept_outputs else np.take(ys[target], kept_outputs[name],
                                                                      axis=layer_channel_axis(node))
-            y = _along_channels(y, output_bases[name]) if name in output_bases else y
+            y = along_axis(y, output_bases[name], layer_channel_axis(node)) if name in output_bases else y
             rows.append(sample_rows(graph, node, xs[node.input[0]], y - xs[skip] if skip else y, per_run, rng))
         x = np.concatenate([r[0] for r in rows])
         y = np.concatenate([r[1] for r in rows])
@@ -84,10 +84,6 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
         after = _fit_error(graph, node, x, y)
         notes[name] = f"refit on {len(x)} rows (ridge {ridge:g}): layer output error {before:.3g} -> {after:.3g}"
     return graph.to_model(), notes
-
-
-def _along_channels(y: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    return np.moveaxis(np.tensordot(y, basis, axes=([1], [0])), -1, 1).astype(y.dtype)
 
 
 def _residual_skip(graph: Graph, reference: Graph, node: onnx.NodeProto) -> tuple[str, str] | None:

@@ -189,20 +189,19 @@ def check_outputs(model: onnx.ModelProto, reference: Reference, outputs: list[np
     A quantized (QDQ) model is held to its RMS error against the QDQ graph run as written, allowed
     up to twice what rounding flips make two correct implementations differ by (``Reference``); a
     float16 model to ``FLOAT16_TOLERANCE`` of the output scale."""
-    noise_floor, half, given = reference.noise_floor, reference.float16, reference
-    reference = reference.outputs
+    noise_floor, expected = reference.noise_floor, reference.outputs
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise HwcError(f"tolerance {tolerance}: must be a finite number >= 0")
-    require_finite_reference(reference)
-    error = relative_error(reference, outputs)
-    typical = rms_error(reference, outputs)
-    pairs = [_comparable(r, o) for r, o in zip(reference, outputs)]
+    require_finite_reference(expected)
+    error = relative_error(expected, outputs)
+    typical = rms_error(expected, outputs)
+    pairs = [_comparable(r, o) for r, o in zip(expected, outputs)]
     abs_error = (float("inf") if any(p is None for p in pairs)
                  else max((float(np.max(np.abs(r - o))) for r, o in pairs if r.size), default=0.0))
     if noise_floor is not None:
         criterion, measured = "relative RMS error (quantized model)", typical
         limit = max(tolerance, QUANTIZED_RMS_TOLERANCE, NOISE_FLOOR_FACTOR * noise_floor)
-    elif half:
+    elif reference.float16:
         criterion, measured = "max error relative to the output scale (float16 model)", error
         limit = max(tolerance, FLOAT16_TOLERANCE)
     else:
@@ -213,6 +212,6 @@ def check_outputs(model: onnx.ModelProto, reference: Reference, outputs: list[np
     found = {"max_abs_error": abs_error, "max_relative_error": error, "rms_relative_error": typical,
              "criterion": criterion, "tolerance": limit}
     if noise_floor is not None:
-        found["ort_int8_rms_relative_error"] = given.ort_int8
-        found["rounding_rms_relative_error"] = given.rounding
+        found["ort_int8_rms_relative_error"] = reference.ort_int8
+        found["rounding_rms_relative_error"] = reference.rounding
     return found

@@ -197,14 +197,14 @@ def _block_node(graph: Graph, cg: ChannelGraph, node: onnx.NodeProto, reason: st
     """Channels entering an op we cannot follow are frozen; its outputs start fresh, frozen too."""
     for t in node.input:
         cg.block(cg.atoms.get(t), reason)
+    # A layer keeps its op type (its channels are reported as left alone, with why); any other op
+    # is only where atoms start again.
+    weighted = node.op_type in ("Conv", "Gemm", "MatMul") and graph.is_constant(node.input[1])
+    op_type = node.op_type if weighted else f"{node.op_type} (blocked)"
     for t in node.output:
         shape = graph.shape(t)
         if t and shape and len(shape) >= 2 and isinstance(shape[1], int):
-            weighted = node.op_type in ("Conv", "Gemm", "MatMul") and graph.is_constant(node.input[1])
-            # A layer keeps its op type (its channels are reported as left alone, with why); any
-            # other op is only where atoms start again.
-            atoms = cg.new_source(node.name, node.op_type if weighted else f"{node.op_type} (blocked)", shape[1],
-                                  prunable=False)
+            atoms = cg.new_source(node.name, op_type, shape[1], prunable=False)
             cg.atoms[t] = atoms
             cg.block(atoms, reason)
 

@@ -38,6 +38,13 @@ def layer_channel_axis(node: onnx.NodeProto) -> int:
     return 1 if node.op_type == "Conv" else -1
 
 
+def along_axis(value: np.ndarray, matrix: np.ndarray, axis: int) -> np.ndarray:
+    """``value`` with its ``axis`` (length n) mapped by ``matrix`` [n, k] to length k (a layer's
+    channels taken into another basis), in float64, returned in ``value``'s dtype."""
+    mapped = np.tensordot(value.astype(np.float64), matrix, axes=([axis], [0]))
+    return np.moveaxis(mapped, -1, axis).astype(value.dtype)
+
+
 def bias_value(graph: Graph, node: onnx.NodeProto, outputs: int) -> np.ndarray:
     """The layer's effective bias as a float64 vector of ``outputs`` (zeros where it has none)."""
     slot = bias_slot(graph, node)

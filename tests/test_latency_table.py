@@ -79,9 +79,9 @@ def test_table_is_timed_once_and_shared_across_models(tmp_path, small_resnet):
     slowest = max(model_layers(small_resnet).values(), key=lambda spec: table.latencies([spec])[spec])
     library = build_model(slowest.to_model(channels_last=True), target, BuildOptions(tune_trials=0, cache_dir=tmp_path),
                           tmp_path).library
-    alone = table.measurer.measure(Job("alone", library, slowest.feeds(channels_last=True), slowest.input_names,
-                                       None)).latency
-    assert 0.4 < table.latencies([slowest])[slowest] / alone.median_ms < 2.5
+    alone = Job("alone", library, slowest.feeds(channels_last=True), slowest.input_names, None)
+    fastest = min(table.measurer.measure(alone).latency.median_ms for _ in range(3))  # as the anchor's figure is
+    assert 0.4 < table.latencies([slowest])[slowest] / fastest < 2.5
 
     again = LatencyTable(target, tmp_path, trials=0)  # a second run: everything from the file
     assert again.predict_ms(small_resnet)[1] == per_layer and again.measured == 0

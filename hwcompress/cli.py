@@ -294,8 +294,12 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
     lines = [f"{args.output}: {len(report['lowrank']['layers'])} layer(s) factorized; output error "
              f"{report['output_error']:.3g} (relative RMS, on {report['error_measured_on']})"]
     if "output_error_plain" in report:
-        lines.append(f"  data-aware {report['output_error_data_aware']:.3g} vs plain SVD "
-                     f"{report['output_error_plain']:.3g}")
+        lines.append(f"  factors from the calibration data {report['output_error_data_aware']:.3g}, from the "
+                     f"weights alone {report['output_error_plain']:.3g}")
+    if "output_error_refit" in report:
+        kept = sum(note.startswith("refit on") and "not kept" not in note for note in report["refit"].values())
+        lines.append(f"  last factors refit in order: {kept} of {len(report['refit'])} kept (where the held-out "
+                     f"error fell), {report['output_error_unrefit']:.3g} -> {report['output_error_refit']:.3g}")
     lines += _statistics_matching_lines(report)
     lines += [f"  {line}" for line in report["lowrank"]["applied"]]
     lines += [f"  left alone: {line}" for line in report["lowrank"]["skipped"]]

@@ -13,7 +13,8 @@ from conftest import assert_same_outputs, hwc, make_model, op_count, shared_mode
 from hwcompress.data.calibration import Calibration
 from hwcompress.errors import HwcError
 from hwcompress.model.examples import mobilenetv2, resnet18
-from hwcompress.compress.lowrank import lowrank_model
+from hwcompress.model.loading import load_model
+from hwcompress.compress.lowrank import layer_statistics, lowrank_model
 from hwcompress.passes import fold_batchnorm
 from hwcompress.passes.lowrank import choose_rank, lowrank
 
@@ -25,6 +26,60 @@ def test_full_rank_is_exact_on_resnet(method):
     onnx.checker.check_model(result.model, full_check=True)
     assert result.log.applied and all(f"{method} rank" in line for line in result.log.applied)
     assert_same_outputs(model, result.model, tol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["svd", "spatial", "tucker2"])
+def test_data_aware_factors_are_exact_at_full_rank(method):
+    """The data-aware factors are a change of basis the next factor undoes: exact at full rank."""
+    from hwcompress.model import reference as ort
+
+    model = fold_batchnorm(resnet18(input_size=32, classes=10, width=0.25))
+    statistics = layer_statistics(model, [ort.random_inputs(model, seed) for seed in range(4)])
+    assert any(s.columns is not None and s.outputs is not None for s in statistics.values())
+    result = lowrank.apply(model, rank=1.0, methods=(method,), min_saving=None, statistics=statistics)
+    assert result.log.applied
+    assert_same_outputs(model, result.model, tol=1e-4)
+
+
+def test_data_aware_kxk_factors_keep_what_a_real_network_reads():
+    """SqueezeNet's first conv reads an RGB image: Tucker-2 at energy 0.97 from the weights alone
+    drops a colour direction the image is full of (top-1 58.6 -> 31.2 on 186 images, the issue's
+    "27 points"); from the data (the input channels' covariance) it keeps it: held-out output error
+    measured 1.03 -> 0.01 (top-1 57.5). Spatial SVD of the 3x3 convs from the columns' covariance:
+    0.118 -> 0.046. Checked with ONNX Runtime on held-out calibration images."""
+    from hwcompress.data import datasets
+    from conftest import SHARED
+
+    x, _ = datasets.imagenet_samples(SHARED / "data" / "imagenet_samples_224" /
+                                     "imagenet_samples_224_every4th_class.npz", "caffe")
+    model = fold_batchnorm(load_model(shared_model("squeezenet1.1-caffe2")))
+    calibration = Calibration([{"data_0": im[None]} for im in x[:24]], "imagenet")
+    _, first = lowrank_model(model, 0.97, methods=("tucker2",), layers=("Conv_1",), calibration=calibration,
+                             match_statistics=False)
+    assert first["data_aware"] and first["output_error_data_aware"] < 0.1 * first["output_error_plain"]
+    _, spatial = lowrank_model(model, 0.95, methods=("spatial",), calibration=calibration, match_statistics=False)
+    assert len(spatial["lowrank"]["layers"]) >= 2
+    assert spatial["data_aware"] and spatial["output_error_data_aware"] < 0.6 * spatial["output_error_plain"]
+
+
+def test_last_factors_are_refit_in_order_where_that_helps():
+    """After factorizing, each layer's last factor is refit to the original's output from what the
+    factorized layers before it produce, kept only where the held-out error falls (SqueezeNet at
+    energy 0.9, ten layers: measured 0.70 -> 0.55 on 16 held-out images with 48 fit)."""
+    from hwcompress.compress.fidelity import output_error
+    from hwcompress.data import datasets
+    from conftest import SHARED
+
+    x, _ = datasets.imagenet_samples(SHARED / "data" / "imagenet_samples_224" /
+                                     "imagenet_samples_224_every4th_class.npz", "caffe")
+    model = fold_batchnorm(load_model(shared_model("squeezenet1.1-caffe2")))
+    feeds = [{"data_0": im[None]} for im in x[:32]]
+    factorized, report = lowrank_model(model, 0.9, methods=("tucker2",), calibration=Calibration(feeds, "imagenet"),
+                                       match_statistics=False)
+    assert len(report["lowrank"]["layers"]) >= 8 and len(report["refit"]) == len(report["lowrank"]["layers"])
+    kept = [note for note in report["refit"].values() if note.startswith("refit on") and "not kept" not in note]
+    assert kept and report["output_error_refit"] < 0.9 * report["output_error_unrefit"]
+    assert output_error(model, factorized, feeds[24:]) == pytest.approx(report["output_error"], rel=1e-6)
 
 
 def test_full_rank_is_exact_on_mobilenetv2_and_skips_depthwise():

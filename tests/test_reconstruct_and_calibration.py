@@ -13,6 +13,7 @@ from hwcompress.errors import HwcError
 from hwcompress.model import reference as ort
 from hwcompress.model.loading import load_model
 from hwcompress.passes import canonicalize_reshape, eliminate_identity
+from hwcompress.passes.lowrank import lowrank
 from hwcompress.compress.prune import prune_model
 
 
@@ -112,28 +113,30 @@ def test_prune_command_prunes_a_vision_transformers_mlps(tmp_path):
 
 
 def test_matched_output_statistics_repair_a_factorized_real_network():
-    """SqueezeNet factorized at energy 0.97 (no fine-tuning): matching each layer's per-channel
-    output mean and spread to the original's, layer by layer on 24 calibration images, lowers the
-    error on 8 held-out ones (measured 0.93 -> 0.29 relative RMS); the compressed model keeps the
-    matched statistics only because they are better there, and says so."""
+    """SqueezeNet factorized at energy 0.97 from its weights alone (no fine-tuning): matching each
+    layer's per-channel output mean and spread to the original's, layer by layer on 24 calibration
+    images, lowers the error on 8 held-out ones (measured 0.93 -> 0.29 relative RMS); the
+    statistics are kept only because they are better there, and the report says so."""
     from hwcompress.compress.fidelity import output_error
-    from hwcompress.compress.lowrank import lowrank_model
-    from hwcompress.compress.recalibrate import match_output_statistics
-    from hwcompress.data.calibration import Calibration
+    from hwcompress.compress.recalibrate import keep_if_better, match_output_statistics
+
+    model, feeds = _squeezenet_and_feeds(32)
+    factorized = lowrank.apply(model, energy=0.97).model
+    matched, report = keep_if_better(model, factorized, feeds[:24], feeds[24:])
+    assert report["statistics_matched"] and report["layers_matched"] > 10
+    assert report["output_error_matched"] < 0.6 * report["output_error_unmatched"]
+    assert output_error(model, matched, feeds[24:]) == pytest.approx(report["output_error_matched"], rel=1e-6)
+    # Nothing moved, nothing to match: the original comes back as it was.
+    same, notes = match_output_statistics(model, model, feeds[:4])
+    assert notes == {} and output_error(model, same, feeds[:4]) == 0.0
+
+
+def _squeezenet_and_feeds(count: int):
     from hwcompress.passes import fold_batchnorm
 
     x, _ = datasets.imagenet_samples(SHARED / "data" / "imagenet_samples_224" /
                                      "imagenet_samples_224_every4th_class.npz", "caffe")
-    model = fold_batchnorm(load_model(shared_model("squeezenet1.1-caffe2")))
-    feeds = [{"data_0": im[None]} for im in x[:32]]
-    factorized, report = lowrank_model(model, 0.97, calibration=Calibration(feeds, "imagenet"))
-    assert report["statistics_matched"] and report["layers_matched"] > 10
-    assert report["output_error_matched"] < 0.6 * report["output_error_unmatched"]
-    assert report["output_error"] == report["output_error_matched"]
-    assert output_error(model, factorized, feeds[24:]) == pytest.approx(report["output_error_matched"], rel=1e-6)
-    # Nothing moved, nothing to match: the original comes back as it was.
-    same, notes = match_output_statistics(model, model, feeds[:4])
-    assert notes == {} and output_error(model, same, feeds[:4]) == 0.0
+    return fold_batchnorm(load_model(shared_model("squeezenet1.1-caffe2"))), [{"data_0": im[None]} for im in x[:count]]
 
 
 def test_refit_ridge_is_chosen_on_held_back_rows():

@@ -32,13 +32,17 @@ MIN_HELD_ROWS = 64
 
 def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers: list[str],
                  feeds: list[dict[str, np.ndarray]], kept_outputs: dict[str, list[int]] | None = None,
-                 seed: int = 0, output_bases: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, str]]:
+                 seed: int = 0, output_bases: dict[str, np.ndarray] | None = None,
+                 underdetermined: bool = True) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Refit the weights and bias of each named Conv(group 1)/Gemm/MatMul; return model and notes.
 
     ``kept_outputs`` lists, for layers that also lost output channels, which of the original
     outputs remain (their targets are those columns of the original output); ``output_bases``, for
     layers whose outputs were narrowed to a basis ``B`` [channels, k], the directions they emit
-    (their targets are ``B^T`` of the original output).
+    (their targets are ``B^T`` of the original output). ``underdetermined=False`` leaves a layer
+    as it is where there are fewer sample rows than inputs per output (a classifier on 48 images:
+    ridge chosen on 12 of them, the fit still took a factorized MobileNetV2's held-out output
+    error from 0.078 to 0.41).
     """
     kept_outputs, output_bases = kept_outputs or {}, output_bases or {}
     graph = Graph(compressed)
@@ -77,6 +81,9 @@ def refit_layers(original: onnx.ModelProto, compressed: onnx.ModelProto, layers:
             rows.append(sample_rows(graph, node, xs[node.input[0]], y - xs[skip] if skip else y, per_run, rng))
         x = np.concatenate([r[0] for r in rows])
         y = np.concatenate([r[1] for r in rows])
+        if not underdetermined and len(x) <= x.shape[1]:
+            notes[name] = f"not refit: {len(x)} sample rows for {x.shape[1]} inputs"
+            continue
         before = _fit_error(graph, node, x, y)
         matrix, current_bias = _current(graph, node)
         weight, bias, ridge = _solve(x, y, matrix, current_bias if bias_slot(graph, node) is not None else None)
@@ -112,7 +119,7 @@ def refittable(graph: Graph, node: onnx.NodeProto) -> bool:
         and graph.initializer(node.input[1]).ndim == 2
 
 
-def _im2col(graph: Graph, node: onnx.NodeProto, x: np.ndarray, positions: np.ndarray, out_hw) -> np.ndarray:
+def unrolled_patches(graph: Graph, node: onnx.NodeProto, x: np.ndarray, positions: np.ndarray, out_hw) -> np.ndarray:
     """Rows of unrolled input patches [P, C*kh*kw] at flat output positions of image 0..N."""
     attrs = graph.attrs(node)
     weight = graph.initializer(node.input[1])
@@ -134,7 +141,7 @@ def sample_rows(graph, node, x, y, count, rng):
         out_hw = y.shape[2:]
         total = y.shape[0] * out_hw[0] * out_hw[1]
         positions = rng.choice(total, size=min(count, total), replace=False)
-        rows = _im2col(graph, node, x.astype(np.float64), positions, out_hw)
+        rows = unrolled_patches(graph, node, x.astype(np.float64), positions, out_hw)
         n_idx, rest = np.divmod(positions, out_hw[0] * out_hw[1])
         oy, ox = np.divmod(rest, out_hw[1])
         return rows, y[n_idx, :, oy, ox].astype(np.float64)

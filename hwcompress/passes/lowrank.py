@@ -8,9 +8,14 @@
 
 Ranks come from the retained energy of the singular values (or an explicit rank / fraction), are
 rounded up to the target's rank multiple, and a layer is only factorized where it saves at least
-``min_saving`` of its multiply-accumulates. With calibration activations, matrix factors are chosen
-to minimize the layer's *output* error (SVD of ``C^(1/2) W`` with C the input covariance, as in
-SVD-LLM / data-aware low-rank methods) instead of the weight error.
+``min_saving`` of its multiply-accumulates. With calibration statistics (``LayerStatistics``) the
+factors are chosen to minimize the layer's *output* error instead of the weight error (SVD of
+``C^(1/2) W`` with C the input covariance, as in SVD-LLM / data-aware low-rank methods): for a
+matrix, the covariance of its input vectors; for spatial SVD, that of the kh-tall input columns the
+kx1 factor reads (neighbouring rows of an image are correlated, so the column's own covariance, not
+the channels' repeated); for Tucker-2, the channel covariance on the input mode and the principal
+directions of the layer's output on the output mode. The ranks still come from the weights' own
+spectra, so plain and data-aware factors are compared at equal cost.
 Depthwise and grouped Convs are skipped, with the reason. At full rank every rewrite is exact.
 """
 
@@ -30,6 +35,15 @@ from ..model.numeric import conv_pads
 from .layers import bias_value, layer_matrix
 
 METHODS = ("svd", "spatial", "tucker2")
+
+
+@dataclass(frozen=True)
+class LayerStatistics:
+    """Second moments of one layer's data on calibration runs, for data-aware factors."""
+
+    inputs: np.ndarray | None = None  # E[x x^T] of its input vectors (a conv's: channels at a position)
+    columns: np.ndarray | None = None  # a kxk conv: E[v v^T] of the kh-tall input columns, (channel, row) order
+    outputs: np.ndarray | None = None  # a kxk conv: E[y y^T] of its output channels, bias left out
 
 
 @dataclass
@@ -64,13 +78,13 @@ def choose_rank(singular: np.ndarray, energy: float | None, rank: int | float | 
 @model_pass
 def lowrank(graph: Graph, log: PassLog, energy: float = 0.95, rank: int | float | None = None,
             methods: tuple[str, ...] = METHODS, multiple: int = 1, min_saving: float | None = 0.2,
-            covariances: dict[str, np.ndarray] | None = None, layers: tuple[str, ...] | None = None) -> None:
+            statistics: dict[str, LayerStatistics] | None = None, layers: tuple[str, ...] | None = None) -> None:
     """Factorize every Gemm/MatMul/Conv (or only ``layers``) where a method saves at least
     ``min_saving`` of its MACs.
 
     ``min_saving=None`` factorizes regardless (used to check exactness at full rank).
-    ``covariances`` maps a layer name to the covariance of its input vectors (see
-    ``input_covariances``) for the data-aware factors.
+    ``statistics`` maps a layer name to its calibration statistics (``compress.lowrank.
+    layer_statistics``) for the data-aware factors.
     """
     if not 0.0 < energy <= 1.0:
         raise HwcError(f"energy {energy} must be in (0, 1]")
@@ -86,8 +100,8 @@ def lowrank(graph: Graph, log: PassLog, energy: float = 0.95, rank: int | float 
         if reason:
             log.skipped.append(f"{node.name}: {reason}")
             continue
-        covariance = (covariances or {}).get(node.name)
-        options = [f for f in _candidates(graph, node, energy, rank, methods, multiple, covariance) if f]
+        data = (statistics or {}).get(node.name, LayerStatistics())
+        options = [f for f in _candidates(graph, node, energy, rank, methods, multiple, data) if f]
         if not options:
             log.skipped.append(f"{node.name}: no requested method applies")
             continue
@@ -131,22 +145,23 @@ def _out_positions(graph: Graph, node: onnx.NodeProto) -> int:
     return int(np.prod(shape[2:])) * shape[0] if node.op_type == "Conv" else int(np.prod(shape[:-1]))
 
 
-def _candidates(graph, node, energy, rank, methods, multiple, covariance):
+def _candidates(graph, node, energy, rank, methods, multiple, data: LayerStatistics):
     weight = graph.initializer(node.input[1])
     is_1x1 = node.op_type != "Conv" or weight.shape[2:] == (1, 1)
     if is_1x1:
         if "svd" in methods:
-            yield _svd(graph, node, energy, rank, multiple, covariance)
+            yield _svd(graph, node, energy, rank, multiple, data.inputs)
         return
     if "spatial" in methods and weight.shape[2] > 1 and weight.shape[3] > 1:
-        yield _spatial(graph, node, energy, rank, multiple)
+        yield _spatial(graph, node, energy, rank, multiple, data.columns)
     if "tucker2" in methods:
-        yield _tucker2(graph, node, energy, rank, multiple)
+        yield _tucker2(graph, node, energy, rank, multiple, data.inputs, data.outputs)
 
 
 def _whitening(covariance: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``S = C^(1/2)`` and its inverse (identity without data); tiny eigenvalues are floored."""
-    if covariance is None:
+    """``S = C^(1/2)`` and its inverse (identity without data, or with data of another size);
+    tiny eigenvalues are floored."""
+    if covariance is None or len(covariance) != size:
         return np.eye(size), np.eye(size)
     values, vectors = np.linalg.eigh(covariance)
     values = np.maximum(values, values.max() * 1e-8 + 1e-12)
@@ -159,7 +174,7 @@ def _svd(graph, node, energy, rank, multiple, covariance) -> Factorization:
     # The rank comes from the weights' own spectrum, so plain and data-aware factors are compared
     # at equal cost; the data only changes which rank-r subspace is kept.
     r = choose_rank(np.linalg.svd(m, compute_uv=False), energy, rank, multiple)
-    s_half, s_inv = _whitening(covariance if covariance is not None and len(covariance) == n_in else None, n_in)
+    s_half, s_inv = _whitening(covariance, n_in)
     u, sing, vt = np.linalg.svd(s_half @ m, full_matrices=False)
     a = s_inv @ u[:, :r] * np.sqrt(sing[:r])          # [in, r]
     b = np.sqrt(sing[:r])[:, None] * vt[:r]           # [r, out]
@@ -198,14 +213,16 @@ def _conv_attrs(graph: Graph, node: onnx.NodeProto) -> dict[str, Any]:
     return {k: attrs[k] for k in ("strides", "pads", "auto_pad") if k in attrs}
 
 
-def _spatial(graph, node, energy, rank, multiple) -> Factorization:
+def _spatial(graph, node, energy, rank, multiple, columns: np.ndarray | None = None) -> Factorization:
+    """``columns``: covariance of the kh-tall input columns the kx1 factor reads, (channel, row) order."""
     weight = graph.initializer(node.input[1]).astype(np.float64)
     out_ch, in_ch, kh, kw = weight.shape
-    # M[(c, i), (o, j)] = W[o, c, i, j]
+    # M[(c, i), (o, j)] = W[o, c, i, j]: the 1xk factor sums kw columns, each read through M.
     m = weight.transpose(1, 2, 0, 3).reshape(in_ch * kh, out_ch * kw)
-    u, sing, vt = np.linalg.svd(m, full_matrices=False)
-    r = choose_rank(sing, energy, rank, multiple)
-    vertical = (u[:, :r] * np.sqrt(sing[:r])).T.reshape(r, in_ch, kh, 1)
+    r = choose_rank(np.linalg.svd(m, compute_uv=False), energy, rank, multiple)
+    s_half, s_inv = _whitening(columns, in_ch * kh)
+    u, sing, vt = np.linalg.svd(s_half @ m, full_matrices=False)
+    vertical = (s_inv @ u[:, :r] * np.sqrt(sing[:r])).T.reshape(r, in_ch, kh, 1)
     horizontal = (np.sqrt(sing[:r])[:, None] * vt[:r]).reshape(r, out_ch, kw).transpose(1, 0, 2)[:, :, None, :]
     approx = np.einsum("rci,orj->ocij", vertical[..., 0], horizontal[:, :, 0, :])
     error = float(np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30))
@@ -234,17 +251,27 @@ def _spatial(graph, node, energy, rank, multiple) -> Factorization:
                          weight.size, r * (in_ch * kh + out_ch * kw), error, (len(sing),), build)
 
 
-def _tucker2(graph, node, energy, rank, multiple) -> Factorization:
+def _tucker2(graph, node, energy, rank, multiple, inputs: np.ndarray | None = None,
+             outputs: np.ndarray | None = None) -> Factorization:
+    """The first 1x1 factor projects the input channels (``P``, r1 x C) and the core reads them
+    back through ``D`` (C x r1): with the input channel covariance ``C = S^2``, ``D P`` keeps the
+    r1 whitened directions the weights see most (the matrix case's SVD of ``S W``, each tap alike).
+    The last factor spans the output's principal directions where ``outputs`` is given."""
     weight = graph.initializer(node.input[1]).astype(np.float64)
     out_ch, in_ch, kh, kw = weight.shape
     u_out, s_out, _ = np.linalg.svd(weight.reshape(out_ch, -1), full_matrices=False)
     unfold_in = weight.transpose(1, 0, 2, 3).reshape(in_ch, -1)
-    u_in, s_in, _ = np.linalg.svd(unfold_in, full_matrices=False)
+    s_in = np.linalg.svd(unfold_in, compute_uv=False)
     r1 = choose_rank(s_in, energy, rank, multiple)
     r2 = choose_rank(s_out, energy, rank, multiple)
-    u_out, u_in = u_out[:, :r2], u_in[:, :r1]
-    core = np.einsum("ocij,or,cs->rsij", weight, u_out, u_in, optimize=True)  # [r2, r1, kh, kw]
-    approx = np.einsum("rsij,or,cs->ocij", core, u_out, u_in, optimize=True)
+    s_half, s_inv = _whitening(inputs, in_ch)
+    u_in = np.linalg.svd(s_half @ unfold_in, full_matrices=False)[0][:, :r1]
+    project, back = u_in.T @ s_inv, s_half @ u_in  # P [r1, C], D [C, r1]
+    if outputs is not None and len(outputs) == out_ch:
+        u_out = np.linalg.eigh(outputs)[1][:, ::-1]
+    u_out = u_out[:, :r2]
+    core = np.einsum("ocij,or,cs->rsij", weight, u_out, back, optimize=True)  # [r2, r1, kh, kw]
+    approx = np.einsum("rsij,or,sc->ocij", core, u_out, project, optimize=True)
     error = float(np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30))
     in_shape, out_shape = graph.shape(node.input[0]), graph.shape(node.output[0])
     in_positions = in_shape[0] * in_shape[2] * in_shape[3]
@@ -255,7 +282,7 @@ def _tucker2(graph, node, energy, rank, multiple) -> Factorization:
         dtype = g.initializer(n.input[1]).dtype
         bias = bias_value(g, n, out_ch)
         a, b = g.unique_name(f"{n.name}_in"), g.unique_name(f"{n.name}_core")
-        first = g.make_node("Conv", [n.input[0], g.add_initializer(f"{n.name}_in", u_in.T[:, :, None, None].astype(dtype))],
+        first = g.make_node("Conv", [n.input[0], g.add_initializer(f"{n.name}_in", project[:, :, None, None].astype(dtype))],
                             [a], name=f"{n.name}_in", kernel_shape=[1, 1])
         core_attrs = {k: attrs[k] for k in ("strides", "pads", "dilations", "auto_pad") if k in attrs}
         middle = g.make_node("Conv", [a, g.add_initializer(f"{n.name}_core", core.astype(dtype))], [b],
@@ -271,8 +298,7 @@ def _tucker2(graph, node, energy, rank, multiple) -> Factorization:
                          (len(s_in), len(s_out)), build)
 
 
-def matrix_layers(model: onnx.ModelProto) -> list[str]:
-    """Layers whose factors can be data-aware: Gemm, 2-D MatMul and 1x1 Conv (group 1)."""
+def factorizable_layers(model: onnx.ModelProto) -> list[str]:
+    """The layers this pass can factorize: Gemm, 2-D MatMul and 2-D Conv (group 1), constant weights."""
     graph = Graph(model)
-    return [n.name for n in graph.nodes if _unsupported(graph, n) is None and
-            (n.op_type != "Conv" or graph.initializer(n.input[1]).shape[2:] == (1, 1))]
+    return [n.name for n in graph.nodes if _unsupported(graph, n) is None]

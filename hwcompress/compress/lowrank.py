@@ -10,7 +10,7 @@ import onnx
 from ..data.calibration import Calibration
 from ..model.graph import Graph
 from ..passes.layers import bias_value
-from ..passes.lowrank import LayerStatistics, factorizable_layers, lowrank
+from ..passes.lowrank import METHODS, LayerStatistics, factorizable_layers, lowrank
 from .fidelity import output_error, split_feeds
 from .recalibrate import keep_if_better
 from .reconstruct import refit_layers, unrolled_patches
@@ -18,7 +18,7 @@ from ..model import reference as ort
 
 
 def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | float | None = None,
-                  methods: tuple[str, ...] = ("svd", "spatial", "tucker2"), multiple: int = 1,
+                  methods: tuple[str, ...] = METHODS, multiple: int = 1,
                   min_saving: float | None = 0.2, calibration: Calibration | None = None,
                   layers: tuple[str, ...] | None = None, match_statistics: bool = True
                   ) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -38,7 +38,7 @@ def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | floa
         return plain.model, report
     fit, held_out, where = split_feeds(calibration)
     report["error_measured_on"] = where + (" (random data)" if calibration.is_random else "")
-    aware = lowrank.apply(model, **knobs, statistics=layer_statistics(model, fit))
+    aware = lowrank.apply(model, **knobs, statistics=layer_statistics(model, fit, layers, methods))
     plain_error, aware_error = output_error(model, plain.model, held_out), output_error(model, aware.model, held_out)
     report.update({"output_error_plain": plain_error, "output_error_data_aware": aware_error,
                    "data_aware": aware_error <= plain_error})
@@ -59,13 +59,15 @@ def lowrank_model(model: onnx.ModelProto, energy: float = 0.95, rank: int | floa
     return matched, report
 
 
-def layer_statistics(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], max_rows_per_run: int = 2048,
-                     seed: int = 0) -> dict[str, LayerStatistics]:
-    """Each factorizable layer's second moments over the feeds (``LayerStatistics``): the input
-    vectors of a matrix or 1x1 layer; for a kxk conv its input channels, its kh-tall input columns
-    (zero padding included, as the conv reads them) and its output channels less the bias."""
+def layer_statistics(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                     layers: tuple[str, ...] | None = None, methods: tuple[str, ...] = METHODS,
+                     max_rows_per_run: int = 2048, seed: int = 0) -> dict[str, LayerStatistics]:
+    """Each factorizable layer's (or each of ``layers``') second moments over the feeds
+    (``LayerStatistics``): the input vectors of a matrix or 1x1 layer; for a kxk conv its input
+    channels, its kh-tall input columns (zero padding included, as the conv reads them: only for
+    spatial SVD) and its output channels less the bias (only for Tucker-2)."""
     graph = Graph(model)
-    layers = {name: graph.node(name) for name in factorizable_layers(model)}
+    layers = {name: graph.node(name) for name in factorizable_layers(model) if layers is None or name in layers}
     wanted = sorted({t for n in layers.values() for t in [n.input[0]] + ([n.output[0]] if _kxk(graph, n) else [])})
     rng = np.random.default_rng(seed)
     sums: dict[tuple[str, str], np.ndarray] = {}
@@ -89,9 +91,11 @@ def layer_statistics(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                 continue
             add((name, "inputs"), x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1]))
             y = values[node.output[0]].astype(np.float64)
-            bias = bias_value(graph, node, y.shape[1]).astype(np.float64)
-            add((name, "outputs"), y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1]) - bias)
-            add((name, "columns"), _columns(graph, node, x, y.shape[2:], max_rows_per_run, rng))
+            if "tucker2" in methods:
+                bias = bias_value(graph, node, y.shape[1]).astype(np.float64)
+                add((name, "outputs"), y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1]) - bias)
+            if "spatial" in methods:
+                add((name, "columns"), _columns(graph, node, x, y.shape[2:], max_rows_per_run, rng))
     return {name: LayerStatistics(**{kind: sums[name, kind] / counts[name, kind] for kind in ("inputs", "columns", "outputs")
                                      if (name, kind) in sums}) for name in layers}
 

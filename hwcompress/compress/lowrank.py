@@ -67,8 +67,8 @@ def layer_statistics(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     channels, its kh-tall input columns (zero padding included, as the conv reads them: only for
     spatial SVD) and its output channels less the bias (only for Tucker-2)."""
     graph = Graph(model)
-    layers = {name: graph.node(name) for name in factorizable_layers(model) if layers is None or name in layers}
-    wanted = sorted({t for n in layers.values() for t in [n.input[0]] + ([n.output[0]] if _kxk(graph, n) else [])})
+    nodes = {name: graph.node(name) for name in factorizable_layers(model) if layers is None or name in layers}
+    wanted = sorted({t for n in nodes.values() for t in [n.input[0]] + ([n.output[0]] if _kxk(graph, n) else [])})
     rng = np.random.default_rng(seed)
     sums: dict[tuple[str, str], np.ndarray] = {}
     counts: dict[tuple[str, str], int] = {}
@@ -80,7 +80,7 @@ def layer_statistics(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
         counts[key] = counts.get(key, 0) + len(rows)
 
     for values in ort.run_with_intermediates(model, feeds, wanted):
-        for name, node in layers.items():
+        for name, node in nodes.items():
             x = values[node.input[0]].astype(np.float64)
             if node.op_type != "Conv":
                 add((name, "inputs"), x.reshape(-1, x.shape[-1]))
@@ -97,7 +97,7 @@ def layer_statistics(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
             if "spatial" in methods:
                 add((name, "columns"), _columns(graph, node, x, y.shape[2:], max_rows_per_run, rng))
     return {name: LayerStatistics(**{kind: sums[name, kind] / counts[name, kind] for kind in ("inputs", "columns", "outputs")
-                                     if (name, kind) in sums}) for name in layers}
+                                     if (name, kind) in sums}) for name in nodes}
 
 
 def _kxk(graph: Graph, node: onnx.NodeProto) -> bool:

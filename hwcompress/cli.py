@@ -297,9 +297,9 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
         lines.append(f"  factors from the calibration data {report['output_error_data_aware']:.3g}, from the "
                      f"weights alone {report['output_error_plain']:.3g}")
     if "output_error_refit" in report:
-        kept = sum(note.startswith("refit on") and "not kept" not in note for note in report["refit"].values())
-        lines.append(f"  last factors refit in order: {kept} of {len(report['refit'])} kept (where the held-out "
-                     f"error fell), {report['output_error_unrefit']:.3g} -> {report['output_error_refit']:.3g}")
+        lines.append(f"  last factors refit in order: {len(report['refits_kept'])} of {len(report['refit'])} kept "
+                     f"(where the held-out error fell), {report['output_error_unrefit']:.3g} -> "
+                     f"{report['output_error_refit']:.3g}")
     lines += _statistics_matching_lines(report)
     lines += [f"  {line}" for line in report["lowrank"]["applied"]]
     lines += [f"  left alone: {line}" for line in report["lowrank"]["skipped"]]
